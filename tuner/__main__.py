@@ -1,0 +1,55 @@
+"""``python -m tuner``: the Hydra entry point. ``DictConfig`` stops here; ``tuner.tune`` does the work."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from tuner.config import ConfigError
+
+log = logging.getLogger("tuner")
+
+
+def config_dir() -> str:
+    """The config tree: inside the package when installed from a wheel, beside it in a checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parent / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return str(candidate)
+    raise FileNotFoundError(f"tuner's config tree (conf/config.yaml) is missing beside {here}")
+
+
+def to_container(cfg: DictConfig) -> dict[str, Any]:
+    try:
+        raw = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as err:
+        raise ConfigError(str(err).splitlines()[0] + f" (key: {getattr(err, 'full_key', '?')})") from None
+    assert isinstance(raw, dict)
+    raw.pop("hydra", None)
+    return raw
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    from tuner.tune import prepare, tune  # torch is imported only once the config is composed
+
+    try:
+        summary = tune(*prepare(to_container(cfg)))
+    except ConfigError as err:
+        # One clear line and a non-zero exit; no traceback for bad input.
+        log.error("%s", err)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        log.error("interrupted: finished trials are saved; run the same command again to continue the study")
+        sys.exit(130)
+    return summary.best_value
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""The best trial's model on disk: state_dict plus what is needed to rebuild it and predict.
+
+Loadable with ``torch.load(path, weights_only=True)``: only tensors, numbers, strings, lists and dicts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tuner.config import ModelConfig
+from tuner.model import build_model
+
+__all__ = ["load_model", "save_checkpoint"]
+
+
+def save_checkpoint(
+    path: Path,
+    model: nn.Module,
+    *,
+    model_cfg: ModelConfig,
+    input_shape: tuple[int, ...],
+    classes: tuple[str, ...],
+    mean: float,
+    std: float,
+    meta: dict[str, Any],
+) -> None:
+    """Write atomically (temp file + rename), so a crash never leaves a half-written checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "model": dataclasses.asdict(model_cfg),
+        "input_shape": list(input_shape),
+        "classes": list(classes),
+        "normalization": {"mean": mean, "std": std},
+        "meta": meta,
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the saved model in eval mode; returns it with the checkpoint's other fields.
+
+    Inputs to the model must be normalized as the checkpoint's ``normalization`` says:
+    ``(x - mean) / std`` with image pixels scaled to [0, 1] first.
+    """
+    payload = torch.load(path, map_location=map_location, weights_only=True)
+    model = build_model(ModelConfig(**payload["model"]), tuple(payload["input_shape"]), len(payload["classes"]))
+    model.load_state_dict(payload["state_dict"])
+    model.eval()
+    return model, payload

@@ -1,0 +1,315 @@
+"""Typed settings: the plain dict that Hydra composed, checked once, as frozen dataclasses.
+
+``DictConfig`` stops at the entry point (``tuner.__main__``); everything below takes these.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "PluginConfig",
+    "RunConfig",
+    "StudyConfig",
+    "TrainerConfig",
+    "TrialConfig",
+    "get_path",
+    "parse_run",
+    "parse_trial",
+    "set_path",
+]
+
+MODELS = ("mlp", "cnn", "softmax")
+DATASETS = ("fashion_mnist", "mnist", "digits", "mnist1d", "npz")
+OPTIMIZERS = ("sgd", "adam", "rmsprop")
+DIRECTIONS = ("maximize", "minimize")
+# The sections a trial's parameters may change; study-level keys are fixed for a whole study.
+TRIAL_SECTIONS = ("model", "data", "optimizer", "trainer")
+
+
+class ConfigError(ValueError):
+    """Bad user input. The message names the config key and shows the value."""
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    name: str
+    n_trials: int
+    timeout: float | None
+    direction: str
+    storage: str
+    seed: int
+    output_dir: str
+
+
+@dataclass(frozen=True)
+class PluginConfig:
+    """A sampler or pruner: the option name and the keyword arguments for its Optuna class."""
+
+    name: str
+    options: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    hidden_units: int
+    num_layers: int
+    batch_norm: bool
+    channels: int
+    kernel_size: int
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str
+    root: str | None
+    path: str | None
+    download: bool
+    batch_size: int
+    val_fraction: float
+    train_subset: int | None
+    num_samples: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    name: str
+    lr: float
+    momentum: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    lr_decay: float
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    epochs: int
+    device: str
+    bf16: bool
+    seed: int | None
+    eval_batch_size: int
+    threads: int | None
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """Everything one trial trains with: what the search space may change."""
+
+    model: ModelConfig
+    data: DataConfig
+    optimizer: OptimizerConfig
+    trainer: TrainerConfig
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The whole run: the study-level settings, the base trial settings and the raw dict."""
+
+    study: StudyConfig
+    sampler: PluginConfig
+    pruner: PluginConfig
+    trial: TrialConfig
+    raw: dict[str, Any]
+
+
+_MISSING = object()
+
+
+def get_path(raw: Mapping[str, Any], path: str, default: Any = _MISSING) -> Any:
+    """Return the value at a dotted path such as ``optimizer.lr``."""
+    node: Any = raw
+    for part in path.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            if default is _MISSING:
+                raise KeyError(path)
+            return default
+        node = node[part]
+    return node
+
+
+def set_path(raw: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
+    """Return a deep copy of ``raw`` with each dotted path in ``values`` set."""
+    out: dict[str, Any] = copy.deepcopy(dict(raw))
+    for path, value in values.items():
+        *parents, leaf = path.split(".")
+        node = out
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return out
+
+
+class _Section:
+    """Reads one config section, naming the full key in every error."""
+
+    def __init__(self, raw: Mapping[str, Any], name: str) -> None:
+        value = raw.get(name)
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{name} must be a mapping of settings, but got {value!r}.")
+        self.values = value
+        self.name = name
+
+    def _get(self, key: str) -> Any:
+        if key not in self.values:
+            raise ConfigError(f"{self.name}.{key} is missing from the config.")
+        return self.values[key]
+
+    def fail(self, key: str, expected: str, value: Any) -> ConfigError:
+        return ConfigError(f"{self.name}.{key} must be {expected}, but got {value!r}.")
+
+    def int(self, key: str, *, minimum: int | None = None, optional: bool = False) -> Any:
+        value = self._get(key)
+        if value is None and optional:
+            return None
+        expected = "an integer" + (f" >= {minimum}" if minimum is not None else "")
+        if optional:
+            expected += " or null"
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(key, expected, value)
+        if minimum is not None and value < minimum:
+            raise self.fail(key, expected, value)
+        return value
+
+    def float(
+        self,
+        key: str,
+        *,
+        low: float | None = None,
+        high: float | None = None,
+        open_low: bool = False,
+        open_high: bool = False,
+        optional: bool = False,
+    ) -> Any:
+        value = self._get(key)
+        if value is None and optional:
+            return None
+        lo = "(" if open_low else "["
+        hi = ")" if open_high else "]"
+        expected = "a number"
+        if low is not None or high is not None:
+            expected += f" in {lo}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi}"
+        if optional:
+            expected += " or null"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.fail(key, expected, value)
+        value = float(value)
+        if value != value:  # NaN
+            raise self.fail(key, expected, value)
+        if low is not None and (value < low or (open_low and value == low)):
+            raise self.fail(key, expected, value)
+        if high is not None and (value > high or (open_high and value == high)):
+            raise self.fail(key, expected, value)
+        return value
+
+    def str(self, key: str, *, choices: tuple[str, ...] | None = None, optional: bool = False) -> Any:
+        value = self._get(key)
+        if value is None and optional:
+            return None
+        if not isinstance(value, str) or (choices is not None and value not in choices):
+            expected = f"one of {', '.join(choices)}" if choices else "a non-empty string"
+            raise self.fail(key, expected, value)
+        if not value:
+            raise self.fail(key, "a non-empty string", value)
+        return value
+
+    def bool(self, key: str) -> bool:
+        value = self._get(key)
+        if not isinstance(value, bool):
+            raise self.fail(key, "true or false", value)
+        return value
+
+
+def _device(section: _Section) -> str:
+    value = section.str("device")
+    kind, _, index = value.partition(":")
+    if kind not in ("auto", "cpu", "cuda", "mps") or (index and (kind != "cuda" or not index.isdigit())):
+        raise section.fail("device", "auto, cpu, cuda, cuda:N or mps", value)
+    return value
+
+
+def parse_trial(raw: Mapping[str, Any]) -> TrialConfig:
+    """Check the sections a trial trains with and return them typed."""
+    m = _Section(raw, "model")
+    model = ModelConfig(
+        name=m.str("name", choices=MODELS),
+        hidden_units=m.int("hidden_units", minimum=1),
+        num_layers=m.int("num_layers", minimum=1),
+        batch_norm=m.bool("batch_norm"),
+        channels=m.int("channels", minimum=1),
+        kernel_size=m.int("kernel_size", minimum=1),
+    )
+    d = _Section(raw, "data")
+    data = DataConfig(
+        name=d.str("name", choices=DATASETS),
+        root=d.str("root", optional=True),
+        path=d.str("path", optional=True),
+        download=d.bool("download"),
+        # BatchNorm needs at least two samples to compute batch statistics.
+        batch_size=d.int("batch_size", minimum=2),
+        val_fraction=d.float("val_fraction", low=0.0, high=1.0, open_low=True, open_high=True),
+        train_subset=d.int("train_subset", minimum=2, optional=True),
+        num_samples=d.int("num_samples", minimum=10),
+        seed=d.int("seed"),
+    )
+    if data.name == "npz" and data.path is None:
+        raise d.fail("path", "the path of an .npz file when data.name is npz", None)
+    o = _Section(raw, "optimizer")
+    optimizer = OptimizerConfig(
+        name=o.str("name", choices=OPTIMIZERS),
+        lr=o.float("lr", low=0.0, open_low=True),
+        momentum=o.float("momentum", low=0.0, high=1.0, open_high=True),
+        beta1=o.float("beta1", low=0.0, high=1.0, open_high=True),
+        beta2=o.float("beta2", low=0.0, high=1.0, open_high=True),
+        eps=o.float("eps", low=0.0, open_low=True),
+        weight_decay=o.float("weight_decay", low=0.0),
+        lr_decay=o.float("lr_decay", low=0.0),
+    )
+    t = _Section(raw, "trainer")
+    trainer = TrainerConfig(
+        epochs=t.int("epochs", minimum=1),
+        device=_device(t),
+        bf16=t.bool("bf16"),
+        seed=t.int("seed", optional=True),
+        eval_batch_size=t.int("eval_batch_size", minimum=1),
+        threads=t.int("threads", minimum=1, optional=True),
+    )
+    return TrialConfig(model=model, data=data, optimizer=optimizer, trainer=trainer)
+
+
+def _plugin(raw: Mapping[str, Any], group: str) -> PluginConfig:
+    section = _Section(raw, group)
+    options = {k: v for k, v in section.values.items() if k != "name"}
+    return PluginConfig(name=section.str("name"), options=options)
+
+
+def parse_run(raw: Mapping[str, Any]) -> RunConfig:
+    """Check the whole composed config (without the search space, see ``tuner.space``)."""
+    s = _Section(raw, "study")
+    storage = s.str("storage")
+    study = StudyConfig(
+        name=s.str("name"),
+        n_trials=s.int("n_trials", minimum=1),
+        timeout=s.float("timeout", low=0.0, open_low=True, optional=True),
+        direction=s.str("direction", choices=DIRECTIONS),
+        storage=storage,
+        seed=s.int("seed", minimum=0),
+        output_dir=s.str("output_dir"),
+    )
+    return RunConfig(
+        study=study,
+        sampler=_plugin(raw, "sampler"),
+        pruner=_plugin(raw, "pruner"),
+        trial=parse_trial(raw),
+        raw=dict(raw),
+    )

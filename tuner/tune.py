@@ -1,0 +1,120 @@
+"""Run a study from checked config: the one place that puts storage, study, objective and summary together."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from optuna.study import MaxTrialsCallback
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from tuner.checkpoint import load_model
+from tuner.config import ConfigError, RunConfig, parse_run, parse_trial, set_path
+from tuner.objective import Objective
+from tuner.space import Param, parse_space, values_from_params
+from tuner.study import (
+    FINISHED,
+    check_storage_url,
+    finished_trials,
+    make_pruner,
+    make_sampler,
+    make_storage,
+    open_study,
+    safe_url,
+)
+from tuner.summary import Progress, Summary, count_states, format_summary
+from tuner.trainer import TrainingDiverged, evaluate, resolve_device
+
+__all__ = ["prepare", "tune"]
+
+log = logging.getLogger("tuner")
+
+
+def prepare(raw: dict[str, Any]) -> tuple[RunConfig, list[Param]]:
+    """Check everything that can be checked without side effects; raises ``ConfigError``."""
+    run = parse_run(raw)
+    params = parse_space(raw.get("space"), raw)
+    make_sampler(run.sampler, seed=run.study.seed)
+    make_pruner(run.pruner)
+    check_storage_url(run.study.storage)
+    try:
+        resolve_device(run.trial.trainer.device)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return run, params
+
+
+def _quiet_libraries() -> None:
+    # Our per-trial line replaces Optuna's; alembic and SQLAlchemy chatter at INFO on first use.
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for name in ("alembic", "sqlalchemy"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _score_best(study: optuna.Study, run: RunConfig, params: list[Param], model_path: Path, summary: Summary) -> None:
+    """Score the best trial's saved model once on the held-out test split."""
+    best = study.best_trial
+    summary.best_number, summary.best_value = best.number, best.value
+    summary.best_params = values_from_params(params, best.params)
+    if not model_path.exists():
+        log.warning("no saved model at %s: the best trial's test accuracy is not scored", model_path)
+        return
+    model, payload = load_model(model_path)
+    if payload["meta"].get("trial") != best.number:
+        log.warning("%s holds trial %s, not the best trial %s: test accuracy not scored",
+                    model_path, payload["meta"].get("trial"), best.number)
+        return
+    cfg = parse_trial(set_path(run.raw, summary.best_params))
+    objective = Objective(run, params, best_model_path=model_path)
+    splits = objective.splits(cfg.data, torch.device("cpu"))
+    _, accuracy = evaluate(model, splits.x_test, splits.y_test, batch_size=cfg.trainer.eval_batch_size)
+    summary.test_accuracy, summary.test_size = accuracy, len(splits.x_test)
+    summary.model_path = str(model_path)
+    study.set_user_attr("test_accuracy", {"trial": best.number, "value": accuracy, "samples": len(splits.x_test)})
+
+
+def tune(run: RunConfig, params: list[Param]) -> Summary:
+    """Run (or continue) the study until it has ``study.n_trials`` finished trials."""
+    _quiet_libraries()
+    start = time.monotonic()
+    if run.trial.trainer.threads is not None:
+        torch.set_num_threads(run.trial.trainer.threads)
+    model_path = Path(run.study.output_dir) / "best_model.pt"
+    objective = Objective(run, params, best_model_path=model_path)
+    # Load the data before the storage is touched: a missing data set must not leave a study behind.
+    objective.splits(run.trial.data, resolve_device(run.trial.trainer.device))
+    study = open_study(run, make_storage(run.study.storage))
+    url = safe_url(run.study.storage)
+    remaining = run.study.n_trials - finished_trials(study)
+    log.info("study %r in %s: %d finished trials, %d to run (%s sampler, %s pruner, %d searched params)",
+             study.study_name, url, finished_trials(study), max(remaining, 0),
+             run.sampler.name, run.pruner.name, len(params))
+    if remaining > 0:
+        progress = Progress(remaining)
+        try:
+            with logging_redirect_tqdm():
+                study.optimize(
+                    objective,
+                    n_trials=remaining,
+                    timeout=run.study.timeout,
+                    # Stops every worker sharing the study once the total is reached.
+                    callbacks=[MaxTrialsCallback(run.study.n_trials, states=FINISHED), progress],
+                    catch=(TrainingDiverged,),
+                )
+        finally:
+            progress.close()
+    summary = Summary(study_name=study.study_name, storage=url, states=count_states(study),
+                      wall_seconds=time.monotonic() - start)
+    if any(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+        _score_best(study, run, params, model_path, summary)
+    summary.hints.append(
+        f"a bigger study: python -m tuner study.name={study.study_name}-big study.n_trials={run.study.n_trials * 4} "
+        f"trainer.epochs={run.trial.trainer.epochs * 2}"
+        + (" data.train_subset=null" if run.trial.data.train_subset is not None else "")
+    )
+    log.info("study finished\n%s", format_summary(summary))
+    return summary
