@@ -25,8 +25,12 @@ def _sample(space: dict[str, Any], raw: dict[str, Any], n: int) -> list[dict[str
 
 
 def test_space_log_lr_has_uniform_log10_spread(raw: dict[str, Any]) -> None:
-    lrs = np.array([v["optimizer.lr"] for v in _sample(
-        {"optimizer": {"lr": {"type": "float", "low": 1e-4, "high": 1.0, "log": True}}}, raw, 2000)])
+    lrs = np.array(
+        [
+            v["optimizer.lr"]
+            for v in _sample({"optimizer": {"lr": {"type": "float", "low": 1e-4, "high": 1.0, "log": True}}}, raw, 2000)
+        ]
+    )
     r = np.log10(lrs)
     assert r.min() >= -4 and r.max() <= 0
     counts, _ = np.histogram(r, bins=4, range=(-4, 0))
@@ -46,8 +50,9 @@ def test_space_reverse_log_beta_has_uniform_log10_one_minus_beta(raw: dict[str, 
 
 
 def test_space_reverse_log_stores_one_minus_value_and_the_used_value(raw: dict[str, Any]) -> None:
-    params = parse_space({"optimizer": {"momentum": {"type": "float", "low": 0.9, "high": 0.999,
-                                                     "reverse_log": True}}}, raw)
+    params = parse_space(
+        {"optimizer": {"momentum": {"type": "float", "low": 0.9, "high": 0.999, "reverse_log": True}}}, raw
+    )
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     trial = study.ask()
     used = suggest(trial, params, raw)["optimizer.momentum"]
@@ -74,8 +79,11 @@ def test_space_conditional_params_appear_only_under_their_condition() -> None:
 
 
 def test_space_condition_on_fixed_config_value_never_samples() -> None:
-    raw = compose_raw("optimizer.name=sgd", "space=lr",
-                      "+space.optimizer.beta1={type: float, low: 0.8, high: 0.99, when: {optimizer.name: adam}}")
+    raw = compose_raw(
+        "optimizer.name=sgd",
+        "space=lr",
+        "+space.optimizer.beta1={type: float, low: 0.8, high: 0.99, when: {optimizer.name: adam}}",
+    )
     assert all("optimizer.beta1" not in v for v in _sample(raw["space"], raw, 20))
 
 
@@ -83,19 +91,22 @@ def test_space_int_log_and_categorical_distributions(raw: dict[str, Any]) -> Non
     params = {p.path: p for p in parse_space(raw["space"], raw)}
     assert params["model.hidden_units"].distribution == IntDistribution(32, 512, log=True)
     assert params["data.batch_size"].distribution == CategoricalDistribution((32, 64, 128, 256))
-    units = [v["model.hidden_units"] for v in _sample({"model": {"hidden_units": raw["space"]["model"]["hidden_units"]}},
-                                                      raw, 300)]
+    units = [
+        v["model.hidden_units"]
+        for v in _sample({"model": {"hidden_units": raw["space"]["model"]["hidden_units"]}}, raw, 300)
+    ]
     assert all(isinstance(u, int) and 32 <= u <= 512 for u in units)
     assert np.mean(np.array(units) < 128) == pytest.approx(0.5, abs=0.08)  # log scale: half below the geometric middle
 
 
 def test_space_command_line_can_narrow_and_add_entries() -> None:
-    raw = compose_raw("space.optimizer.lr.low=1e-3",
-                      "+space.optimizer.weight_decay={type: float, low: 1e-6, high: 1e-2, log: true}")
+    raw = compose_raw(
+        "space.optimizer.lr.low=1e-3", "+space.optimizer.weight_decay={type: float, low: 1e-6, high: 1e-2, log: true}"
+    )
     params = {p.path: p for p in parse_space(raw["space"], raw)}
     assert params["optimizer.lr"].distribution == FloatDistribution(1e-3, 1.0, log=True)
     assert params["optimizer.weight_decay"].distribution == FloatDistribution(1e-6, 1e-2, log=True)
-    assert "optimizer.weight_decay: [1e-06, 0.01] log" == describe(params["optimizer.weight_decay"])
+    assert describe(params["optimizer.weight_decay"]) == "optimizer.weight_decay: [1e-06, 0.01] log"
 
 
 @pytest.mark.parametrize(
@@ -112,10 +123,8 @@ def test_space_command_line_can_narrow_and_add_entries() -> None:
     ],
 )
 def test_space_bad_entry_names_key_and_value(raw: dict[str, Any], entry: dict[str, Any], message: str) -> None:
-    if "allows a value" in message:
-        path = {"optimizer": {"momentum": entry}}  # momentum must stay below 1
-    else:
-        path = {"optimizer": {"lr": entry}}
+    key = "momentum" if "allows a value" in message else "lr"  # momentum must stay below 1
+    path = {"optimizer": {key: entry}}
     with pytest.raises(ConfigError) as info:
         parse_space(path, raw)
     assert message in str(info.value)
@@ -128,7 +137,9 @@ def test_space_reverse_log_bounds_outside_open_unit_interval_fail(raw: dict[str,
 
 
 def test_space_unknown_path_is_an_error_not_an_unused_param(raw: dict[str, Any]) -> None:
-    with pytest.raises(ConfigError, match=r"space.optimizer.learning_rate names the config path 'optimizer.learning_rate'"):
+    with pytest.raises(
+        ConfigError, match=r"space.optimizer.learning_rate names the config path 'optimizer.learning_rate'"
+    ):
         parse_space({"optimizer": {"learning_rate": {"type": "float", "low": 1e-4, "high": 1.0}}}, raw)
 
 
@@ -143,7 +154,9 @@ def test_space_study_settings_are_not_searchable(raw: dict[str, Any]) -> None:
 
 
 def test_space_int_bounds_must_be_integers(raw: dict[str, Any]) -> None:
-    with pytest.raises(ConfigError, match=r"space.model.hidden_units.low must be an integer for type int, but got 32.5"):
+    with pytest.raises(
+        ConfigError, match=r"space.model.hidden_units.low must be an integer for type int, but got 32.5"
+    ):
         parse_space({"model": {"hidden_units": {"type": "int", "low": 32.5, "high": 512}}}, raw)
 
 

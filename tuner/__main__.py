@@ -32,7 +32,7 @@ def to_container(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(str(err).splitlines()[0] + f" (key: {getattr(err, 'full_key', '?')})") from None
     assert isinstance(raw, dict)
     raw.pop("hydra", None)
-    return raw
+    return {str(k): v for k, v in raw.items()}
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")

@@ -168,7 +168,7 @@ class _Section:
     def fail(self, key: str, expected: str, value: Any) -> ConfigError:
         return ConfigError(f"{self.name}.{key} must be {expected}, but got {value!r}.")
 
-    def int(self, key: str, *, minimum: int | None = None, optional: bool = False) -> Any:
+    def integer(self, key: str, *, minimum: int | None = None, optional: bool = False) -> Any:
         value = self._get(key)
         if value is None and optional:
             return None
@@ -181,7 +181,7 @@ class _Section:
             raise self.fail(key, expected, value)
         return value
 
-    def float(
+    def number(
         self,
         key: str,
         *,
@@ -194,25 +194,22 @@ class _Section:
         value = self._get(key)
         if value is None and optional:
             return None
-        lo = "(" if open_low else "["
-        hi = ")" if open_high else "]"
+        lo = "(" if open_low or low is None else "["
+        hi = ")" if open_high or high is None else "]"
         expected = "a number"
         if low is not None or high is not None:
-            expected += f" in {lo}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi}"
+            expected += f" in {lo}{'-inf' if low is None else f'{low:g}'}, {'inf' if high is None else f'{high:g}'}{hi}"
         if optional:
             expected += " or null"
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self.fail(key, expected, value)
-        value = float(value)
-        if value != value:  # NaN
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:  # NaN != NaN
             raise self.fail(key, expected, value)
         if low is not None and (value < low or (open_low and value == low)):
             raise self.fail(key, expected, value)
         if high is not None and (value > high or (open_high and value == high)):
             raise self.fail(key, expected, value)
-        return value
+        return float(value)
 
-    def str(self, key: str, *, choices: tuple[str, ...] | None = None, optional: bool = False) -> Any:
+    def text(self, key: str, *, choices: tuple[str, ...] | None = None, optional: bool = False) -> Any:
         value = self._get(key)
         if value is None and optional:
             return None
@@ -223,7 +220,7 @@ class _Section:
             raise self.fail(key, "a non-empty string", value)
         return value
 
-    def bool(self, key: str) -> bool:
+    def flag(self, key: str) -> bool:
         value = self._get(key)
         if not isinstance(value, bool):
             raise self.fail(key, "true or false", value)
@@ -231,7 +228,7 @@ class _Section:
 
 
 def _device(section: _Section) -> str:
-    value = section.str("device")
+    value = section.text("device")
     kind, _, index = value.partition(":")
     if kind not in ("auto", "cpu", "cuda", "mps") or (index and (kind != "cuda" or not index.isdigit())):
         raise section.fail("device", "auto, cpu, cuda, cuda:N or mps", value)
@@ -242,47 +239,47 @@ def parse_trial(raw: Mapping[str, Any]) -> TrialConfig:
     """Check the sections a trial trains with and return them typed."""
     m = _Section(raw, "model")
     model = ModelConfig(
-        name=m.str("name", choices=MODELS),
-        hidden_units=m.int("hidden_units", minimum=1),
-        num_layers=m.int("num_layers", minimum=1),
-        batch_norm=m.bool("batch_norm"),
-        channels=m.int("channels", minimum=1),
-        kernel_size=m.int("kernel_size", minimum=1),
+        name=m.text("name", choices=MODELS),
+        hidden_units=m.integer("hidden_units", minimum=1),
+        num_layers=m.integer("num_layers", minimum=1),
+        batch_norm=m.flag("batch_norm"),
+        channels=m.integer("channels", minimum=1),
+        kernel_size=m.integer("kernel_size", minimum=1),
     )
     d = _Section(raw, "data")
     data = DataConfig(
-        name=d.str("name", choices=DATASETS),
-        root=d.str("root", optional=True),
-        path=d.str("path", optional=True),
-        download=d.bool("download"),
+        name=d.text("name", choices=DATASETS),
+        root=d.text("root", optional=True),
+        path=d.text("path", optional=True),
+        download=d.flag("download"),
         # BatchNorm needs at least two samples to compute batch statistics.
-        batch_size=d.int("batch_size", minimum=2),
-        val_fraction=d.float("val_fraction", low=0.0, high=1.0, open_low=True, open_high=True),
-        train_subset=d.int("train_subset", minimum=2, optional=True),
-        num_samples=d.int("num_samples", minimum=10),
-        seed=d.int("seed"),
+        batch_size=d.integer("batch_size", minimum=2),
+        val_fraction=d.number("val_fraction", low=0.0, high=1.0, open_low=True, open_high=True),
+        train_subset=d.integer("train_subset", minimum=2, optional=True),
+        num_samples=d.integer("num_samples", minimum=10),
+        seed=d.integer("seed"),
     )
     if data.name == "npz" and data.path is None:
         raise d.fail("path", "the path of an .npz file when data.name is npz", None)
     o = _Section(raw, "optimizer")
     optimizer = OptimizerConfig(
-        name=o.str("name", choices=OPTIMIZERS),
-        lr=o.float("lr", low=0.0, open_low=True),
-        momentum=o.float("momentum", low=0.0, high=1.0, open_high=True),
-        beta1=o.float("beta1", low=0.0, high=1.0, open_high=True),
-        beta2=o.float("beta2", low=0.0, high=1.0, open_high=True),
-        eps=o.float("eps", low=0.0, open_low=True),
-        weight_decay=o.float("weight_decay", low=0.0),
-        lr_decay=o.float("lr_decay", low=0.0),
+        name=o.text("name", choices=OPTIMIZERS),
+        lr=o.number("lr", low=0.0, open_low=True),
+        momentum=o.number("momentum", low=0.0, high=1.0, open_high=True),
+        beta1=o.number("beta1", low=0.0, high=1.0, open_high=True),
+        beta2=o.number("beta2", low=0.0, high=1.0, open_high=True),
+        eps=o.number("eps", low=0.0, open_low=True),
+        weight_decay=o.number("weight_decay", low=0.0),
+        lr_decay=o.number("lr_decay", low=0.0),
     )
     t = _Section(raw, "trainer")
     trainer = TrainerConfig(
-        epochs=t.int("epochs", minimum=1),
+        epochs=t.integer("epochs", minimum=1),
         device=_device(t),
-        bf16=t.bool("bf16"),
-        seed=t.int("seed", optional=True),
-        eval_batch_size=t.int("eval_batch_size", minimum=1),
-        threads=t.int("threads", minimum=1, optional=True),
+        bf16=t.flag("bf16"),
+        seed=t.integer("seed", optional=True),
+        eval_batch_size=t.integer("eval_batch_size", minimum=1),
+        threads=t.integer("threads", minimum=1, optional=True),
     )
     return TrialConfig(model=model, data=data, optimizer=optimizer, trainer=trainer)
 
@@ -290,21 +287,21 @@ def parse_trial(raw: Mapping[str, Any]) -> TrialConfig:
 def _plugin(raw: Mapping[str, Any], group: str) -> PluginConfig:
     section = _Section(raw, group)
     options = {k: v for k, v in section.values.items() if k != "name"}
-    return PluginConfig(name=section.str("name"), options=options)
+    return PluginConfig(name=section.text("name"), options=options)
 
 
 def parse_run(raw: Mapping[str, Any]) -> RunConfig:
     """Check the whole composed config (without the search space, see ``tuner.space``)."""
     s = _Section(raw, "study")
-    storage = s.str("storage")
+    storage = s.text("storage")
     study = StudyConfig(
-        name=s.str("name"),
-        n_trials=s.int("n_trials", minimum=1),
-        timeout=s.float("timeout", low=0.0, open_low=True, optional=True),
-        direction=s.str("direction", choices=DIRECTIONS),
+        name=s.text("name"),
+        n_trials=s.integer("n_trials", minimum=1),
+        timeout=s.number("timeout", low=0.0, open_low=True, optional=True),
+        direction=s.text("direction", choices=DIRECTIONS),
         storage=storage,
-        seed=s.int("seed", minimum=0),
-        output_dir=s.str("output_dir"),
+        seed=s.integer("seed", minimum=0),
+        output_dir=s.text("output_dir"),
     )
     return RunConfig(
         study=study,

@@ -37,7 +37,9 @@ def _mlp(cfg: ModelConfig, in_features: int, num_classes: int) -> nn.Sequential:
 def _cnn(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
     """Conv -> BatchNorm -> ReLU -> pool blocks; Conv2d for (C, H, W) images, Conv1d for (C, L) signals."""
     if len(input_shape) not in (2, 3):
-        raise ValueError(f"model.name='cnn' needs (channels, length) or (channels, height, width) inputs, but got {input_shape}.")
+        raise ValueError(
+            f"model.name='cnn' needs (channels, length) or (channels, height, width) inputs, but got {input_shape}."
+        )
     two_d = len(input_shape) == 3
     conv, norm, pool = (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d) if two_d else (nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d)
     channels, *spatial = input_shape

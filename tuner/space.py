@@ -65,8 +65,7 @@ def _flatten(node: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Mappi
         path = f"{prefix}{key}"
         if not isinstance(value, Mapping):
             raise ConfigError(
-                f"space.{path} must be an entry such as {{type: float, low: ..., high: ...}}, "
-                f"but got {value!r}."
+                f"space.{path} must be an entry such as {{type: float, low: ..., high: ...}}, but got {value!r}."
             )
         if "type" in value:
             entries.append((path, value))
@@ -140,7 +139,9 @@ def _condition(key: str, when: Any) -> dict[str, tuple[Any, ...]]:
     if when is None:
         return {}
     if not isinstance(when, Mapping) or not when:
-        raise ConfigError(f"{key}.when must map config paths to values, e.g. {{optimizer.name: adam}}, but got {when!r}.")
+        raise ConfigError(
+            f"{key}.when must map config paths to values, e.g. {{optimizer.name: adam}}, but got {when!r}."
+        )
     return {str(path): tuple(v) if isinstance(v, (list, tuple)) else (v,) for path, v in when.items()}
 
 
@@ -197,14 +198,13 @@ def parse_space(space: Mapping[str, Any] | None, raw: Mapping[str, Any]) -> list
     return sorted(params, key=lambda p: bool(p.when))
 
 
-
 def _suggest_one(trial: optuna.Trial, name: str, dist: BaseDistribution) -> Any:
     if isinstance(dist, FloatDistribution):
         return trial.suggest_float(name, dist.low, dist.high, log=dist.log, step=dist.step)
     if isinstance(dist, IntDistribution):
         return trial.suggest_int(name, dist.low, dist.high, log=dist.log, step=dist.step)
     assert isinstance(dist, CategoricalDistribution)
-    return trial.suggest_categorical(name, dist.choices)  # type: ignore[arg-type]
+    return trial.suggest_categorical(name, dist.choices)
 
 
 def suggest(trial: optuna.Trial, params: list[Param], raw: Mapping[str, Any]) -> dict[str, Any]:

@@ -155,7 +155,7 @@ def open_study(cfg: RunConfig, storage: BaseStorage) -> optuna.Study:
         storage=storage,
         sampler=make_sampler(cfg.sampler, seed=cfg.study.seed + len(existing)),
         pruner=make_pruner(cfg.pruner),
-        direction=cfg.study.direction,
+        direction=optuna.study.StudyDirection[cfg.study.direction.upper()],
         load_if_exists=True,
     )
     if study.direction.name.lower() != cfg.study.direction:

@@ -54,7 +54,7 @@ class Progress:
         except ValueError:
             best = None
         log.info(trial_line(trial, best))
-        postfix = dict(self.counts)
+        postfix: dict[str, object] = dict(self.counts)
         if best is not None and best.value is not None:
             postfix["best"] = round(best.value, 4)
         self.bar.set_postfix(postfix, refresh=False)

@@ -65,8 +65,12 @@ def _score_best(study: optuna.Study, run: RunConfig, params: list[Param], model_
         return
     model, payload = load_model(model_path)
     if payload["meta"].get("trial") != best.number:
-        log.warning("%s holds trial %s, not the best trial %s: test accuracy not scored",
-                    model_path, payload["meta"].get("trial"), best.number)
+        log.warning(
+            "%s holds trial %s, not the best trial %s: test accuracy not scored",
+            model_path,
+            payload["meta"].get("trial"),
+            best.number,
+        )
         return
     cfg = parse_trial(set_path(run.raw, summary.best_params))
     objective = Objective(run, params, best_model_path=model_path)
@@ -90,9 +94,16 @@ def tune(run: RunConfig, params: list[Param]) -> Summary:
     study = open_study(run, make_storage(run.study.storage))
     url = safe_url(run.study.storage)
     remaining = run.study.n_trials - finished_trials(study)
-    log.info("study %r in %s: %d finished trials, %d to run (%s sampler, %s pruner, %d searched params)",
-             study.study_name, url, finished_trials(study), max(remaining, 0),
-             run.sampler.name, run.pruner.name, len(params))
+    log.info(
+        "study %r in %s: %d finished trials, %d to run (%s sampler, %s pruner, %d searched params)",
+        study.study_name,
+        url,
+        finished_trials(study),
+        max(remaining, 0),
+        run.sampler.name,
+        run.pruner.name,
+        len(params),
+    )
     if remaining > 0:
         progress = Progress(remaining)
         try:
@@ -107,8 +118,9 @@ def tune(run: RunConfig, params: list[Param]) -> Summary:
                 )
         finally:
             progress.close()
-    summary = Summary(study_name=study.study_name, storage=url, states=count_states(study),
-                      wall_seconds=time.monotonic() - start)
+    summary = Summary(
+        study_name=study.study_name, storage=url, states=count_states(study), wall_seconds=time.monotonic() - start
+    )
     if any(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
         _score_best(study, run, params, model_path, summary)
     summary.hints.append(

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.conftest import compose_raw
+from tuner.config import ConfigError, get_path, parse_run, parse_trial, set_path
+
+
+def test_config_defaults_parse_to_typed_settings() -> None:
+    run = parse_run(compose_raw())
+    assert run.study.n_trials >= 1 and run.study.storage == "sqlite:///tuner.db"
+    assert run.study.name == "fashion_mnist-mlp"
+    assert run.trial.model.batch_norm is True
+    assert run.trial.data.name == "fashion_mnist"
+    assert run.sampler.name == "random" and run.pruner.name == "median"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("study.n_trials=0", "study.n_trials must be an integer >= 1, but got 0."),
+        ("study.n_trials=abc", "study.n_trials must be an integer >= 1, but got 'abc'."),
+        ("study.n_trials=2.5", "study.n_trials must be an integer >= 1, but got 2.5."),
+        ("study.direction=up", "study.direction must be one of maximize, minimize, but got 'up'."),
+        ("trainer.epochs=0", "trainer.epochs must be an integer >= 1, but got 0."),
+        ("trainer.device=gpu", "trainer.device must be auto, cpu, cuda, cuda:N or mps, but got 'gpu'."),
+        ("optimizer.lr=-1", "optimizer.lr must be a number in (0, inf), but got -1."),
+        ("optimizer.momentum=1.5", "optimizer.momentum must be a number in [0, 1), but got 1.5."),
+        ("optimizer.name=lbfgs", "optimizer.name must be one of sgd, adam, rmsprop, but got 'lbfgs'."),
+        ("data.batch_size=1", "data.batch_size must be an integer >= 2, but got 1."),
+        ("model.batch_norm=maybe", "model.batch_norm must be true or false, but got 'maybe'."),
+    ],
+)
+def test_config_bad_value_names_key_and_value(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_run(compose_raw(override))
+    assert str(info.value) == message
+
+
+def test_config_npz_needs_a_path() -> None:
+    with pytest.raises(ConfigError, match="data.path must be the path of an .npz file"):
+        parse_run(compose_raw("data=npz"))
+
+
+def test_config_set_path_copies_and_get_path_reads() -> None:
+    raw: dict[str, Any] = {"optimizer": {"lr": 0.1}}
+    changed = set_path(raw, {"optimizer.lr": 0.5})
+    assert get_path(changed, "optimizer.lr") == 0.5
+    assert raw["optimizer"]["lr"] == 0.1
+    assert get_path(raw, "optimizer.nope", None) is None
+    with pytest.raises(KeyError):
+        get_path(raw, "optimizer.nope")
+
+
+def test_config_trial_sections_parse_alone() -> None:
+    trial = parse_trial(set_path(compose_raw("model=cnn"), {"model.channels": 8}))
+    assert trial.model.name == "cnn" and trial.model.channels == 8

@@ -1,0 +1,444 @@
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.server
+import socket
+import struct
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import fields, replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from sklearn.datasets import load_digits
+
+from tuner import data
+from tuner.config import ConfigError, DataConfig
+from tuner.data import Splits, load_splits, source_key
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "data"
+FASHION_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"  # apt-get install dataset-fashion-mnist
+
+
+def _cfg(name: str, **overrides: Any) -> DataConfig:
+    values: dict[str, Any] = {
+        "name": name,
+        "root": None,
+        "path": None,
+        "download": False,
+        "batch_size": 128,
+        "val_fraction": 0.1,
+        "train_subset": None,
+        "num_samples": 5000,
+        "seed": 0,
+    }
+    values.update(overrides)
+    return DataConfig(**values)
+
+
+def _raw(splits: Splits, x: torch.Tensor) -> np.ndarray:
+    """Undo the normalization."""
+    return (x * splits.std + splits.mean).numpy()
+
+
+def _idx(array: np.ndarray) -> bytes:
+    header = bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def _small_idx_set(*, n_train: int = 100, n_test: int = 30, seed: int = 0) -> dict[str, np.ndarray]:
+    """Four tiny arrays in the official layout: uint8 28x28 images, labels 0..9 balanced."""
+    rng = np.random.default_rng(seed)
+    return {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+        "train-labels-idx1-ubyte": (np.arange(n_train) % 10).astype(np.uint8),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte": rng.permutation(np.arange(n_test) % 10).astype(np.uint8),
+    }
+
+
+def _write_idx_set(folder: Path, arrays: dict[str, np.ndarray], *, gz: tuple[str, ...]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, array in arrays.items():
+        if name in gz:
+            (folder / f"{name}.gz").write_bytes(gzip.compress(_idx(array)))
+        else:
+            (folder / name).write_bytes(_idx(array))
+
+
+# --- digits: the split pipeline on a bundled, offline set ----------------------------------------------
+
+
+def test_digits_splits_partition_the_data_with_configured_sizes() -> None:
+    splits = load_splits(_cfg("digits", val_fraction=0.2))
+
+    assert splits.input_shape == (1, 8, 8)
+    assert splits.classes == tuple(str(d) for d in range(10))
+    assert splits.num_classes == 10
+    for x, y in (
+        (splits.x_train, splits.y_train),
+        (splits.x_val, splits.y_val),
+        (splits.x_test, splits.y_test),
+    ):
+        assert x.dtype == torch.float32
+        assert y.dtype == torch.int64
+        assert x.shape[1:] == (1, 8, 8)
+        assert len(x) == len(y)
+    assert len(splits.x_test) == 360  # ceil(0.2 * 1797)
+    assert len(splits.x_val) == 288  # ceil(0.2 * 1437)
+    assert len(splits.x_train) == 1797 - 360 - 288
+    # Every original image lands in exactly one split, with its own label.
+    x_all = np.concatenate([_raw(splits, x) for x in (splits.x_train, splits.x_val, splits.x_test)])
+    y_all = torch.cat([splits.y_train, splits.y_val, splits.y_test]).numpy()
+    got = np.column_stack([np.rint(x_all.reshape(len(x_all), -1) * 16), y_all]).astype(int)
+    digits = load_digits()
+    want = np.column_stack([digits.data, digits.target]).astype(int)
+    assert Counter(map(tuple, got.tolist())) == Counter(map(tuple, want.tolist()))
+
+
+def test_digits_validation_split_is_stratified() -> None:
+    splits = load_splits(_cfg("digits", val_fraction=0.2))
+
+    train = np.bincount(splits.y_train.numpy(), minlength=10) / len(splits.y_train)
+    val = np.bincount(splits.y_val.numpy(), minlength=10) / len(splits.y_val)
+    test = np.bincount(splits.y_test.numpy(), minlength=10) / len(splits.y_test)
+    assert np.abs(val - train).max() < 0.01
+    assert np.abs(test - train).max() < 0.01
+
+
+def test_digits_normalized_with_training_statistics_only() -> None:
+    splits = load_splits(_cfg("digits"))
+
+    assert abs(float(splits.x_train.mean())) < 1e-5
+    assert abs(float(splits.x_train.std()) - 1.0) < 1e-3
+    # Pixels were scaled to [0, 1] before normalizing, and val/test use the training mean and std.
+    for x in (splits.x_train, splits.x_val, splits.x_test):
+        raw = _raw(splits, x)
+        assert raw.min() >= -1e-5
+        assert raw.max() <= 1 + 1e-5
+
+
+def test_digits_same_seed_same_splits_other_seed_other_splits() -> None:
+    a = load_splits(_cfg("digits", seed=3))
+    b = load_splits(_cfg("digits", seed=3))
+    c = load_splits(_cfg("digits", seed=4))
+
+    assert torch.equal(a.x_train, b.x_train)
+    assert torch.equal(a.y_val, b.y_val)
+    assert torch.equal(a.x_test, b.x_test)
+    assert not torch.equal(a.x_val, c.x_val)
+    assert not torch.equal(a.x_test, c.x_test)
+
+
+def test_train_subset_is_stratified_and_keeps_the_test_split() -> None:
+    full = load_splits(_cfg("digits"))
+    sub = load_splits(_cfg("digits", train_subset=500))
+
+    assert len(sub.x_train) + len(sub.x_val) == 500
+    assert len(sub.x_val) == 50
+    counts = np.bincount(torch.cat([sub.y_train, sub.y_val]).numpy(), minlength=10)
+    assert counts.min() >= 48
+    assert counts.max() <= 52
+    assert np.allclose(_raw(sub, sub.x_test), _raw(full, full.x_test), atol=1e-5)
+
+
+def test_train_subset_larger_than_available_names_the_key_and_count() -> None:
+    with pytest.raises(ConfigError, match=r"data\.train_subset") as error:
+        load_splits(_cfg("digits", train_subset=5000))
+    assert "5000" in str(error.value)
+    assert "1437" in str(error.value)
+
+
+def test_validation_too_small_for_every_class_names_val_fraction() -> None:
+    with pytest.raises(ConfigError, match=r"data\.val_fraction must leave at least one sample of each class"):
+        load_splits(_cfg("digits", train_subset=30, val_fraction=0.1))  # 3 validation samples, 10 classes
+
+
+def test_source_key_ignores_batch_size_only() -> None:
+    cfg = _cfg("digits")
+
+    assert source_key(cfg) == source_key(replace(cfg, batch_size=7))
+    assert source_key(cfg) != source_key(replace(cfg, seed=1))
+    assert {name for name, _ in source_key(cfg)} == {f.name for f in fields(DataConfig)} - {"batch_size"}
+
+
+def test_splits_to_moves_every_tensor_and_keeps_the_original() -> None:
+    splits = load_splits(_cfg("digits"))
+    moved = splits.to("meta")
+
+    tensors = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
+    assert all(getattr(moved, t).device.type == "meta" for t in tensors)
+    assert all(getattr(splits, t).device.type == "cpu" for t in tensors)
+    assert moved.x_train.shape == splits.x_train.shape
+    assert moved.classes == splits.classes
+
+
+# --- mnist1d --------------------------------------------------------------------------------------------
+
+
+def test_mnist1d_is_generated_offline_with_its_own_test_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_network(self: socket.socket, address: object) -> None:
+        raise OSError(f"network used: {address}")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    np.random.seed(123)
+    expected_draw = np.random.rand()
+    np.random.seed(123)
+
+    splits = load_splits(_cfg("mnist1d", num_samples=1000, val_fraction=0.2, seed=5))
+
+    assert np.random.rand() == expected_draw  # the caller's global NumPy stream is left as it was
+    assert splits.input_shape == (1, 40)
+    assert splits.num_classes == 10
+    assert splits.classes[0] == "0"
+    assert len(splits.x_test) == 200  # make_dataset's own 80/20 split
+    assert len(splits.x_train) + len(splits.x_val) == 800
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples, args.seed = 1000, 5
+    assert np.array_equal(splits.y_test.numpy(), make_dataset(args)["y_test"])
+
+
+# --- IDX files: Fashion-MNIST and MNIST ------------------------------------------------------------------
+
+
+def test_fashion_mnist_loads_from_the_debian_package(tmp_path: Path) -> None:
+    splits = load_splits(_cfg("fashion_mnist", root=str(tmp_path / "empty"), train_subset=2000))
+
+    assert splits.input_shape == (1, 28, 28)
+    assert splits.num_classes == 10
+    assert splits.classes[:2] == ("T-shirt/top", "Trouser")
+    assert splits.classes[-1] == "Ankle boot"
+    assert len(splits.x_test) == 10000
+    assert len(splits.y_test) == 10000
+    assert len(splits.x_train) + len(splits.x_val) == 2000
+    assert np.bincount(splits.y_test.numpy()).tolist() == [1000] * 10
+    assert 0.25 < splits.mean < 0.32  # Fashion-MNIST's pixel mean is about 0.286
+
+
+def test_idx_files_in_root_load_raw_or_gzipped(tmp_path: Path) -> None:
+    arrays = _small_idx_set()
+    _write_idx_set(tmp_path, arrays, gz=("train-images-idx3-ubyte", "t10k-labels-idx1-ubyte"))
+
+    splits = load_splits(_cfg("mnist", root=str(tmp_path)))
+
+    assert splits.classes == tuple(str(d) for d in range(10))
+    assert len(splits.x_train) + len(splits.x_val) == 100
+    assert np.array_equal(splits.y_test.numpy(), arrays["t10k-labels-idx1-ubyte"])
+    expected = arrays["t10k-images-idx3-ubyte"][:, None] / 255.0
+    assert np.allclose(_raw(splits, splits.x_test), expected, atol=1e-5)
+
+
+def test_root_is_searched_before_the_system_folder(tmp_path: Path) -> None:
+    _write_idx_set(tmp_path, _small_idx_set(n_test=20), gz=())
+
+    splits = load_splits(_cfg("fashion_mnist", root=str(tmp_path)))
+
+    assert len(splits.x_test) == 20  # not the 10000 of /usr/share/datasets/fashion-mnist
+
+
+def test_corrupt_idx_file_error_names_the_file(tmp_path: Path) -> None:
+    _write_idx_set(tmp_path, _small_idx_set(), gz=("t10k-images-idx3-ubyte",))
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x03garbage")
+    with pytest.raises(ConfigError, match="train-labels-idx1-ubyte is not an IDX file"):
+        load_splits(_cfg("mnist", root=str(tmp_path)))
+
+    _write_idx_set(tmp_path, _small_idx_set(), gz=("t10k-images-idx3-ubyte",))
+    gz = tmp_path / "t10k-images-idx3-ubyte.gz"
+    gz.write_bytes(gz.read_bytes()[:200])  # cut short, as by an interrupted copy
+    with pytest.raises(ConfigError, match=r"t10k-images-idx3-ubyte\.gz"):
+        load_splits(_cfg("mnist", root=str(tmp_path)))
+
+
+# --- Downloads, against a real HTTP server on the loopback interface -------------------------------------
+
+
+class _Mirror:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.requests: list[str] = []
+        mirror = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def do_GET(self) -> None:
+                mirror.requests.append(self.path)
+                super().do_GET()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(Handler, directory=str(folder)))
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+
+    def md5s(self) -> dict[str, str]:
+        return {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in self.folder.glob("*.gz")}
+
+
+@pytest.fixture
+def mirror(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[_Mirror]:
+    """A mirror serving four small gzipped IDX files, set as the MNIST download source with their MD5s."""
+    served = tmp_path / "served"
+    arrays = _small_idx_set(seed=1)
+    _write_idx_set(served, arrays, gz=tuple(arrays))
+    server = _Mirror(served)
+    server.thread.start()
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    monkeypatch.setitem(data.MIRRORS, "mnist", server.url)
+    monkeypatch.setitem(data.CHECKSUMS, "mnist", server.md5s())
+    yield server
+    server.server.shutdown()
+    server.server.server_close()
+
+
+def test_download_fetches_checked_files_into_root(tmp_path: Path, mirror: _Mirror) -> None:
+    root = tmp_path / "root"
+
+    splits = load_splits(_cfg("mnist", root=str(root), download=True))
+
+    assert sorted(p.name for p in root.iterdir()) == sorted(f"{n}.gz" for n in data.IDX_FILES)
+    assert all((root / name).read_bytes() == (mirror.folder / name).read_bytes() for name in mirror.md5s())
+    assert len(splits.x_test) == 30
+    # A second load finds the files and does not download again.
+    before = len(mirror.requests)
+    load_splits(_cfg("mnist", root=str(root), download=True))
+    assert len(mirror.requests) == before == 4
+
+
+def test_download_with_null_root_goes_to_the_user_cache(
+    tmp_path: Path, mirror: _Mirror, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+
+    load_splits(_cfg("mnist", root=None, download=True))
+
+    cache = tmp_path / "home" / ".cache" / "tuner" / "mnist"
+    assert len(list(cache.glob("*.gz"))) == 4
+
+
+def test_download_checksum_mismatch_leaves_no_file(
+    tmp_path: Path, mirror: _Mirror, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "root"
+    bad = {**data.CHECKSUMS["mnist"], "train-images-idx3-ubyte.gz": "0" * 32}
+    monkeypatch.setitem(data.CHECKSUMS, "mnist", bad)
+
+    with pytest.raises(ConfigError, match=r"has MD5 [0-9a-f]{32}, not 0{32}, so it was deleted"):
+        load_splits(_cfg("mnist", root=str(root), download=True))
+
+    assert list(root.iterdir()) == []  # train-images is fetched first: nothing, not even a .part file
+
+
+def _refused_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_unreachable_mirror_error_names_root_and_every_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    system = tmp_path / "system"
+    monkeypatch.setitem(data.SYSTEM_DIRS, "fashion_mnist", (str(system),))
+    monkeypatch.setitem(data.MIRRORS, "fashion_mnist", f"http://127.0.0.1:{_refused_port()}/")
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    root = tmp_path / "root"
+
+    with pytest.raises(ConfigError) as error:
+        load_splits(_cfg("fashion_mnist", root=str(root), download=True))
+
+    message = str(error.value)
+    assert "data.root must be a folder holding the Fashion-MNIST files" in message
+    assert repr(str(root)) in message
+    assert str(system) in message
+    assert "failed" in message
+    assert "apt-get install dataset-fashion-mnist" in message
+    assert "data.download=true" in message
+    assert not list(root.glob("*.gz"))
+    assert not list(root.glob(".*.part"))
+
+
+def test_download_disabled_and_files_missing_does_not_touch_the_network(tmp_path: Path, mirror: _Mirror) -> None:
+    root = tmp_path / "root"
+
+    with pytest.raises(ConfigError, match=r"data\.download is false") as error:
+        load_splits(_cfg("mnist", root=str(root), download=False))
+
+    assert str(root) in str(error.value)
+    assert "put the four files in data.root" in str(error.value)
+    assert mirror.requests == []
+
+
+# --- npz: the user's own arrays --------------------------------------------------------------------------
+
+
+def test_npz_round_trips_user_arrays_with_arbitrary_labels(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    labels = np.array([3, 7, 11])
+    x_train, y_train = rng.normal(size=(90, 5)), np.repeat(labels, 30)
+    x_test, y_test = rng.normal(size=(12, 5)), np.repeat(labels, 4)
+    path = tmp_path / "mine.npz"
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+
+    splits = load_splits(_cfg("npz", path=str(path)))
+
+    assert splits.input_shape == (5,)
+    assert splits.classes == ("3", "7", "11")
+    assert splits.num_classes == 3
+    assert np.array_equal(splits.y_test.numpy(), np.repeat([0, 1, 2], 4))
+    assert np.allclose(_raw(splits, splits.x_test), x_test, atol=1e-5)
+    assert len(splits.x_train) + len(splits.x_val) == 90
+    assert len(splits.x_val) == 9
+
+
+def test_npz_without_test_arrays_holds_out_a_fifth(tmp_path: Path) -> None:
+    path = tmp_path / "train_only.npz"
+    np.savez(path, x_train=np.arange(200 * 4, dtype=np.float32).reshape(200, 4), y_train=np.arange(200) % 2)
+
+    splits = load_splits(_cfg("npz", path=str(path)))
+
+    assert len(splits.x_test) == 40
+    assert np.bincount(splits.y_test.numpy()).tolist() == [20, 20]
+
+
+def test_npz_errors_name_data_path_and_the_problem(tmp_path: Path) -> None:
+    path = tmp_path / "bad.npz"
+    np.savez(path, x_train=np.zeros((10, 3)))
+    with pytest.raises(ConfigError, match=r"data\.path=.*bad\.npz.*y_train is missing"):
+        load_splits(_cfg("npz", path=str(path)))
+
+    np.savez(path, x_train=np.zeros((10, 3)), y_train=np.zeros(10))
+    with pytest.raises(ConfigError, match=r"data\.path=.*y_train must be a 1-D array of integer labels"):
+        load_splits(_cfg("npz", path=str(path)))
+
+    np.savez(path, x_train=np.zeros((10, 3)), y_train=np.zeros(9, dtype=int))
+    with pytest.raises(ConfigError, match=r"x_train has 10 samples but y_train has 9"):
+        load_splits(_cfg("npz", path=str(path)))
+
+    missing = str(tmp_path / "nowhere.npz")
+    with pytest.raises(ConfigError, match=rf"data\.path must be an existing \.npz file, but got '{missing}'"):
+        load_splits(_cfg("npz", path=missing))
+
+
+# --- conf/data -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("option", ["fashion_mnist", "mnist", "digits", "mnist1d", "npz"])
+def test_conf_data_files_set_every_field(option: str) -> None:
+    values = OmegaConf.to_container(OmegaConf.load(CONF / f"{option}.yaml"))
+    assert isinstance(values, dict)
+
+    cfg = DataConfig(**{str(k): v for k, v in values.items()})
+
+    assert set(values) == {f.name for f in fields(DataConfig)}
+    assert cfg.name == option
+    assert cfg.seed == 0
+    assert cfg.batch_size == 128
+    assert cfg.path is None
+    assert cfg.root == (f"~/.cache/tuner/{option}" if option in ("fashion_mnist", "mnist") else None)

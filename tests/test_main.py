@@ -1,0 +1,127 @@
+"""``python -m tuner`` as a user runs it: real processes, real SQLite files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import optuna
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["data=digits", "study.n_trials=3", "trainer.epochs=2"]
+
+
+def run_tuner(
+    tmp_path: Path,
+    *overrides: str,
+    module: str = "tuner",
+    env: dict[str, str] | None = None,
+    python: list[str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    args = [
+        *(python or [sys.executable, "-m", module]),
+        f"study.storage=sqlite:///{tmp_path / 'study.db'}",
+        f"study.output_dir={tmp_path / 'out'}",
+        *overrides,
+    ]
+    return subprocess.run(
+        args, cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})}
+    )
+
+
+def test_main_runs_a_study_and_prints_a_readable_summary(tmp_path: Path) -> None:
+    result = run_tuner(tmp_path, *SMALL)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout + result.stderr
+    for line in (
+        "best trial",
+        "test_accuracy",
+        "dashboard             optuna-dashboard sqlite:///",
+        "trials                3 (",
+    ):
+        assert line in out
+    assert out.count("trial 0 ") == 1  # one line per trial, not duplicated by Optuna's own logger
+    assert "alembic" not in out.lower() and "Traceback" not in out
+    study = optuna.load_study(study_name="digits-mlp", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    assert len(study.trials) == 3
+    assert (tmp_path / "out" / "best_model.pt").exists()
+    assert list((tmp_path / "outputs" / "digits-mlp").glob("*/tuner.log"))  # Hydra's job log, named "tuner"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model=transformer"], "Could not find 'model/transformer'"),
+        (["space.optimizer.lr.low=2.0"], "space.optimizer.lr.low must be below space.optimizer.lr.high"),
+        (["space.optimizer.lr.low=0"], "space.optimizer.lr.low must be > 0 with log: true, but got 0"),
+        (["space.optimizer.momentum.high=1.5"], "space.optimizer.momentum: reverse_log bounds must lie in (0, 1)"),
+        (
+            ["+space.optimizer.nesterov={type: categorical, choices: [true, false]}"],
+            "space.optimizer.nesterov names the config path 'optimizer.nesterov'",
+        ),
+        (["space.model.hidden_units.type=float"], "space.model.hidden_units gives model.hidden_units the value"),
+        (["study.n_trials=0"], "study.n_trials must be an integer >= 1, but got 0."),
+        (["study.storage=mysql+nodriver://x"], "study.storage="),
+        (["study.storage=::bad::"], "study.storage must be a database URL"),
+        (["study.storage=sqlite:///missing/dir/t.db"], "the folder 'missing/dir' does not exist"),
+        (["data=mnist", "data.root=./nowhere", "data.download=false"], "data.root"),
+        (["data=npz", "data.path=./nowhere.npz"], "data.path"),
+    ],
+)
+def test_main_bad_input_stops_with_one_clear_message(tmp_path: Path, overrides: list[str], message: str) -> None:
+    args = [a for a in SMALL if not any(a.split("=")[0] == o.split("=")[0] for o in overrides)]
+    result = run_tuner(tmp_path, *args, *overrides)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert message in out, out
+    assert "Traceback" not in out
+    assert not (tmp_path / "study.db").exists(), "bad input must not create the storage"
+
+
+def test_main_bad_input_leaves_an_existing_study_unchanged(tmp_path: Path) -> None:
+    assert run_tuner(tmp_path, *SMALL).returncode == 0
+    before = len(optuna.load_study(study_name="digits-mlp", storage=f"sqlite:///{tmp_path / 'study.db'}").trials)
+    result = run_tuner(tmp_path, *SMALL, "space.optimizer.lr.low=0")
+    assert result.returncode == 2
+    after = optuna.load_study(study_name="digits-mlp", storage=f"sqlite:///{tmp_path / 'study.db'}").trials
+    assert len(after) == before
+
+
+def test_main_wheel_install_finds_its_config_from_another_directory(tmp_path: Path) -> None:
+    dist, site = tmp_path / "dist", tmp_path / "site"
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert build.returncode == 0, build.stderr
+    (wheel,) = dist.glob("tuner-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "tuner/conf/config.yaml" in names and "tuner/conf/space/default.yaml" in names
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert install.returncode == 0, install.stderr
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    env = {"PYTHONPATH": str(site)}
+    where = subprocess.run(
+        [sys.executable, "-c", "import tuner; print(tuner.__file__)"],
+        cwd=work,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+    )
+    assert where.stdout.startswith(str(site))
+    for python in ([sys.executable, "-m", "tuner"], [sys.executable, str(site / "bin" / "tuner")]):
+        result = run_tuner(work, *SMALL, "study.n_trials=1", python=python, env=env)
+        assert result.returncode == 0, result.stderr
+    assert len(optuna.load_study(study_name="digits-mlp", storage=f"sqlite:///{work / 'study.db'}").trials) == 1

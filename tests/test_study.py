@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import optuna
+import pytest
+
+from tests.conftest import compose_raw
+from tuner.config import ConfigError, PluginConfig, parse_run
+from tuner.study import check_storage_url, make_pruner, make_sampler, make_storage, open_study, safe_url
+
+
+def test_study_sqlite_storage_uses_wal_and_round_trips(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    study = optuna.create_study(storage=make_storage(url), study_name="s")
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
+    with sqlite3.connect(tmp_path / "a.db") as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert len(optuna.load_study(study_name="s", storage=url).trials) == 3
+
+
+def test_study_foreign_sqlite_file_is_refused_and_left_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "mine.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE notes (text TEXT)")
+        conn.execute("INSERT INTO notes VALUES ('keep me')")
+    before = path.read_bytes()
+    with pytest.raises(ConfigError, match="without Optuna's tables; it was left untouched"):
+        make_storage(f"sqlite:///{path}")
+    assert path.read_bytes() == before
+
+
+def test_study_non_database_file_is_refused_and_left_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_text("not a database at all, just some text that is long enough " * 10)
+    before = path.read_bytes()
+    with pytest.raises(ConfigError, match="is not an Optuna database"):
+        make_storage(f"sqlite:///{path}")
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("not a url", "study.storage must be a database URL such as sqlite:///tuner.db, but got"),
+        ("sqlite:///no/such/folder/t.db", "the folder 'no/such/folder' does not exist"),
+        ("sqlite://", "study.storage must name a SQLite file"),
+    ],
+)
+def test_study_bad_storage_url_is_named(url: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        check_storage_url(url)
+
+
+def test_study_safe_url_masks_password() -> None:
+    masked = safe_url("postgresql://alice:s3cret@db.example/optuna")
+    assert "s3cret" not in masked and "alice" in masked
+
+
+def test_study_unreachable_server_error_hides_password() -> None:
+    with pytest.raises(ConfigError) as info:
+        make_storage("postgresql+psycopg2://alice:s3cret@127.0.0.1:1/optuna")
+    assert "s3cret" not in str(info.value)
+    assert "study.storage=" in str(info.value)
+
+
+def test_study_sampler_and_pruner_options_are_checked() -> None:
+    assert isinstance(make_sampler(PluginConfig("tpe", {"n_startup_trials": 3}), seed=0), optuna.samplers.TPESampler)
+    assert isinstance(make_pruner(PluginConfig("none", {})), optuna.pruners.NopPruner)
+    with pytest.raises(ConfigError, match="sampler.name must be one of random, tpe, qmc, gp, but got 'grid'"):
+        make_sampler(PluginConfig("grid", {}), seed=0)
+    with pytest.raises(ConfigError, match=r"pruner=median rejects its options \(pruner.n_startup=3\)"):
+        make_pruner(PluginConfig("median", {"n_startup": 3}))
+
+
+def test_study_resume_reseeds_sampler_so_params_do_not_repeat(tmp_path: Path) -> None:
+    raw = compose_raw(f"study.storage=sqlite:///{tmp_path / 'r.db'}")
+    run = parse_run(raw)
+    storage = make_storage(run.study.storage)
+    first = open_study(run, storage)
+    first.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=5)
+    again = open_study(run, storage)  # the same command run again
+    again.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=5)
+    xs = [t.params["x"] for t in again.trials]
+    assert len(xs) == 10 and len(set(xs)) == 10
+
+
+def test_study_direction_mismatch_is_an_error(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'd.db'}"
+    open_study(parse_run(compose_raw(f"study.storage={url}")), make_storage(url))
+    with pytest.raises(ConfigError, match="study.direction='minimize', but the stored study"):
+        open_study(parse_run(compose_raw(f"study.storage={url}", "study.direction=minimize")), make_storage(url))

@@ -1,0 +1,108 @@
+"""End to end: prepare() + tune() on small real data into a fresh SQLite file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from tests.conftest import compose_raw
+from tuner.checkpoint import load_model
+from tuner.data import load_splits
+from tuner.tune import prepare, tune
+
+USER_ATTRS = {"seed", "device", "param_count", "train_loss", "val_loss", "epochs_run", "epoch_time_s"}
+
+
+def _overrides(tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        "data=digits",
+        f"study.storage=sqlite:///{tmp_path / 'study.db'}",
+        f"study.output_dir={tmp_path / 'out'}",
+        "study.n_trials=8",
+        "trainer.epochs=3",
+        "pruner.n_startup_trials=2",
+        "pruner.n_warmup_steps=1",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, optuna.Study]:
+    tmp_path = tmp_path_factory.mktemp("study")
+    summary = tune(*prepare(compose_raw(*_overrides(tmp_path))))
+    study = optuna.load_study(study_name="digits-mlp", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    assert summary.best_number == study.best_trial.number
+    return tmp_path, study
+
+
+def test_tune_writes_every_trial_with_epochs_and_user_attrs(finished: tuple[Path, optuna.Study]) -> None:
+    _, study = finished
+    assert len(study.trials) == 8
+    assert study.metric_names == ["val_accuracy"]
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert complete
+    for trial in complete:
+        assert sorted(trial.intermediate_values) == [1, 2, 3]
+        assert trial.value == trial.intermediate_values[3]
+        assert trial.user_attrs.keys() >= USER_ATTRS
+        assert trial.user_attrs["device"] == "cpu"
+        for path in ("optimizer.momentum", "optimizer.beta1", "optimizer.beta2"):
+            if f"1-{path}" in trial.params:  # reverse-log: the used value sits beside the sampled 1 - value
+                assert trial.user_attrs[path] == pytest.approx(1 - trial.params[f"1-{path}"])
+
+
+def test_tune_prunes_a_trial(finished: tuple[Path, optuna.Study]) -> None:
+    _, study = finished
+    pruned = study.get_trials(states=(TrialState.PRUNED,))
+    assert pruned, [t.state for t in study.trials]
+    assert all(max(t.intermediate_values) < 3 for t in pruned)
+    assert all("train_loss" in t.user_attrs for t in pruned)
+
+
+def test_tune_saves_the_best_model_and_scores_it_on_test(finished: tuple[Path, optuna.Study]) -> None:
+    tmp_path, study = finished
+    model, payload = load_model(tmp_path / "out" / "best_model.pt")
+    assert payload["meta"]["trial"] == study.best_trial.number
+    raw = torch.load(tmp_path / "out" / "best_model.pt", weights_only=True)  # loadable without pickle code
+    assert "state_dict" in raw
+    splits = load_splits(
+        __import__("tuner.config", fromlist=["parse_trial"]).parse_trial(compose_raw("data=digits")).data
+    )
+    with torch.no_grad():
+        accuracy = (model(splits.x_test).argmax(1) == splits.y_test).float().mean().item()
+    stored = study.user_attrs["test_accuracy"]
+    assert stored["trial"] == study.best_trial.number
+    assert stored["value"] == pytest.approx(accuracy)
+    assert accuracy > 0.8
+
+
+def test_tune_resume_continues_to_the_total_without_repeating(finished: tuple[Path, optuna.Study]) -> None:
+    tmp_path, _ = finished
+    tune(*prepare(compose_raw(*_overrides(tmp_path))))  # same command: already at the total
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    assert len(optuna.load_study(study_name="digits-mlp", storage=url).trials) == 8
+    tune(*prepare(compose_raw(*_overrides(tmp_path), "study.n_trials=11")))
+    trials = optuna.load_study(study_name="digits-mlp", storage=url).trials
+    assert [t.number for t in trials] == list(range(11))
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 11
+
+
+def test_tune_nan_trial_fails_with_reason_and_study_goes_on(tmp_path: Path) -> None:
+    # A learning rate of 1e6 without BatchNorm makes the loss overflow.
+    overrides = _overrides(
+        tmp_path,
+        "space=lr",
+        "space.optimizer.lr.low=1e5",
+        "space.optimizer.lr.high=1e6",
+        "model.batch_norm=false",
+        "study.n_trials=2",
+    )
+    summary = tune(*prepare(compose_raw(*overrides)))
+    study = optuna.load_study(study_name="digits-mlp", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL]
+    assert all(t.user_attrs["fail_reason"].startswith("TrainingDiverged: training loss became") for t in study.trials)
+    assert summary.best_number is None
