@@ -96,3 +96,18 @@ def test_trainer_evaluate_matches_manual_accuracy() -> None:
     _, accuracy = evaluate(model, x, y, batch_size=7)
     assert accuracy == pytest.approx(expected)
     assert not model.training
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu_check.sh runs it)")
+def test_trainer_cuda_bf16_learns_on_device() -> None:
+    x, y = _problem()
+    x, y = x.cuda(), y.cuda()
+    torch.manual_seed(0)
+    model = build_model(ModelConfig("mlp", 32, 2, True, 4, 3), (6,), 3).cuda()
+    device = torch.device("cuda")
+    opt, sched = build_optimizer(
+        model.parameters(), OptimizerConfig("adam", 0.01, 0.9, 0.9, 0.999, 1e-8, 0.0, 0.0), device=device
+    )
+    history = train(model, opt, sched, x[:300], y[:300], x[300:], y[300:], epochs=5, batch_size=32, seed=0, bf16=True)
+    assert history[-1].val_accuracy > 0.9
+    assert next(model.parameters()).device.type == "cuda"
