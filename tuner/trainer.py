@@ -55,13 +55,17 @@ def _autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMan
     return contextlib.nullcontext()
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator, device: torch.device) -> Iterator[torch.Tensor]:
-    perm = torch.randperm(n, generator=generator).to(device)
-    for start in range(0, n, batch_size):
-        idx = perm[start : start + batch_size]
-        if idx.numel() < 2:  # BatchNorm cannot normalize a one-sample batch
+def _batches(
+    x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch of shuffled mini-batches: one gather per epoch, then each batch is a view (a slice)."""
+    perm = torch.randperm(len(x), generator=generator).to(x.device)
+    xs, ys = x[perm], y[perm]
+    for start in range(0, len(xs), batch_size):
+        xb, yb = xs[start : start + batch_size], ys[start : start + batch_size]
+        if len(xb) < 2:  # BatchNorm cannot normalize a one-sample batch
             return
-        yield idx
+        yield xb, yb
 
 
 @torch.inference_mode()
@@ -111,14 +115,14 @@ def train(
         model.train()
         total = torch.zeros((), device=device)
         seen = 0
-        for step, idx in enumerate(_batches(len(x_train), batch_size, generator, device), start=1):
+        for step, (xb, yb) in enumerate(_batches(x_train, y_train, batch_size, generator), start=1):
             with _autocast(device, bf16):
-                loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
+                loss = F.cross_entropy(model(xb), yb)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += loss.detach() * idx.numel()
-            seen += idx.numel()
+            total.add_(loss.detach(), alpha=len(xb))  # one op, no host sync
+            seen += len(xb)
             if step % _FINITE_CHECK_EVERY == 0 and not math.isfinite(total.item()):
                 raise TrainingDiverged(f"training loss became {total.item()} at epoch {epoch}, step {step}")
         train_loss = total.item() / max(seen, 1)

@@ -55,15 +55,18 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _score_best(study: optuna.Study, run: RunConfig, params: list[Param], model_path: Path, summary: Summary) -> None:
+def _score_best(study: optuna.Study, objective: Objective, summary: Summary) -> None:
     """Score the best trial's saved model once on the held-out test split."""
     best = study.best_trial
     summary.best_number, summary.best_value = best.number, best.value
-    summary.best_params = values_from_params(params, best.params)
+    summary.best_params = values_from_params(objective.params, best.params)
+    model_path = objective.best_model_path
     if not model_path.exists():
         log.warning("no saved model at %s: the best trial's test accuracy is not scored", model_path)
         return
-    model, payload = load_model(model_path)
+    cfg = parse_trial(set_path(objective.run.raw, summary.best_params))
+    device = resolve_device(cfg.trainer.device)
+    model, payload = load_model(model_path, map_location=device)
     if payload["meta"].get("trial") != best.number:
         log.warning(
             "%s holds trial %s, not the best trial %s: test accuracy not scored",
@@ -72,9 +75,7 @@ def _score_best(study: optuna.Study, run: RunConfig, params: list[Param], model_
             best.number,
         )
         return
-    cfg = parse_trial(set_path(run.raw, summary.best_params))
-    objective = Objective(run, params, best_model_path=model_path)
-    splits = objective.splits(cfg.data, torch.device("cpu"))
+    splits = objective.splits(cfg.data, device)
     _, accuracy = evaluate(model, splits.x_test, splits.y_test, batch_size=cfg.trainer.eval_batch_size)
     summary.test_accuracy, summary.test_size = accuracy, len(splits.x_test)
     summary.model_path = str(model_path)
@@ -122,7 +123,7 @@ def tune(run: RunConfig, params: list[Param]) -> Summary:
         study_name=study.study_name, storage=url, states=count_states(study), wall_seconds=time.monotonic() - start
     )
     if any(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
-        _score_best(study, run, params, model_path, summary)
+        _score_best(study, objective, summary)
     summary.hints.append(
         f"a bigger study: python -m tuner study.name={study.study_name}-big study.n_trials={run.study.n_trials * 4} "
         f"trainer.epochs={run.trial.trainer.epochs * 2}"
