@@ -1,0 +1,437 @@
+"""Trials per minute of tuner's trainer against the approach of Optuna's official PyTorch example.
+
+In one process, per data set, rounds alternate three variants over the same search space, data split,
+sampler seed, trial seeds, pruner, epochs, device and thread count, so machine noise hits all alike:
+
+- ``reference``: Optuna's ``examples/pytorch/pytorch_simple.py`` written out below: per trial a
+  ``DataLoader(TensorDataset(...), shuffle=True)`` (per-sample indexing, default collate), a plain
+  ``torch.optim`` optimizer from ``getattr(optim, name)``, validation through a DataLoader each epoch,
+  ``trial.report`` + ``trial.should_prune`` per epoch;
+- ``memory``: tuner's real ``Objective`` through ``study.optimize`` with in-memory storage;
+- ``sqlite``: the same with ``tuner.study.make_storage`` on a fresh SQLite file.
+
+Usage::
+
+    python scripts/bench.py                      # 3 data sets x 3 rounds, under ~10 minutes on 2 CPU cores
+    python scripts/bench.py --quick              # a smoke run, under ~2 minutes
+    python scripts/bench.py --datasets digits --trials 20 --epochs 8 --rounds 3 --threads 1 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, cast
+
+import optuna
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from torch import optim
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import DataLoader, TensorDataset
+
+from tuner.__main__ import config_dir
+from tuner.config import OptimizerConfig, RunConfig, TrialConfig
+from tuner.data import Splits
+from tuner.model import build_model
+from tuner.objective import Objective, trial_seed
+from tuner.space import Param, suggest
+from tuner.study import make_pruner, make_sampler, make_storage
+from tuner.trainer import TrainingDiverged
+from tuner.tune import prepare
+
+VARIANTS = ("reference", "memory", "sqlite")
+DATASETS = ("digits", "mnist1d", "fashion_mnist")
+# Per data set: the overrides that pick it. A 6000-sample stratified subset of Fashion-MNIST's 60k keeps a
+# reference trial near a few seconds on 2 cores; the files come from /usr/share/datasets/fashion-mnist.
+DATA_OVERRIDES: dict[str, tuple[str, ...]] = {
+    "digits": ("data=digits",),
+    "mnist1d": ("data=mnist1d",),
+    "fashion_mnist": ("data=fashion_mnist", "data.train_subset=6000", "data.download=false"),
+}
+# The search space both sides sample: tuner's default space (optimizer sgd/adam, lr, momentum, Adam's
+# betas and eps, lr decay, hidden units, layers, batch size), not the example's own smaller one, because
+# it is what a tuner user runs. The reference applies every sampled value the way tuner does (momentum,
+# betas, eps, the per-epoch lr decay), so equal parameters mean equal training and the accuracy columns
+# compare implementations, not search spaces.
+SPACE = "default"
+# Torch's names for the optimizers that tuner's config names in lower case.
+TORCH_OPTIMIZERS = {"sgd": "SGD", "adam": "Adam", "rmsprop": "RMSprop"}
+# The default run: trials per round and rounds per data set, sized to stay under ~10 minutes on 2 cores.
+FULL = {"trials": 16, "rounds": 3}
+QUICK = {"trials": 4, "rounds": 2, "epochs": 3}
+
+
+# --- The reference: Optuna's PyTorch example, over tuner's data, model and search space -----------------------
+
+
+def _optimizer_kwargs(cfg: OptimizerConfig) -> dict[str, Any]:
+    """The sampled values that tuner passes to the same torch optimizer (no fused kernels here)."""
+    if cfg.name == "sgd":
+        return {"momentum": cfg.momentum, "weight_decay": cfg.weight_decay}
+    if cfg.name == "adam":
+        return {"betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps, "weight_decay": cfg.weight_decay}
+    return {"alpha": cfg.beta2, "eps": cfg.eps, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay}
+
+
+def _loaders(splits: Splits, batch_size: int) -> tuple[DataLoader[Any], DataLoader[Any]]:
+    """What the example's ``get_mnist`` returns, built anew each trial over tensors already in memory.
+
+    The example reads torchvision datasets (a PIL image and a transform per sample); a TensorDataset keeps
+    its per-sample indexing and default collate without the image decoding, so this reference is, if
+    anything, faster than the example itself.
+    """
+    train = TensorDataset(splits.x_train, splits.y_train)
+    # BatchNorm cannot train on a one-sample batch; tuner skips such a last batch, the reference drops it.
+    drop_last = len(train) % batch_size == 1
+    valid = TensorDataset(splits.x_val, splits.y_val)
+    return (
+        DataLoader(train, batch_size=batch_size, shuffle=True, drop_last=drop_last),
+        DataLoader(valid, batch_size=batch_size),  # the example shuffles this one too; the order changes nothing
+    )
+
+
+def _with_values(base: TrialConfig, values: dict[str, Any]) -> TrialConfig:
+    """``base`` with each sampled ``section.key`` set: the values used as the example uses its suggestions,
+    without tuner's deep copy and re-validation of the whole config (which tuner's side pays)."""
+    changes: dict[str, dict[str, Any]] = {}
+    for path, value in values.items():
+        section, key = path.split(".", 1)
+        changes.setdefault(section, {})[key] = value
+    return TrialConfig(
+        model=replace(base.model, **changes.get("model", {})),
+        data=replace(base.data, **changes.get("data", {})),
+        optimizer=replace(base.optimizer, **changes.get("optimizer", {})),
+        trainer=replace(base.trainer, **changes.get("trainer", {})),
+    )
+
+
+class ReferenceObjective:
+    """``pytorch_simple.py``'s ``objective``: same steps, tuner's model, data and sampled configuration."""
+
+    def __init__(self, run: RunConfig, params: list[Param], splits: Splits) -> None:
+        self.run, self.params, self.splits = run, params, splits
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        cfg = _with_values(self.run.trial, suggest(trial, self.params, self.run.raw))
+        torch.manual_seed(trial_seed(self.run.study.seed, trial.number))  # tuner's initial weights per trial
+        splits = self.splits
+        model = build_model(cfg.model, splits.input_shape, splits.num_classes)
+        name = TORCH_OPTIMIZERS[cfg.optimizer.name]
+        optimizer = getattr(optim, name)(model.parameters(), lr=cfg.optimizer.lr, **_optimizer_kwargs(cfg.optimizer))
+        decay = cfg.optimizer.lr_decay
+        scheduler = LambdaLR(optimizer, lambda epoch: 1.0 / (1.0 + decay * epoch))
+        train_loader, valid_loader = _loaders(splits, cfg.data.batch_size)
+
+        accuracy = 0.0
+        for epoch in range(1, cfg.trainer.epochs + 1):  # 1-based, as tuner reports, so the pruner sees the same steps
+            model.train()
+            for data, target in train_loader:
+                optimizer.zero_grad()
+                loss = F.cross_entropy(model(data), target)
+                loss.backward()
+                optimizer.step()
+            scheduler.step()
+
+            model.eval()
+            correct = 0
+            with torch.no_grad():
+                for data, target in valid_loader:
+                    pred = model(data).argmax(dim=1)
+                    correct += int(pred.eq(target).sum().item())
+            accuracy = correct / len(splits.y_val)
+
+            trial.report(accuracy, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+        return accuracy
+
+
+# --- Running the variants -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    dataset: str
+    variant: str
+    round: int
+    sampler_seed: int
+    trials: int
+    seconds: float  # wall clock
+    cpu_seconds: float  # this process's CPU time: less sensitive to other jobs on a shared box (1 thread)
+    states: dict[str, int]
+    best_value: float | None
+    params: list[dict[str, Any]]
+
+    @property
+    def per_minute(self) -> float:
+        return 60.0 * self.trials / self.seconds
+
+    @property
+    def per_cpu_minute(self) -> float:
+        return 60.0 * self.trials / self.cpu_seconds
+
+
+def compose_raw(overrides: list[str]) -> dict[str, Any]:
+    """The plain dict that ``python -m tuner <overrides>`` works from."""
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    raw = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(raw, dict)
+    return cast(dict[str, Any], raw)
+
+
+def _run_study(
+    objective: Callable[[optuna.Trial], float],
+    run: RunConfig,
+    *,
+    storage: optuna.storages.BaseStorage,
+    seed: int,
+    trials: int,
+    catch: tuple[type[Exception], ...],
+) -> tuple[float, float, optuna.Study]:
+    study = optuna.create_study(
+        storage=storage,
+        sampler=make_sampler(run.sampler, seed=seed),
+        pruner=make_pruner(run.pruner),
+        direction=optuna.study.StudyDirection[run.study.direction.upper()],
+    )
+    # Only the trials are timed: opening a storage is paid once per study, not per trial.
+    start, cpu = time.perf_counter(), time.process_time()
+    study.optimize(objective, n_trials=trials, catch=catch)
+    return time.perf_counter() - start, time.process_time() - cpu, study
+
+
+def _result(dataset: str, variant: str, rnd: int, seed: int, wall: float, cpu: float, study: optuna.Study) -> Result:
+    trials = study.get_trials(deepcopy=False)
+    states: dict[str, int] = {}
+    for t in trials:
+        states[t.state.name] = states.get(t.state.name, 0) + 1
+    complete = [t.value for t in trials if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None]
+    return Result(dataset, variant, rnd, seed, len(trials), wall, cpu, states,
+                  max(complete) if complete else None, [dict(t.params) for t in trials])
+
+
+def bench_dataset(dataset: str, args: argparse.Namespace, workdir: Path) -> list[Result]:
+    overrides = [
+        *DATA_OVERRIDES[dataset],
+        f"space={SPACE}",
+        "sampler=random",
+        "pruner=median",
+        "trainer.device=cpu",
+        f"trainer.threads={args.threads}",
+        f"study.output_dir={workdir / dataset}",
+        f"study.storage=sqlite:///{workdir / dataset}.db",
+    ]
+    if args.epochs is not None:
+        overrides.append(f"trainer.epochs={args.epochs}")
+    run, params = prepare(compose_raw(overrides))
+    cpu = torch.device("cpu")
+    memory_objective = Objective(run, params, best_model_path=workdir / dataset / "memory" / "best_model.pt")
+    sqlite_objective = Objective(run, params, best_model_path=workdir / dataset / "sqlite" / "best_model.pt")
+    # Load the data before any clock starts; both sides train on these same CPU tensors.
+    splits = memory_objective.splits(run.trial.data, cpu)
+    sqlite_objective.splits(run.trial.data, cpu)
+    reference = ReferenceObjective(run, params, splits)
+    print(f"{dataset}: {len(splits.y_train)} train / {len(splits.y_val)} val samples, input {splits.input_shape}, "
+          f"{run.trial.trainer.epochs} epochs, {args.trials} trials x {args.rounds} rounds", flush=True)
+
+    def one(variant: str, rnd: int, seed: int, trials: int) -> Result:
+        objective: Callable[[optuna.Trial], float] = reference
+        storage: optuna.storages.BaseStorage = optuna.storages.InMemoryStorage()
+        catch: tuple[type[Exception], ...] = ()
+        if variant != "reference":
+            # As tuner.tune does: a diverged trial is recorded as FAIL and the study goes on.
+            objective, catch = (memory_objective if variant == "memory" else sqlite_objective), (TrainingDiverged,)
+        if variant == "sqlite":
+            db = workdir / f"{dataset}-{rnd}-{seed}.db"
+            db.unlink(missing_ok=True)
+            storage = make_storage(f"sqlite:///{db}")
+        wall, cpu_s, study = _run_study(objective, run, storage=storage, seed=seed, trials=trials, catch=catch)
+        return _result(dataset, variant, rnd, seed, wall, cpu_s, study)
+
+    # Warm-up, untimed: first-call costs (torch._dynamo's import on the first optimizer, SQLite schema, allocator)
+    # land on no variant.
+    for variant in VARIANTS:
+        one(variant, -1, args.seed + 10_000, 1)
+
+    results: list[Result] = []
+    for rnd in range(args.rounds):
+        seed = args.seed + rnd  # a new sample of the space each round, the same one for all three variants
+        # Rotate the order each round, so no variant always runs right after the same other one.
+        order = VARIANTS[rnd % 3 :] + VARIANTS[: rnd % 3]
+        for variant in order:
+            r = one(variant, rnd, seed, args.trials)
+            results.append(r)
+            best = "-" if r.best_value is None else f"{r.best_value:.4f}"
+            print(f"  round {rnd} {variant:9s} {r.seconds:6.1f} s {r.per_minute:6.1f}/min  "
+                  f"cpu {r.cpu_seconds:6.1f} s {r.per_cpu_minute:6.1f}/cpu-min  "
+                  f"load {os.getloadavg()[0]:4.1f}  best {best}  {r.states}", flush=True)
+    return results
+
+
+# --- Summary ------------------------------------------------------------------------------------------------
+
+
+def _rates(by: dict[str, list[Result]], rate: Callable[[Result], float]) -> dict[str, float]:
+    """Medians over rounds; the ratios and the SQLite overhead are paired per round (same sampled trials)."""
+    ref, mem, sql = by["reference"], by["memory"], by["sqlite"]
+    return {
+        "reference": statistics.median(rate(r) for r in ref),
+        "memory": statistics.median(rate(r) for r in mem),
+        "sqlite": statistics.median(rate(r) for r in sql),
+        "memory_over_reference": statistics.median(rate(m) / rate(r) for m, r in zip(mem, ref, strict=True)),
+        "sqlite_over_reference": statistics.median(rate(s) / rate(r) for s, r in zip(sql, ref, strict=True)),
+        "sqlite_overhead_pct": 100 * statistics.median(rate(m) / rate(s) - 1 for s, m in zip(sql, mem, strict=True)),
+    }
+
+
+def summarize(dataset: str, results: list[Result]) -> dict[str, Any]:
+    by = {v: sorted((r for r in results if r.dataset == dataset and r.variant == v), key=lambda r: r.round)
+          for v in VARIANTS}
+
+    def best(rs: list[Result]) -> float | None:
+        values = [r.best_value for r in rs if r.best_value is not None]
+        return max(values) if values else None
+
+    ref, mem, sql = by["reference"], by["memory"], by["sqlite"]
+    return {
+        "dataset": dataset,
+        "rounds": len(ref),
+        "trials_per_round": ref[0].trials if ref else 0,
+        "wall": _rates(by, lambda r: r.per_minute),
+        "cpu": _rates(by, lambda r: r.per_cpu_minute),
+        "best_value": {v: best(rs) for v, rs in by.items()},
+        # Per round, each variant's best on the same sampled trials: a fairer view than one maximum.
+        "best_per_round": {v: [r.best_value for r in rs] for v, rs in by.items()},
+        # The check that makes the accuracy columns comparable: every variant tried the same parameters.
+        "same_sampled_params": all(a.params == b.params == c.params for a, b, c in zip(ref, mem, sql, strict=True)),
+        "states": {v: _sum_states(rs) for v, rs in by.items()},
+    }
+
+
+def _sum_states(results: list[Result]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for r in results:
+        for k, n in r.states.items():
+            total[k] = total.get(k, 0) + n
+    return total
+
+
+def format_table(rows: list[dict[str, Any]], clock: str) -> str:
+    unit = "/min" if clock == "wall" else "/cpu-min"
+    head = ("data set", f"ref{unit}", f"mem{unit}", f"sqlite{unit}", "mem/ref", "sqlite/ref", "sqlite +%",
+            "best ref", "best mem", "best sqlite")
+
+    def acc(v: float | None) -> str:
+        return "-" if v is None else f"{v:.4f}"
+
+    body = []
+    for row in rows:
+        t, bv = row[clock], row["best_value"]
+        body.append((row["dataset"], f"{t['reference']:.1f}", f"{t['memory']:.1f}", f"{t['sqlite']:.1f}",
+                     f"{t['memory_over_reference']:.2f}x", f"{t['sqlite_over_reference']:.2f}x",
+                     f"{t['sqlite_overhead_pct']:+.1f}", acc(bv["reference"]), acc(bv["memory"]), acc(bv["sqlite"])))
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
+    lines = [" | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)),
+             " | ".join("-" * w for w in widths)]
+    lines += [" | ".join(c.rjust(w) for c, w in zip(b, widths, strict=True)) for b in body]
+    return "\n".join("| " + line + " |" for line in lines)
+
+
+def _load(load: tuple[float, ...]) -> str:
+    return "/".join(f"{x:.1f}" for x in load)
+
+
+def machine() -> dict[str, Any]:
+    load = os.getloadavg()
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "optuna": optuna.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "processor": platform.processor() or platform.machine(),
+        "loadavg_at_end": load,
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    quick = f"{QUICK['trials']} trials x {QUICK['rounds']} rounds, {QUICK['epochs']} epochs"
+    parser.add_argument("--quick", action="store_true", help=f"a smoke run: {quick}")
+    parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
+    parser.add_argument("--trials", type=int, default=None,
+                        help=f"trials per variant per round (default {FULL['trials']})")
+    parser.add_argument("--rounds", type=int, default=None, help=f"rounds per data set (default {FULL['rounds']})")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs per trial (default: trainer.epochs in conf/)")
+    # 1: on the shared 2-core box (load 4-6 from other jobs), tuner with 2 threads ran the same 8 trials 8x
+    # (digits) to 30x (Fashion-MNIST) slower than with 1: OpenMP workers wait for a descheduled peer.
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads, the same for both sides")
+    parser.add_argument("--seed", type=int, default=0, help="sampler seed of round 0; round r uses seed + r")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here as JSON")
+    args = parser.parse_args(argv)
+    preset = QUICK if args.quick else FULL
+    args.trials = args.trials if args.trials is not None else preset["trials"]
+    args.rounds = args.rounds if args.rounds is not None else preset["rounds"]
+    if args.epochs is None and args.quick:
+        args.epochs = QUICK["epochs"]
+    for name in ("trials", "rounds", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, but got {getattr(args, name)}.")
+    if args.epochs is not None and args.epochs < 1:
+        parser.error(f"--epochs must be at least 1, but got {args.epochs}.")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    load_start = os.getloadavg()
+    rows: list[dict[str, Any]] = []
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="tuner-bench-") as tmp:
+        for dataset in args.datasets:
+            found = bench_dataset(dataset, args, Path(tmp))
+            results += found
+            rows.append(summarize(dataset, found))
+    info = machine()
+    tables = {clock: format_table(rows, clock) for clock in ("wall", "cpu")}
+    print(f"\nWall clock (trials per minute), medians of {args.rounds} rounds x {args.trials} trials; mem/ref, "
+          "sqlite/ref and sqlite +% are paired per round:")
+    print(tables["wall"])
+    print("\nThis process's CPU time (trials per CPU-minute; one torch thread, so less disturbed by other jobs):")
+    print(tables["cpu"])
+    print("\nbest val accuracy per round (reference / memory / sqlite):")
+    for row in rows:
+        per = row["best_per_round"]
+        cells = ("/".join("-" if v is None else f"{v:.4f}" for v in vals)
+                 for vals in zip(per["reference"], per["memory"], per["sqlite"], strict=True))
+        print(f"  {row['dataset']:14s} " + "  ".join(cells))
+    same = all(row["same_sampled_params"] for row in rows)
+    print(f"\nsame sampled parameters on all three sides: {same}; threads={args.threads}; "
+          f"{time.perf_counter() - start:.0f} s in all; load average {_load(load_start)} at start, "
+          f"{_load(info['loadavg_at_end'])} at end; {info['cpu_count']} CPUs")
+    if args.json is not None:
+        payload = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                   "machine": {**info, "loadavg_at_start": load_start}, "summary": rows,
+                   "runs": [asdict(r) for r in results], "tables": tables}
+        args.json.write_text(json.dumps(payload, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
