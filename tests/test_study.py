@@ -91,3 +91,15 @@ def test_study_direction_mismatch_is_an_error(tmp_path: Path) -> None:
     open_study(parse_run(compose_raw(f"study.storage={url}")), make_storage(url))
     with pytest.raises(ConfigError, match="study.direction='minimize', but the stored study"):
         open_study(parse_run(compose_raw(f"study.storage={url}", "study.direction=minimize")), make_storage(url))
+
+
+def test_study_parallel_workers_starting_together_propose_different_params(tmp_path: Path) -> None:
+    raw = compose_raw(f"study.storage=sqlite:///{tmp_path / 'w.db'}")
+    run = parse_run(raw)
+    storage = make_storage(run.study.storage)
+    # Both open the study before either has a trial, as parallel workers started together do.
+    workers = [open_study(run, storage, worker=w) for w in (0, 1)]
+    for study in workers:
+        study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
+    xs = [t.params["x"] for t in workers[0].trials]
+    assert len(xs) == 6 and len(set(xs)) == 6

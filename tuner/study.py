@@ -31,6 +31,8 @@ __all__ = [
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 # SQLite waits this long for a lock before failing; 5 s or more gave 0 lock errors with 16 processes.
 SQLITE_BUSY_TIMEOUT_S = 60.0
+# Parallel workers' sampler seeds lie this far apart: no worker reaches another's seed by resuming.
+WORKER_SEED_STRIDE = 1_000_003
 
 SAMPLERS: dict[str, type[optuna.samplers.BaseSampler]] = {
     "random": optuna.samplers.RandomSampler,
@@ -139,11 +141,12 @@ def finished_trials(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
-def open_study(cfg: RunConfig, storage: BaseStorage) -> optuna.Study:
+def open_study(cfg: RunConfig, storage: BaseStorage, *, worker: int = 0) -> optuna.Study:
     """Create the study or load it to continue toward ``study.n_trials``.
 
     A resumed study's sampler is seeded with ``study.seed + trials so far``: a seeded sampler that
-    restarted from ``study.seed`` would propose the parameters it already tried.
+    restarted from ``study.seed`` would propose the parameters it already tried. Parallel workers
+    that start together see the same trials, so each adds its own ``worker`` index (times a prime).
     """
     name = cfg.study.name
     try:
@@ -153,7 +156,7 @@ def open_study(cfg: RunConfig, storage: BaseStorage) -> optuna.Study:
     study = optuna.create_study(
         study_name=name,
         storage=storage,
-        sampler=make_sampler(cfg.sampler, seed=cfg.study.seed + len(existing)),
+        sampler=make_sampler(cfg.sampler, seed=cfg.study.seed + len(existing) + worker * WORKER_SEED_STRIDE),
         pruner=make_pruner(cfg.pruner),
         direction=optuna.study.StudyDirection[cfg.study.direction.upper()],
         load_if_exists=True,
