@@ -50,5 +50,6 @@ def rebuild_trial(
     """The live trial another process asked for, able to ``report``, ``should_prune`` and set user attributes."""
     study = optuna.load_study(study_name=handle.study, storage=storage, pruner=pruner)
     # Found by (study, number), so a job can never report into another study's trial.
-    trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(handle.study), handle.trial)
+    study_id = storage.get_study_id_from_name(handle.study)
+    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, handle.trial)
     return optuna.trial.Trial(study, trial_id)
