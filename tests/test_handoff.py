@@ -71,8 +71,8 @@ def test_handoff_rebuilt_trial_cannot_change_after_the_owner_tells(tmp_path: Pat
 def test_handoff_handle_round_trips_through_hydra_overrides() -> None:
     handle = TrialHandle(study="digits-mlp,optimizer.name='adam'", trial=7)
     parsed = OverridesParser.create().parse_overrides(handle.overrides())
-    section = {o.key_or_group.split(".")[1]: o.value() for o in parsed}
-    assert TrialHandle.from_config(section) == handle
-    assert TrialHandle.from_config(None) is None
-    with pytest.raises(ValueError, match="trial \\(a number\\)"):
-        TrialHandle.from_config({"study": "s", "trial": "seven"})
+    raw = {"study": {"name": parsed[0].value()}, "tuner": {"trial": parsed[1].value()}}
+    assert TrialHandle.from_config(raw) == handle
+    assert TrialHandle.from_config({"study": {"name": "s"}}) is None
+    with pytest.raises(ValueError, match="tuner.trial must be a trial number, but got 'seven'"):
+        TrialHandle.from_config({"study": {"name": "s"}, "tuner": {"trial": "seven"}})

@@ -13,7 +13,9 @@ After the owner calls ``tell``, the rebuilt trial raises ``optuna.exceptions.Upd
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import optuna
 from optuna.storages import BaseStorage
@@ -30,18 +32,20 @@ class TrialHandle:
 
     def overrides(self) -> list[str]:
         """Hydra overrides that carry the handle to a job (read back by ``from_config``)."""
+        # A quoted Hydra value: study names may hold commas and equals signs (tuner.multirun names do).
         quoted = self.study.replace("\\", "\\\\").replace("'", "\\'")
-        return [f"+tuner.study='{quoted}'", f"+tuner.trial={self.trial}"]
+        return [f"study.name='{quoted}'", f"+tuner.trial={self.trial}"]
 
     @classmethod
-    def from_config(cls, section: object) -> TrialHandle | None:
-        """The handle from the job's ``tuner`` config section, or ``None`` when the job is not a sweeper's trial."""
-        if not isinstance(section, dict) or "trial" not in section:
+    def from_config(cls, raw: Mapping[str, Any]) -> TrialHandle | None:
+        """The handle in a job's composed config, or ``None`` when the job is not one of a sweeper's trials."""
+        section = raw.get("tuner")
+        if not isinstance(section, Mapping) or "trial" not in section:
             return None
-        study, number = section.get("study"), section["trial"]
-        if not isinstance(study, str) or isinstance(number, bool) or not isinstance(number, int):
-            raise ValueError(f"tuner must hold study (a name) and trial (a number), but got {section!r}.")
-        return cls(study=study, trial=number)
+        number = section["trial"]
+        if isinstance(number, bool) or not isinstance(number, int):
+            raise ValueError(f"tuner.trial must be a trial number, but got {number!r}.")
+        return cls(study=str(raw["study"]["name"]), trial=number)
 
 
 def rebuild_trial(
