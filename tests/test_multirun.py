@@ -74,6 +74,9 @@ def test_multirun_runs_one_named_study_per_combination_and_one_table(tmp_path: P
         (line,) = [line for line in table.splitlines() if line.startswith(name + " ")]
         assert line.endswith("2 (2 complete)")
     assert "Traceback" not in out
+    assert "test_accuracy         " not in out  # each job's summary went to its own log only
+    assert len(list((tmp_path / "multirun").glob("*/tuner.log"))) == 4
+    assert "study finished" in (tmp_path / "multirun" / "0" / "tuner.log").read_text()
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from tuner.config import ConfigError
-from tuner.multirun import name_suffix, write_job_record
+from tuner.multirun import keep_summary_in_job_log, name_suffix, write_job_record
 
 log = logging.getLogger("tuner")
 
@@ -64,6 +64,7 @@ def _multirun_job(cfg: DictConfig) -> tuple[int, str] | None:
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode != RunMode.MULTIRUN:
         return None
+    keep_summary_in_job_log()
     suffix = name_suffix(list(hydra_cfg.overrides.task))
     if suffix:
         cfg.study.name = f"{cfg.study.name}{suffix}"

@@ -32,7 +32,7 @@ from omegaconf import DictConfig
 from tuner.study import safe_url
 from tuner.summary import count_states
 
-__all__ = ["JOB_RECORD", "StudiesTable", "format_table", "name_suffix", "write_job_record"]
+__all__ = ["JOB_RECORD", "StudiesTable", "format_table", "keep_summary_in_job_log", "name_suffix", "write_job_record"]
 
 log = logging.getLogger("tuner")
 
@@ -65,6 +65,21 @@ def name_suffix(overrides: list[str]) -> str | None:
             continue
         items.append((key, override.get_value_element_as_str()))
     return "".join(f",{k}={v}" for k, v in sorted(items))
+
+
+class _NotTheSummary(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("study finished")
+
+
+def keep_summary_in_job_log() -> None:
+    """Send each job's end-of-study summary to its own ``tuner.log`` only: the table at the end covers it.
+
+    Hydra's job logging has a console handler and a file handler on the root logger (hydra-core 1.3.8).
+    """
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.addFilter(_NotTheSummary())
 
 
 def write_job_record(output_dir: str | Path, *, study: str, storage: str) -> None:
