@@ -8,6 +8,7 @@ which reports each epoch and raises ``optuna.TrialPruned``; the sweeper tells th
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import hydra
@@ -62,7 +63,11 @@ def train_trial(raw: dict[str, object]) -> float | optuna.TrialPruned:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def main(cfg: DictConfig) -> float | optuna.TrialPruned:
-    return train_trial(to_container(cfg))
+    try:
+        return train_trial(to_container(cfg))
+    except ConfigError as err:
+        log.error("%s", err)  # one clear line and a non-zero exit, as python -m tuner does
+        sys.exit(2)
 
 
 if __name__ == "__main__":
