@@ -222,8 +222,14 @@ def run_sweep(plan: SweepPlan, launcher: Launcher, config: DictConfig, *, n_jobs
             tell(trial, ret)
 
     with ThreadPoolExecutor(max_workers=slots, thread_name_prefix="tuner-slot") as pool:
-        for future in [pool.submit(slot) for _ in range(slots)]:
-            future.result()
+        futures = [pool.submit(slot) for _ in range(slots)]
+        try:
+            for future in futures:
+                future.result()
+        except KeyboardInterrupt:  # Ctrl-C reaches this thread only: let the slots stop after their jobs
+            errors.append(KeyboardInterrupt())
+            log.error("interrupted: waiting for the running jobs; run the same command again to continue")
+            raise
     if errors:
         raise errors[0]
     return count_states(study)
