@@ -35,6 +35,7 @@ import os
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
@@ -44,6 +45,7 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from tuner.__main__ import to_container
 from tuner.config import ConfigError, RunConfig
 from tuner.handoff import TrialHandle
 from tuner.space import Param, describe, suggest
@@ -120,11 +122,14 @@ def encode_value(value: Any) -> str:
     return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+@dataclass(frozen=True)
 class SweepPlan:
     """The checked study settings, search space and fixed overrides of one sweep."""
 
-    def __init__(self, run: RunConfig, params: list[Param], raw: dict[str, Any], fixed: list[str]) -> None:
-        self.run, self.params, self.raw, self.fixed = run, params, raw, fixed
+    run: RunConfig
+    params: list[Param]
+    raw: dict[str, Any]  # the jobs' common config, with the search space as ``space``
+    fixed: list[str]  # the command line's overrides that are not sweeps, passed to every job
 
 
 def plan_sweep(hydra_context: HydraContext, config: DictConfig, arguments: list[str]) -> SweepPlan:
@@ -135,10 +140,8 @@ def plan_sweep(hydra_context: HydraContext, config: DictConfig, arguments: list[
     space, fixed = space_from_overrides(parser.parse_overrides(arguments))
     job_cfg = hydra_context.config_loader.load_sweep_config(master_config=config, sweep_overrides=list(fixed))
     with open_dict(job_cfg):
-        del job_cfg["hydra"]
-    container = OmegaConf.to_container(job_cfg, resolve=True, throw_on_missing=True)
-    assert isinstance(container, dict)
-    raw = {str(k): v for k, v in container.items()}
+        del job_cfg["hydra"]  # its job fields (hydra.job.num, ...) are set only per job
+    raw = to_container(job_cfg)
     if space:
         raw["space"] = space  # sweeps on the command line replace the space config group
     run, params = prepare(raw)
