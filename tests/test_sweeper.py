@@ -116,6 +116,8 @@ def test_sweeper_prunes_jobs_and_a_rerun_continues_the_study(tmp_path: Path) -> 
     out = result.stdout + result.stderr
     assert result.returncode == 0, out
     assert "Error executing job" not in out and "Traceback" not in out
+    (table_line,) = [line for line in out.splitlines() if line.startswith("digits-mlp ")]
+    assert table_line.endswith(" pruned)") and "6 (" in table_line  # the table at the end, from storage
     trials = load(tmp_path).trials
     assert [t.number for t in trials] == list(range(6))
     states = [t.state for t in trials]

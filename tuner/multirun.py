@@ -32,7 +32,15 @@ from omegaconf import DictConfig
 from tuner.study import safe_url
 from tuner.summary import count_states
 
-__all__ = ["JOB_RECORD", "StudiesTable", "format_table", "keep_summary_in_job_log", "name_suffix", "write_job_record"]
+__all__ = [
+    "JOB_RECORD",
+    "StudiesTable",
+    "format_table",
+    "keep_summary_in_job_log",
+    "name_suffix",
+    "study_row",
+    "write_job_record",
+]
 
 log = logging.getLogger("tuner")
 
@@ -91,7 +99,8 @@ def write_job_record(output_dir: str | Path, *, study: str, storage: str) -> Non
     path.write_text(json.dumps({"study": study, "storage": storage}) + "\n")
 
 
-def _row(study_name: str, storage: str) -> dict[str, Any]:
+def study_row(study_name: str, storage: str) -> dict[str, Any]:
+    """A study read back from storage: best value, the best trial's test accuracy if scored, trials by state."""
     study = optuna.load_study(study_name=study_name, storage=storage)
     row: dict[str, Any] = {"study": study_name, "best": None, "test": None, "states": count_states(study)}
     with contextlib.suppress(ValueError):  # ValueError: no completed trial
@@ -130,7 +139,7 @@ class StudiesTable(Callback):
         rows: list[dict[str, Any]] = []
         for study_name, storage in seen:
             try:
-                rows.append(_row(study_name, storage))
+                rows.append(study_row(study_name, storage))
             except Exception as err:  # a vanished file or server: say so, don't hide the other studies
                 log.warning("study %r in %s could not be read back: %s", study_name, safe_url(storage), err)
         storages = sorted({safe_url(storage) for _, storage in seen})

@@ -48,6 +48,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from tuner.__main__ import to_container
 from tuner.config import ConfigError, RunConfig
 from tuner.handoff import TrialHandle
+from tuner.multirun import format_table, study_row
 from tuner.space import Param, describe, suggest
 from tuner.study import finished_trials, make_storage, open_study, safe_url
 from tuner.summary import count_states, trial_line
@@ -248,9 +249,6 @@ def sweep_or_exit(
         log.error("%s", err)
         sys.exit(2)
     states = run_sweep(plan, launcher, config, n_jobs=n_jobs)
-    log.info(
-        "study %r: %s",
-        plan.run.study.name,
-        ", ".join(f"{n} {state.lower()}" for state, n in states.items()),
-    )
+    # The same table as python -m tuner -m prints (test accuracy is scored by python -m tuner only).
+    log.info("%s", format_table([study_row(plan.run.study.name, plan.run.study.storage)]))
     return states
