@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -91,3 +94,35 @@ def test_study_direction_mismatch_is_an_error(tmp_path: Path) -> None:
     open_study(parse_run(compose_raw(f"study.storage={url}")), make_storage(url))
     with pytest.raises(ConfigError, match="study.direction='minimize', but the stored study"):
         open_study(parse_run(compose_raw(f"study.storage={url}", "study.direction=minimize")), make_storage(url))
+
+
+def test_study_parallel_workers_starting_together_propose_different_params(tmp_path: Path) -> None:
+    raw = compose_raw(f"study.storage=sqlite:///{tmp_path / 'w.db'}")
+    run = parse_run(raw)
+    storage = make_storage(run.study.storage)
+    # Both open the study before either has a trial, as parallel workers started together do.
+    workers = [open_study(run, storage, worker=w) for w in (0, 1)]
+    for study in workers:
+        study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
+    xs = [t.params["x"] for t in workers[0].trials]
+    assert len(xs) == 6 and len(set(xs)) == 6
+
+
+def test_study_workers_opening_a_new_sqlite_file_together_all_succeed(tmp_path: Path) -> None:
+    # Parallel workers of one multirun create the tables of a new file at the same moment.
+    script = (
+        "import sys, time\n"
+        "from tuner.study import make_storage\n"
+        "while time.time() < float(sys.argv[2]):\n"
+        "    time.sleep(0.001)\n"
+        "make_storage(sys.argv[1])\n"
+    )
+    for round_ in range(2):
+        url = f"sqlite:///{tmp_path / f'new{round_}.db'}"
+        start = time.time() + 5  # after every process has imported optuna
+        procs = [
+            subprocess.Popen([sys.executable, "-c", script, url, str(start)], stderr=subprocess.PIPE, text=True)
+            for _ in range(4)
+        ]
+        errors = [p.communicate(timeout=120)[1] for p in procs]
+        assert [p.returncode for p in procs] == [0] * 4, errors

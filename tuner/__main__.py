@@ -8,10 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from tuner.config import ConfigError
+from tuner.multirun import keep_summary_in_job_log, name_suffix, write_job_record
 
 log = logging.getLogger("tuner")
 
@@ -39,8 +42,11 @@ def to_container(cfg: DictConfig) -> dict[str, Any]:
 def main(cfg: DictConfig) -> float | None:
     from tuner.tune import prepare, tune  # torch is imported only once the config is composed
 
+    job = _multirun_job(cfg)
     try:
-        summary = tune(*prepare(to_container(cfg)))
+        run, params = prepare(to_container(cfg))
+        # Parallel workers on one study are jobs of one multirun: the job number seeds each one's sampler apart.
+        summary = tune(run, params, worker=job[0] if job else 0)
     except ConfigError as err:
         # One clear line and a non-zero exit; no traceback for bad input.
         log.error("%s", err)
@@ -48,7 +54,21 @@ def main(cfg: DictConfig) -> float | None:
     except KeyboardInterrupt:
         log.error("interrupted: finished trials are saved; run the same command again to continue the study")
         sys.exit(130)
+    if job:
+        write_job_record(job[1], study=run.study.name, storage=run.study.storage)
     return summary.best_value
+
+
+def _multirun_job(cfg: DictConfig) -> tuple[int, str] | None:
+    """In a multirun, name the job's study from its overrides (``tuner.multirun``); return (job number, job folder)."""
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    keep_summary_in_job_log()
+    suffix = name_suffix(list(hydra_cfg.overrides.task))
+    if suffix:
+        cfg.study.name = f"{cfg.study.name}{suffix}"
+    return int(hydra_cfg.job.num), str(hydra_cfg.runtime.output_dir)
 
 
 if __name__ == "__main__":

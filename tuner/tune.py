@@ -82,8 +82,11 @@ def _score_best(study: optuna.Study, objective: Objective, summary: Summary) -> 
     study.set_user_attr("test_accuracy", {"trial": best.number, "value": accuracy, "samples": len(splits.x_test)})
 
 
-def tune(run: RunConfig, params: list[Param]) -> Summary:
-    """Run (or continue) the study until it has ``study.n_trials`` finished trials."""
+def tune(run: RunConfig, params: list[Param], *, worker: int = 0) -> Summary:
+    """Run (or continue) the study until it has ``study.n_trials`` finished trials.
+
+    ``worker`` tells parallel workers on one study apart (their samplers' seeds, see ``open_study``).
+    """
     _quiet_libraries()
     start = time.monotonic()
     if run.trial.trainer.threads is not None:
@@ -92,7 +95,7 @@ def tune(run: RunConfig, params: list[Param]) -> Summary:
     objective = Objective(run, params, best_model_path=model_path)
     # Load the data before the storage is touched: a missing data set must not leave a study behind.
     objective.splits(run.trial.data, resolve_device(run.trial.trainer.device))
-    study = open_study(run, make_storage(run.study.storage))
+    study = open_study(run, make_storage(run.study.storage), worker=worker)
     url = safe_url(run.study.storage)
     remaining = run.study.n_trials - finished_trials(study)
     log.info(

@@ -1,0 +1,1 @@
+"""tuner's Hydra sweeper: ``hydra/sweeper=tuner`` (see ``tuner.sweeper``)."""

@@ -1,0 +1,104 @@
+"""``python -m tuner -m ...``: sweeps of studies and parallel workers on one study, as real processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+
+from tuner.multirun import format_table, name_suffix
+
+SMALL = ["data=digits", "study.n_trials=2"]
+
+
+def run_multirun(tmp_path: Path, *overrides: str, module: str = "tuner") -> subprocess.CompletedProcess[str]:
+    args = [
+        sys.executable,
+        "-m",
+        module,
+        "-m",
+        f"study.storage=sqlite:///{tmp_path / 'study.db'}",
+        f"hydra.sweep.dir={tmp_path / 'multirun'}",
+        *overrides,
+    ]
+    return subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=dict(os.environ))
+
+
+def studies(tmp_path: Path) -> dict[str, list[optuna.trial.FrozenTrial]]:
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    return {
+        s.study_name: optuna.load_study(study_name=s.study_name, storage=url).trials
+        for s in optuna.get_all_study_summaries(url)
+    }
+
+
+def test_multirun_name_suffix_keeps_what_changes_training() -> None:
+    assert name_suffix(["model=cnn", "data=digits"]) == ""
+    assert name_suffix(["trainer.epochs=2", "optimizer.name=adam", "data=digits"]) == (
+        ",optimizer.name=adam,trainer.epochs=2"
+    )
+    assert name_suffix(["+worker=3", "study.n_trials=9", "study.storage=sqlite:///a.db", "trainer.device=cpu"]) == ""
+    assert name_suffix(["study.seed=1", "space=lr", "hydra.launcher.n_jobs=4"]) == ",space=lr,study.seed=1"
+
+
+def test_multirun_explicit_study_name_wins() -> None:
+    assert name_suffix(["study.name=mine", "trainer.epochs=2"]) is None
+
+
+def test_multirun_format_table_has_one_row_per_study() -> None:
+    rows = [
+        {"study": "digits-mlp", "best": 0.9, "test": 0.85, "states": {"COMPLETE": 2, "PRUNED": 1}},
+        {"study": "digits-cnn", "best": None, "test": None, "states": {"FAIL": 1}},
+    ]
+    lines = format_table(rows).splitlines()
+    assert lines[0].split() == ["study", "best", "val_accuracy", "test_accuracy", "trials"]
+    assert lines[1].split() == ["digits-mlp", "0.9000", "0.8500", "3", "(2", "complete,", "1", "pruned)"]
+    assert lines[2].split() == ["digits-cnn", "-", "-", "1", "(1", "fail)"]
+
+
+@pytest.mark.slow
+def test_multirun_runs_one_named_study_per_combination_and_one_table(tmp_path: Path) -> None:
+    result = run_multirun(tmp_path, *SMALL, "model=mlp,softmax", "trainer.epochs=1,2")
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    expected = {f"digits-{m},trainer.epochs={e}" for m in ("mlp", "softmax") for e in (1, 2)}
+    found = studies(tmp_path)
+    assert set(found) == expected
+    assert all(len(trials) == 2 for trials in found.values())
+    table = out[out.index("4 studies in sqlite:///") :]
+    for name in expected:
+        (line,) = [line for line in table.splitlines() if line.startswith(name + " ")]
+        assert line.endswith("2 (2 complete)")
+    assert "Traceback" not in out
+    assert "test_accuracy         " not in out  # each job's summary went to its own log only
+    assert len(list((tmp_path / "multirun").glob("*/tuner.log"))) == 4
+    assert "study finished" in (tmp_path / "multirun" / "0" / "tuner.log").read_text()
+
+
+@pytest.mark.slow
+def test_multirun_parallel_workers_share_one_study_without_failures(tmp_path: Path) -> None:
+    n_trials, workers = 8, 3
+    result = run_multirun(
+        tmp_path,
+        "hydra/launcher=joblib",
+        f"hydra.launcher.n_jobs={workers}",
+        f"+worker=range({workers})",
+        "data=digits",
+        "trainer.epochs=2",
+        "pruner=none",  # every trial runs all its epochs: the total is about trials, not pruning
+        f"study.n_trials={n_trials}",
+    )
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    found = studies(tmp_path)
+    assert list(found) == ["digits-mlp,pruner=none,trainer.epochs=2"]
+    (trials,) = found.values()
+    # Each worker stops after its running trial once the study holds n_trials: at most workers - 1 extra.
+    assert n_trials <= len(trials) <= n_trials + workers - 1
+    assert sorted(t.number for t in trials) == list(range(len(trials)))
+    assert {t.state for t in trials} == {optuna.trial.TrialState.COMPLETE}
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == len(trials), "workers proposed the same params"

@@ -1,0 +1,150 @@
+"""``python -m tuner -m ...``: one study per Hydra job, named from the job's overrides, and one table at the end.
+
+A multirun job's study is named ``<data>-<model>`` (the single-run name) followed by the job's other
+overrides that change what is trained, in Hydra's ``override_dirname`` form::
+
+    python -m tuner -m model=mlp,cnn data=digits,mnist1d optimizer.name=sgd,adam
+    # studies: digits-mlp,optimizer.name=sgd  digits-mlp,optimizer.name=adam  ...
+
+Overrides that only say where or how long to run (``study.*`` except ``study.seed``, ``hydra.*``,
+``trainer.device``, ``trainer.threads``, ``trainer.eval_batch_size``, ``worker``) are left out, so that
+jobs that differ only in them share one study: that is how parallel workers run one study
+(``+worker=range(4)``). An explicit ``study.name=...`` wins over all of this.
+
+Each job writes ``study.json`` (study name and storage) into its Hydra output folder;
+``StudiesTable`` (a Hydra callback, see ``hydra.callbacks`` in conf/config.yaml) reads them back at the
+end of the multirun and prints one table built from the storage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import optuna
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from tuner.study import safe_url
+from tuner.summary import count_states
+
+__all__ = [
+    "JOB_RECORD",
+    "StudiesTable",
+    "format_table",
+    "keep_summary_in_job_log",
+    "name_suffix",
+    "study_row",
+    "write_job_record",
+]
+
+log = logging.getLogger("tuner")
+
+JOB_RECORD = "study.json"
+# Keys already in the base name (<data>-<model>), or that say where/how long to run, not what is trained.
+_BASE_KEYS = ("data", "model")
+_EXCLUDED_KEYS = ("trainer.device", "trainer.threads", "trainer.eval_batch_size", "worker", "study.seed")
+_EXCLUDED_PREFIXES = ("study.", "hydra.", "hydra/")
+
+
+def _excluded(key: str) -> bool:
+    if key == "study.seed":  # a different seed samples other trials: its own study
+        return False
+    return key in _BASE_KEYS or key in _EXCLUDED_KEYS or key.startswith(_EXCLUDED_PREFIXES)
+
+
+def name_suffix(overrides: list[str]) -> str | None:
+    """The part a multirun job adds to the study name, or ``None`` when ``study.name`` is given explicitly.
+
+    Overrides are parsed with Hydra's own parser (``+key``/``++key`` count as ``key``), sorted by key like
+    Hydra's ``hydra.job.override_dirname``.
+    """
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    items: list[tuple[str, str]] = []
+    for override in parsed:
+        key = override.key_or_group
+        if key == "study.name":
+            return None
+        if override.is_delete() or _excluded(key):
+            continue
+        items.append((key, override.get_value_element_as_str()))
+    return "".join(f",{k}={v}" for k, v in sorted(items))
+
+
+class _NotTheSummary(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("study finished")
+
+
+def keep_summary_in_job_log() -> None:
+    """Send each job's end-of-study summary to its own ``tuner.log`` only: the table at the end covers it.
+
+    Hydra's job logging has a console handler and a file handler on the root logger (hydra-core 1.3.8).
+    """
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.addFilter(_NotTheSummary())
+
+
+def write_job_record(output_dir: str | Path, *, study: str, storage: str) -> None:
+    """Leave the job's study where ``StudiesTable`` finds it.
+
+    The storage URL is written as given: the job's ``.hydra/config.yaml`` beside it holds it already.
+    """
+    path = Path(output_dir) / JOB_RECORD
+    path.write_text(json.dumps({"study": study, "storage": storage}) + "\n")
+
+
+def study_row(study_name: str, storage: str) -> dict[str, Any]:
+    """A study read back from storage: best value, the best trial's test accuracy if scored, trials by state."""
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    row: dict[str, Any] = {"study": study_name, "best": None, "test": None, "states": count_states(study)}
+    with contextlib.suppress(ValueError):  # ValueError: no completed trial
+        row["best"] = study.best_value
+    test = study.user_attrs.get("test_accuracy")
+    if isinstance(test, dict):
+        row["test"] = test.get("value")
+    return row
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """One line per study: best val_accuracy, test accuracy of the best trial, trials by state."""
+
+    def num(value: float | None) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
+    table = [("study", "best val_accuracy", "test_accuracy", "trials")]
+    for row in rows:
+        states = ", ".join(f"{n} {s.lower()}" for s, n in row["states"].items())
+        table.append((row["study"], num(row["best"]), num(row["test"]), f"{sum(row['states'].values())} ({states})"))
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in table)
+
+
+class StudiesTable(Callback):
+    """Hydra callback: after a multirun, one table across its jobs' studies, read back from storage."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        seen: dict[tuple[str, str], None] = {}  # ordered set: several workers share one study
+        for record in sorted(sweep_dir.glob(f"*/{JOB_RECORD}"), key=lambda p: _job_order(p.parent.name)):
+            data = json.loads(record.read_text())
+            seen[(data["study"], data["storage"])] = None
+        if not seen:
+            return
+        rows: list[dict[str, Any]] = []
+        for study_name, storage in seen:
+            try:
+                rows.append(study_row(study_name, storage))
+            except Exception as err:  # a vanished file or server: say so, don't hide the other studies
+                log.warning("study %r in %s could not be read back: %s", study_name, safe_url(storage), err)
+        storages = sorted({safe_url(storage) for _, storage in seen})
+        log.info("%d studies in %s\n%s", len(rows), ", ".join(storages), format_table(rows))
+
+
+def _job_order(name: str) -> tuple[int, str]:
+    return (int(name), name) if name.isdigit() else (1 << 30, name)

@@ -1,0 +1,74 @@
+"""``python -m tuner.train``: one job of ``hydra/sweeper=tuner`` trains one trial that the sweeper asked for.
+
+The job's config holds the trial's values (as overrides) and its identity (``study.name`` and
+``+tuner.trial``, see ``tuner.handoff``). It rebuilds the live trial, trains with the Core's objective,
+which reports each epoch and raises ``optuna.TrialPruned``; the sweeper tells the result.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import optuna
+from hydra.core.plugins import Plugins
+from omegaconf import DictConfig
+
+from hydra_plugins.tuner_sweeper.tuner_sweeper import TunerSweeper
+from tuner.__main__ import config_dir, to_container
+from tuner.config import ConfigError
+from tuner.handoff import TrialHandle, rebuild_trial
+
+__all__ = ["main", "train_trial"]
+
+log = logging.getLogger("tuner")
+
+# Hydra finds plugins by walking the hydra_plugins folders; an editable install (pip install -e) puts ours
+# behind an import hook that walk does not see. Importing it stores hydra/sweeper=tuner; registering
+# makes it instantiable (Plugins.register, hydra-core 1.3.8). A wheel install finds it either way.
+Plugins.instance().register(TunerSweeper)
+
+
+def train_trial(raw: dict[str, object]) -> float | optuna.TrialPruned:
+    """Train the trial named in ``raw`` (a composed config): its val_accuracy, or the ``TrialPruned`` it raised.
+
+    Pruning is returned, not raised: Hydra prints "Error executing job" for every job that raises, and
+    the sweeper reads the job's return value either way.
+    """
+    from tuner.objective import Objective  # torch is imported only once the config is composed
+    from tuner.study import make_pruner, make_storage
+    from tuner.tune import prepare
+
+    try:
+        handle = TrialHandle.from_config(raw)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if handle is None:
+        raise ConfigError(
+            "python -m tuner.train trains the trials of the tuner sweeper: run it as "
+            "python -m tuner.train -m hydra/sweeper=tuner 'optimizer.lr=tag(log, interval(1e-4, 1))' ..."
+        )
+    job_raw = {k: v for k, v in raw.items() if k != "tuner"}
+    run, _ = prepare(job_raw)
+    # The values are already in the config (the sweeper's overrides): the objective samples nothing.
+    objective = Objective(run, [], best_model_path=Path(run.study.output_dir) / "best_model.pt")
+    trial = rebuild_trial(make_storage(run.study.storage), handle, pruner=make_pruner(run.pruner))
+    try:
+        return objective(trial)
+    except optuna.TrialPruned as pruned:
+        return pruned
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
+def main(cfg: DictConfig) -> float | optuna.TrialPruned:
+    try:
+        return train_trial(to_container(cfg))
+    except ConfigError as err:
+        log.error("%s", err)  # one clear line and a non-zero exit, as python -m tuner does
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
