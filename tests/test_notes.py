@@ -1,0 +1,63 @@
+"""The study note that optuna-dashboard shows, as tuner writes it into storage."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+import optuna_dashboard
+import pytest
+
+from tests.conftest import compose_raw
+from tuner.notes import command_line, end_note
+from tuner.space import parse_space
+
+
+def test_notes_study_note_in_storage_tells_setup_space_and_results(digits_study: tuple[list[str], Any]) -> None:
+    _, study = digits_study
+    note = optuna_dashboard.get_note(study)
+    assert study.metric_names == ["val_accuracy"]
+    for text in (
+        "# Study `digits-mlp`",
+        "| data set | digits",
+        "| sampler | random (seed=0) |",
+        "| pruner | median (n_startup_trials=3, n_warmup_steps=1",
+        "| `optimizer.lr` | 0.0001 .. 1 | log | always |",
+        "| `optimizer.momentum` | 0.9 .. 0.999 | reverse log: 1 - value log-uniform over [0.001, 0.1]",
+        "| `data.batch_size` | 32, 64, 128, 256 | categorical | always |",
+        f"**Best trial: #{study.best_trial.number}**, val_accuracy {study.best_value:.4f}",
+        "PED-ANOVA importance",
+        "learning rate first",
+    ):
+        assert text in note, text
+    assert "in progress" not in note  # the end of the run replaced the placeholder
+    assert note.count("## Results") == 1
+    complete = len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)))
+    assert f"Trials: {complete} complete" in note
+
+
+def test_notes_importance_table_ranks_params_with_the_lessons_tier() -> None:
+    raw = compose_raw("space=lr", "data=digits")
+    params = parse_space(raw["space"], raw)
+    study = optuna.create_study(direction="maximize")
+    for i in range(12):
+        trial = study.ask()
+        lr = trial.suggest_float("optimizer.lr", 1e-4, 1.0, log=True)
+        trial.suggest_int("model.hidden_units", 32, 512, log=True)  # no effect on the value below
+        study.tell(trial, -abs(lr - 0.01) + 0 * i)
+    note = end_note(study, params)
+    table = [line for line in note.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    assert table[0].startswith("| 1 | `optimizer.lr` |") and table[0].endswith("| 1 |")
+    assert table[1].startswith("| 2 | `model.hidden_units` |") and table[1].endswith("| 2 |")
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["/x/site-packages/tuner/__main__.py", "data=digits"], "python -m tuner data=digits"),
+        (["/x/tuner/refine.py", "refine.top_k=3"], "python -m tuner.refine refine.top_k=3"),
+        (["/usr/bin/tuner", "study.name=a b"], "tuner 'study.name=a b'"),
+    ],
+)
+def test_notes_command_line_is_what_a_user_would_type(argv: list[str], expected: str) -> None:
+    assert command_line(argv) == expected
