@@ -9,12 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import optuna
+from optuna.distributions import BaseDistribution
 from optuna.storages import BaseStorage
 
 from tuner.config import ConfigError, RunConfig
+from tuner.space import Param, parse_space
 from tuner.study import check_storage_url, make_pruner, make_sampler, make_storage, safe_url
 
-__all__ = ["load_existing_study", "open_existing_storage", "study_names"]
+__all__ = ["load_existing_study", "open_existing_storage", "study_names", "study_params"]
 
 
 def open_existing_storage(url: str) -> BaseStorage:
@@ -45,3 +47,18 @@ def load_existing_study(run: RunConfig, storage: BaseStorage | None = None) -> o
         sampler=make_sampler(run.sampler, seed=run.study.seed),
         pruner=make_pruner(run.pruner),
     )
+
+
+def study_params(study: optuna.Study) -> list[Param]:
+    """The study's search space: parsed from the config tuner stored with it, else from its trials' distributions
+    (a study tuner did not write; reverse-log params then show as the sampled ``1 - value``)."""
+    stored = study.user_attrs.get("config")
+    if isinstance(stored, dict) and isinstance(stored.get("space"), dict):
+        try:
+            return parse_space(stored["space"], stored)
+        except ConfigError:
+            pass  # written by another version of tuner: fall back to what the trials say
+    distributions: dict[str, BaseDistribution] = {}
+    for trial in study.get_trials(deepcopy=False):
+        distributions.update(trial.distributions)
+    return [Param(path=name, distribution=dist) for name, dist in distributions.items()]
