@@ -75,7 +75,7 @@ def plot_learning_curve(history: Sequence[EpochMetrics], path: Path, *, title: s
     lines = ax.get_lines() + acc.get_lines()
     ax.legend(lines, [str(line.get_label()) for line in lines], loc="center right", fontsize="small")
     ax.set_title(title)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.12, right=0.86, bottom=0.14, top=0.9)  # fixed: tight_layout doubles the cost
     fig.savefig(path, format="png")
 
 
@@ -104,7 +104,7 @@ def plot_confusion_matrix(counts: torch.Tensor, classes: Sequence[str], path: Pa
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.16, right=0.96, bottom=0.16, top=0.92)
     fig.savefig(path, format="png")
 
 
