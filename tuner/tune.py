@@ -127,14 +127,14 @@ def tune(run: RunConfig, params: list[Param]) -> Summary:
     )
     if any(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
         _score_best(study, run, params, model_path, summary)
-    write_end_note(study, params)
-    save_dashboard_plots(study, params)
-    summary.artifact_dir = str(artifact_dir(run.study))
     summary.hints.append(
         f"a bigger study: python -m tuner study.name={study.study_name}-big study.n_trials={run.study.n_trials * 4} "
         f"trainer.epochs={run.trial.trainer.epochs * 2}"
         + (" data.train_subset=null" if run.trial.data.train_subset is not None else "")
     )
+    write_end_note(study, params)
+    save_dashboard_plots(study, params)
+    summary.artifact_dir = str(artifact_dir(run.study))
     summary.hints.append("what mattered, as HTML: python -m tuner.report <the same overrides>")
     summary.hints.append("zoom in on the best region: python -m tuner.refine <the same overrides>")
     log.info("study finished\n%s", format_summary(summary))
