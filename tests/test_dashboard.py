@@ -74,7 +74,7 @@ def dashboard(digits_study: tuple[list[str], Any], tmp_path: Path) -> Iterator[t
         proc.wait(timeout=30)
 
 
-def _browser(tmp_path: Path) -> Any:
+def _browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
         if os.environ.get("CI"):
             pytest.fail(f"CI must run the browser test: install chromium and chromium-driver ({CHROMIUM} missing)")
@@ -82,6 +82,8 @@ def _browser(tmp_path: Path) -> Any:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
+    # Selenium Manager (which can download browsers and drivers) must never run: point it at nothing.
+    monkeypatch.setenv("SE_MANAGER_PATH", str(tmp_path / "no-selenium-manager"))
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM  # with both paths given, Selenium Manager downloads nothing
     for flag in [*BROWSER_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"]:
@@ -108,7 +110,7 @@ def _page_text(driver: Any, url: str, *wanted: str, timeout: float = 60) -> str:
 
 
 def test_dashboard_shows_study_trial_count_note_and_best_trials_artifacts(
-    digits_study: tuple[list[str], Any], dashboard: tuple[str, str], tmp_path: Path
+    digits_study: tuple[list[str], Any], dashboard: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     overrides, study = digits_study
     study_url, first_line = dashboard
@@ -116,10 +118,12 @@ def test_dashboard_shows_study_trial_count_note_and_best_trials_artifacts(
     storage = next(o for o in overrides if o.startswith("study.storage=")).split("sqlite:///", 1)[1]
     assert f"(artifacts: {Path(storage).with_name('study_artifacts')})" in first_line
     best = study.best_trial.number
-    driver = _browser(tmp_path)
+    driver = _browser(tmp_path, monkeypatch)
     try:
         root = study_url.split("/dashboard/")[0] + "/dashboard/"
         _page_text(driver, root, "digits-mlp", "Direction: MAXIMIZE")
+        # The study page, with tuner's custom plots beside the built-in ones.
+        _page_text(driver, study_url, "val_accuracy vs optimizer.lr", "Learning curves: val_accuracy per epoch")
         note = _page_text(driver, study_url + "/note", "Search space", "What mattered")
         assert "Study digits-mlp" in note and "PED-ANOVA importance" in note
         assert f"Best trial: #{best}, val_accuracy {study.best_value:.4f}" in note

@@ -34,6 +34,10 @@ def test_notes_study_note_in_storage_tells_setup_space_and_results(digits_study:
     assert note.count("## Results") == 1
     complete = len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)))
     assert f"Trials: {complete} complete" in note
+    for trial in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
+        # numeric, so the dashboard's trial table can sort and plot them
+        for key in ("epoch_time_s", "param_count", "train_loss", "val_loss"):
+            assert isinstance(trial.user_attrs[key], (int, float)), key
 
 
 def test_notes_importance_table_ranks_params_with_the_lessons_tier() -> None:
