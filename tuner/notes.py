@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import optuna_dashboard
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
@@ -170,12 +169,16 @@ def end_note(study: optuna.Study, params: list[Param], *, evaluator: str = "ped_
 def write_start_note(study: optuna.Study, run: RunConfig, params: list[Param]) -> str:
     refined = study.user_attrs.get(REFINED_FROM_ATTR)
     note = start_note(run, params, command=command_line(), refined_from=refined if isinstance(refined, dict) else None)
+    import optuna_dashboard  # 1.7 s to import here: only when a study is open, not on every start-up
+
     optuna_dashboard.save_note(study, note)
     return note
 
 
 def write_end_note(study: optuna.Study, params: list[Param]) -> str:
     """Replace the note's Results section, keeping what the start note said."""
+    import optuna_dashboard
+
     head = optuna_dashboard.get_note(study).split(RESULTS_HEADING, 1)[0]
     note = head + end_note(study, params)
     optuna_dashboard.save_note(study, note)

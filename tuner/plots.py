@@ -10,7 +10,6 @@ from __future__ import annotations
 import warnings
 
 import optuna
-import optuna_dashboard
 import plotly.graph_objects as go
 from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
@@ -96,6 +95,8 @@ def learning_curves(study: optuna.Study) -> go.Figure:
 
 def save_dashboard_plots(study: optuna.Study, params: list[Param]) -> list[str]:
     """Store the custom figures on the study, where optuna-dashboard shows them; returns their ids."""
+    import optuna_dashboard  # slow to import (1.7 s here): only once a study has run
+
     figures = {"learning-curves-by-state": learning_curves(study)}
     for param in params:
         if param.path == "optimizer.lr":
