@@ -151,3 +151,26 @@ def test_refine_bad_input_is_one_clear_error_and_changes_nothing(
     assert message in result.stdout + result.stderr and "Traceback" not in result.stderr
     assert [(s.study_name, s.n_trials) for s in optuna.get_all_study_summaries(url)] == before
     assert not (tmp_path / "spaces").exists()
+
+
+def test_refine_run_false_creates_the_child_with_warm_starts_waiting_and_trains_nothing(
+    digits_study: tuple[list[str], Any], tmp_path: Path
+) -> None:
+    overrides = _copy_study(digits_study[0], tmp_path)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    result = _run(
+        "tuner.refine",
+        tmp_path,
+        *overrides,
+        "refine.top_k=1",
+        "refine.run=false",
+        "refine.name=zoom",
+        f"refine.space_dir={tmp_path}",
+    )
+    assert result.returncode == 0, result.stderr
+    child = optuna.load_study(study_name="zoom", storage=url)
+    assert [t.state for t in child.trials] == [TrialState.WAITING]
+    assert child.trials[0].user_attrs["warm_start"] == f"digits-mlp#{digits_study[1].best_trial.number}"
+    assert "## Refined from" in optuna_dashboard.get_note(child)
+    assert (tmp_path / "space" / "zoom.yaml").is_file()
+    assert not (tmp_path / "out" / "zoom").exists()  # nothing trained
