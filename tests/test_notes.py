@@ -9,7 +9,8 @@ import optuna_dashboard
 import pytest
 
 from tests.conftest import compose_raw
-from tuner.notes import command_line, end_note
+from tuner.config import parse_run
+from tuner.notes import command_line, end_note, write_end_note, write_start_note
 from tuner.space import parse_space
 
 
@@ -65,3 +66,17 @@ def test_notes_importance_table_ranks_params_with_the_lessons_tier() -> None:
 )
 def test_notes_command_line_is_what_a_user_would_type(argv: list[str], expected: str) -> None:
     assert command_line(argv) == expected
+
+
+def test_notes_a_note_written_in_the_dashboard_is_kept_across_runs() -> None:
+    raw = compose_raw("space=lr", "data=digits")
+    run, params = parse_run(raw), parse_space(raw["space"], raw)
+    study = optuna.create_study(study_name="kept")
+    optuna_dashboard.save_note(study, "lr above 0.3 diverges: **check the BatchNorm run**")
+    for _ in range(2):  # a first run and a resumed one
+        write_start_note(study, run, params)
+        write_end_note(study, params)
+    note = optuna_dashboard.get_note(study)
+    assert note.startswith("# Study `digits-mlp`")
+    assert note.count("lr above 0.3 diverges: **check the BatchNorm run**") == 1
+    assert note.index("## Your earlier note") < note.index("## Results")

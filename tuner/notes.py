@@ -22,6 +22,8 @@ __all__ = ["REFINED_FROM_ATTR", "command_line", "end_note", "start_note", "write
 # Study user attr set by tuner.refine: {"study", "top_k", "completed", "space_file", "changes": [[path, before, after]]}
 REFINED_FROM_ATTR = "refined_from"
 RESULTS_HEADING = "## Results"
+NOTE_HEADING = "# Study `"  # how tuner's notes begin; a note that begins otherwise was written by a person
+KEPT_HEADING = "## Your earlier note"
 
 
 def command_line(argv: list[str] | None = None) -> str:
@@ -72,7 +74,7 @@ def start_note(run: RunConfig, params: list[Param], *, command: str, refined_fro
         model += f", {t.model.channels} channels, kernel {t.model.kernel_size}"
     model += ", BatchNorm" if t.model.batch_norm else ", no BatchNorm"
     lines = [
-        f"# Study `{s.name}`",
+        f"{NOTE_HEADING}{s.name}`",
         "",
         f"Run started {time.strftime('%Y-%m-%d %H:%M:%S %Z')} with:",
         "",
@@ -171,6 +173,13 @@ def write_start_note(study: optuna.Study, run: RunConfig, params: list[Param]) -
     note = start_note(run, params, command=command_line(), refined_from=refined if isinstance(refined, dict) else None)
     import optuna_dashboard  # 1.7 s to import here: only when a study is open, not on every start-up
 
+    earlier = optuna_dashboard.get_note(study)
+    if earlier.strip() and not earlier.startswith(NOTE_HEADING):
+        # A note a person wrote in the dashboard: keep it, below what tuner writes.
+        note = note.replace(RESULTS_HEADING, f"{KEPT_HEADING}\n\n{earlier.strip()}\n\n{RESULTS_HEADING}", 1)
+    elif KEPT_HEADING in earlier:
+        kept = earlier.split(KEPT_HEADING, 1)[1].split(RESULTS_HEADING, 1)[0]
+        note = note.replace(RESULTS_HEADING, f"{KEPT_HEADING}{kept}{RESULTS_HEADING}", 1)
     optuna_dashboard.save_note(study, note)
     return note
 
