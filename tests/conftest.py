@@ -21,3 +21,27 @@ def compose_raw(*overrides: str) -> dict[str, Any]:
 @pytest.fixture
 def raw() -> dict[str, Any]:
     return compose_raw()
+
+
+@pytest.fixture(scope="session")
+def digits_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], Any]:
+    """A small study that tuner wrote (data=digits) for the dashboard, report and refine tests.
+
+    Returns the overrides that reach it (``python -m tuner.<app> *overrides``) and the loaded study.
+    """
+    import optuna
+
+    from tuner.tune import prepare, tune
+
+    tmp = tmp_path_factory.mktemp("digits_study")
+    overrides = [
+        "data=digits",
+        f"study.storage=sqlite:///{tmp / 'study.db'}",
+        f"study.output_dir={tmp / 'out'}",
+        "study.n_trials=8",
+        "trainer.epochs=3",
+        "pruner.n_startup_trials=3",
+        "pruner.n_warmup_steps=1",
+    ]
+    tune(*prepare(compose_raw(*overrides)))
+    return overrides, optuna.load_study(study_name="digits-mlp", storage=f"sqlite:///{tmp / 'study.db'}")

@@ -47,6 +47,7 @@ class StudyConfig:
     storage: str
     seed: int
     output_dir: str
+    artifact_dir: str | None = None  # None: see tuner.artifacts.artifact_dir
 
 
 @dataclass(frozen=True)
@@ -302,6 +303,7 @@ def parse_run(raw: Mapping[str, Any]) -> RunConfig:
         storage=storage,
         seed=s.integer("seed", minimum=0),
         output_dir=s.text("output_dir"),
+        artifact_dir=s.text("artifact_dir", optional=True),
     )
     return RunConfig(
         study=study,

@@ -8,6 +8,7 @@ from typing import Any
 import optuna
 import torch
 
+from tuner.artifacts import artifact_store, upload_best_artifacts
 from tuner.checkpoint import save_checkpoint
 from tuner.config import DataConfig, RunConfig, TrialConfig, parse_trial, set_path
 from tuner.data import Splits, load_splits, source_key
@@ -101,6 +102,17 @@ class Objective:
                 mean=splits.mean,
                 std=splits.std,
                 meta={"study": trial.study.study_name, "trial": trial.number, METRIC: value, "data": cfg.data.name},
+            )
+            # The dashboard's artifacts for each new best: the checkpoint, learning curve, confusion matrix.
+            upload_best_artifacts(
+                trial,
+                artifact_store(self.run.study),
+                checkpoint=self.best_model_path,
+                history=history,
+                model=model,
+                x_val=splits.x_val,
+                y_val=splits.y_val,
+                classes=splits.classes,
             )
         return value
 

@@ -76,6 +76,7 @@ class Summary:
     test_accuracy: float | None = None
     test_size: int = 0
     model_path: str | None = None
+    artifact_dir: str | None = None  # optuna-dashboard --artifact-dir, for the trials' files
     hints: list[str] = field(default_factory=list)
 
 
@@ -94,7 +95,8 @@ def format_summary(s: Summary) -> str:
     if s.model_path:
         rows.append(("best model", s.model_path))
     rows.append(("storage", s.storage))
-    rows.append(("dashboard", f"optuna-dashboard {s.storage}"))
+    artifacts = f" --artifact-dir {s.artifact_dir}" if s.artifact_dir else ""
+    rows.append(("dashboard", f"optuna-dashboard {s.storage}{artifacts}  (or python -m tuner.dashboard)"))
     rows += [("next", hint) for hint in s.hints]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

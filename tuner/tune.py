@@ -12,9 +12,12 @@ import torch
 from optuna.study import MaxTrialsCallback
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from tuner.artifacts import artifact_dir
 from tuner.checkpoint import load_model
 from tuner.config import ConfigError, RunConfig, parse_run, parse_trial, set_path
+from tuner.notes import write_end_note, write_start_note
 from tuner.objective import Objective
+from tuner.plots import save_dashboard_plots
 from tuner.space import Param, parse_space, values_from_params
 from tuner.study import (
     FINISHED,
@@ -97,6 +100,7 @@ def tune(run: RunConfig, params: list[Param], *, worker: int = 0) -> Summary:
     objective.splits(run.trial.data, resolve_device(run.trial.trainer.device))
     study = open_study(run, make_storage(run.study.storage), worker=worker)
     url = safe_url(run.study.storage)
+    write_start_note(study, run, params)  # the dashboard's study note; its Results are written at the end
     remaining = run.study.n_trials - finished_trials(study)
     log.info(
         "study %r in %s: %d finished trials, %d to run (%s sampler, %s pruner, %d searched params)",
@@ -132,5 +136,10 @@ def tune(run: RunConfig, params: list[Param], *, worker: int = 0) -> Summary:
         f"trainer.epochs={run.trial.trainer.epochs * 2}"
         + (" data.train_subset=null" if run.trial.data.train_subset is not None else "")
     )
+    write_end_note(study, params)
+    save_dashboard_plots(study, params)
+    summary.artifact_dir = str(artifact_dir(run.study))
+    summary.hints.append("what mattered, as HTML: python -m tuner.report <the same overrides>")
+    summary.hints.append("zoom in on the best region: python -m tuner.refine <the same overrides>")
     log.info("study finished\n%s", format_summary(summary))
     return summary

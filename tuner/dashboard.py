@@ -1,0 +1,93 @@
+"""``python -m tuner.dashboard``: optuna-dashboard on the study's own storage and artifact folder.
+
+Takes the same config and overrides as ``python -m tuner``, plus ``dashboard.host`` and ``dashboard.port``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import sys
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+from tuner.__main__ import config_dir, to_container
+from tuner.config import ConfigError, parse_run
+from tuner.study import safe_url
+
+__all__ = ["exposure_warning", "main", "parse_dashboard"]
+
+log = logging.getLogger("tuner")
+
+
+def parse_dashboard(node: Any) -> tuple[str, int]:
+    """``(host, port)`` from the ``dashboard`` config node."""
+    node = node if isinstance(node, dict) else {}
+    host, port = node.get("host", "127.0.0.1"), node.get("port", 8080)
+    if not isinstance(host, str) or not host:
+        raise ConfigError(f"dashboard.host must be a host name or address such as 127.0.0.1, but got {host!r}.")
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise ConfigError(f"dashboard.port must be an integer in [1, 65535], but got {port!r}.")
+    return host, port
+
+
+def exposure_warning(host: str) -> str | None:
+    """A warning for any bind address other than loopback; ``None`` for 127.0.0.0/8, ::1 and localhost."""
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if loopback:
+        return None
+    return (
+        f"dashboard.host={host!r} is not loopback: optuna-dashboard has no authentication and its write endpoints "
+        "(create and delete studies, tell trials, edit notes) are open to anyone who can reach the port. "
+        "Prefer the default 127.0.0.1 and an SSH tunnel from your own machine: "
+        "ssh -L 8080:127.0.0.1:8080 <this host>, then open http://127.0.0.1:8080/dashboard/"
+    )
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
+def main(cfg: DictConfig) -> None:
+    import optuna_dashboard
+    from optuna.artifacts import FileSystemArtifactStore
+
+    from tuner.artifacts import artifact_dir
+    from tuner.stored import open_existing_storage, study_names
+
+    try:
+        raw = to_container(cfg)
+        run = parse_run(raw)
+        host, port = parse_dashboard(raw.get("dashboard"))
+        storage = open_existing_storage(run.study.storage)
+    except ConfigError as err:
+        log.error("%s", err)
+        sys.exit(2)
+    warning = exposure_warning(host)
+    if warning:
+        log.warning("%s", warning)
+    folder = artifact_dir(run.study).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    shown = f"[{host}]" if ":" in host else host
+    url = f"http://{shown}:{port}/dashboard/"
+    if run.study.name in study_names(storage):
+        url += f"studies/{storage.get_study_id_from_name(run.study.name)}"
+    # A plain line on stdout: the one thing a person (or a test) reads from this command.
+    print(f"optuna-dashboard for {safe_url(run.study.storage)} (artifacts: {folder}) at {url}", flush=True)
+    print(
+        f"same as: optuna-dashboard {safe_url(run.study.storage)} --host {host} --port {port} --artifact-dir {folder}",
+        flush=True,
+    )
+    try:
+        optuna_dashboard.run_server(storage, host=host, port=port, artifact_store=FileSystemArtifactStore(folder))
+    except OSError as err:
+        log.error("dashboard.host=%r dashboard.port=%d cannot be served: %s", host, port, err)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

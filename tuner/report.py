@@ -1,0 +1,175 @@
+"""``python -m tuner.report``: what mattered in a study, printed and as an HTML folder.
+
+Takes the same config and overrides as ``python -m tuner`` (``study.name`` and ``study.storage`` pick the
+study, running or finished) plus ``report.dir`` and ``report.evaluator``. Writes ``index.html`` (Optuna's
+plotly figures and tuner's own), ``plotly.min.js`` beside it so the page opens offline, ``summary.txt`` and
+``importances.json``.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+import optuna
+import plotly.graph_objects as go
+from omegaconf import DictConfig
+from optuna.trial import TrialState
+from plotly.offline import get_plotlyjs
+
+from tuner.__main__ import config_dir, to_container
+from tuner.config import ConfigError
+from tuner.importance import EVALUATOR_TITLES, EVALUATORS, LESSON_ORDER, make_evaluator, param_importances, tier_of
+from tuner.plots import learning_curves, value_vs_param
+from tuner.space import Param, values_from_params
+
+__all__ = ["Report", "build_figures", "main", "parse_report", "summary_text", "write_report"]
+
+log = logging.getLogger("tuner")
+
+
+@dataclass(frozen=True)
+class Report:
+    folder: Path
+    summary: str
+    # {evaluator: {param: importance}}, each highest first; empty where too few trials to say
+    importances: dict[str, dict[str, float]]
+
+
+def parse_report(node: Any) -> tuple[Path, str]:
+    node = node if isinstance(node, dict) else {}
+    folder, evaluator = node.get("dir"), node.get("evaluator", "ped_anova")
+    if not isinstance(folder, str) or not folder:
+        raise ConfigError(f"report.dir must be a folder path, but got {folder!r}.")
+    if evaluator not in EVALUATORS:
+        raise ConfigError(f"report.evaluator must be one of {', '.join(EVALUATORS)}, but got {evaluator!r}.")
+    return Path(folder), evaluator
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def summary_text(study: optuna.Study, params: list[Param], storage: str) -> str:
+    trials = study.get_trials(deepcopy=False)
+    states = ", ".join(
+        f"{n} {state.name.lower()}" for state in TrialState if (n := sum(t.state == state for t in trials))
+    )
+    rows = [("study", study.study_name), ("storage", storage), ("trials", f"{len(trials)} ({states})")]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    if complete:
+        best = study.best_trial
+        rows += [
+            ("best trial", f"#{best.number}"),
+            (study.metric_names[0] if study.metric_names else "value", _fmt(best.value)),
+        ]
+        test = study.user_attrs.get("test_accuracy")
+        if isinstance(test, dict) and test.get("trial") == best.number:
+            rows.append(("test_accuracy", f"{test['value']:.4f} ({test['samples']} held-out samples)"))
+        rows += [(f"  {k}", _fmt(v)) for k, v in values_from_params(params, best.params).items()]
+    else:
+        rows.append(("best trial", "none completed yet"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def importance_table(importances: dict[str, dict[str, float]], primary: str) -> str:
+    names = list(importances[primary]) or sorted({n for imp in importances.values() for n in imp})
+    columns = [primary, *(e for e in importances if e != primary)]
+    head = ["rank", "parameter", *(EVALUATOR_TITLES[e] + (" (sorts)" if e == primary else "") for e in columns)]
+    head.append("lesson's tier")
+    rows = [head]
+    for rank, name in enumerate(names, start=1):
+        cells = [f"{importances[e][name]:.3f}" if name in importances[e] else "-" for e in columns]
+        rows.append([str(rank), name, *cells, str(tier_of(name) or "-")])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+def build_figures(study: optuna.Study, params: list[Param], evaluator: str) -> dict[str, go.Figure]:
+    """The report's figures by title. Optuna's slice plot already puts log-scaled params on a log axis, and a
+    reverse-log param is stored as ``1-<path>`` with a log distribution, so its panel shows 1 - beta on a log axis."""
+    vis = optuna.visualization
+    figures: dict[str, go.Figure] = {"Optimization history": vis.plot_optimization_history(study)}
+    figures["Learning curves (pruned trials grey, dotted)"] = learning_curves(study)
+    for param in params:
+        if param.path == "optimizer.lr":
+            figures["val_accuracy vs learning rate"] = value_vs_param(study, param)
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if complete:
+        figures["Slice plots (log axes for log and reverse-log params)"] = vis.plot_slice(study)
+        figures["Parallel coordinates"] = vis.plot_parallel_coordinate(study)
+    if len(complete) >= 2:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PED-ANOVA's per-param "few trials" warnings; the table says n
+            figures[f"Importance ({EVALUATOR_TITLES[evaluator]})"] = vis.plot_param_importances(
+                study, evaluator=make_evaluator(evaluator)
+            )
+    return figures
+
+
+def write_report(study: optuna.Study, params: list[Param], folder: Path, *, storage: str, evaluator: str) -> Report:
+    """Compute everything first, then write the folder."""
+    if not study.get_trials(deepcopy=False):
+        raise ConfigError(f"study.name={study.study_name!r} has no trials yet: nothing to report.")
+    summary = summary_text(study, params, storage)
+    importances = {name: param_importances(study, name) for name in EVALUATORS}
+    table = importance_table(importances, evaluator)
+    figures = build_figures(study, params, evaluator)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "plotly.min.js").write_text(get_plotlyjs(), encoding="utf-8")
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>tuner report: {html.escape(study.study_name)}</title>",
+        "<script src='plotly.min.js'></script>",
+        "<style>body{font-family:sans-serif;margin:2em;max-width:1200px} pre{background:#f4f4f4;padding:1em}</style>",
+        f"</head><body><h1>Study {html.escape(study.study_name)}</h1>",
+        f"<pre>{html.escape(summary)}</pre>",
+        f"<h2>What mattered</h2><pre>{html.escape(table)}</pre>",
+        f"<p>Sorted by {EVALUATOR_TITLES[evaluator]} (Optuna 5's default is PED-ANOVA); evaluators can disagree, "
+        f"so all three are shown; '-': not ranked by that evaluator (fANOVA and MDI leave out params missing from "
+        f"some completed trials, such as momentum for SGD only). The lesson's order: {html.escape(LESSON_ORDER)}.</p>",
+    ]
+    for title, fig in figures.items():
+        parts.append(f"<h2>{html.escape(title)}</h2>")
+        parts.append(fig.to_html(full_html=False, include_plotlyjs=False))
+    parts.append("</body></html>")
+    (folder / "index.html").write_text("\n".join(parts), encoding="utf-8")
+    (folder / "summary.txt").write_text(summary + "\n\n" + table + "\n", encoding="utf-8")
+    (folder / "importances.json").write_text(
+        json.dumps({"sorted_by": evaluator, "importances": importances}, indent=2), encoding="utf-8"
+    )
+    return Report(folder=folder, summary=summary, importances=importances)
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
+def main(cfg: DictConfig) -> None:
+    from tuner.config import parse_run
+    from tuner.stored import load_existing_study, study_params
+    from tuner.study import safe_url
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        raw = to_container(cfg)
+        run = parse_run(raw)
+        folder, evaluator = parse_report(raw.get("report"))
+        study = load_existing_study(run)
+        report = write_report(
+            study, study_params(study), folder, storage=safe_url(run.study.storage), evaluator=evaluator
+        )
+    except ConfigError as err:
+        log.error("%s", err)
+        sys.exit(2)
+    table = importance_table(report.importances, evaluator)
+    print(f"{report.summary}\n\nparameter importance\n{table}\n\nreport: {report.folder / 'index.html'}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
