@@ -154,14 +154,15 @@ def test_sweeper_with_joblib_frees_each_slot_as_its_job_ends(tmp_path: Path) -> 
         "hydra.launcher.n_jobs=2",
         "pruner=none",
         "study.n_trials=6",
-        "trainer.epochs=choice(1, 60)",  # short and long jobs side by side (an epoch of digits: ~50 ms)
+        "trainer.epochs=choice(1, 150)",  # short and long jobs side by side (an epoch of digits: ~50 ms; a
+        # long job must outlast two short ones with their process start-up, also on a loaded CI machine)
         "optimizer.lr=tag(log, interval(1e-2, 0.3))",
     )
     out = result.stdout + result.stderr
     assert result.returncode == 0, out
     trials = load(tmp_path).trials
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 6
-    assert {t.params["trainer.epochs"] for t in trials} == {1, 60}
+    assert {t.params["trainer.epochs"] for t in trials} == {1, 150}
     # In batches of 2, trial n could start only after trials n-2 and n-1 ended. Here some trial started
     # while a trial two or more places before it still ran: its slot did not wait for the batch.
     assert any(

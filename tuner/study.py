@@ -107,7 +107,8 @@ def _check_optuna_sqlite(url: str, path: Path) -> None:
             tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     except sqlite3.DatabaseError as err:
         raise ConfigError(f"study.storage={url!r} is not an Optuna database ({err}); it was left untouched.") from None
-    if not {"studies", "trials", "version_info"} <= tables:
+    # No tables at all: a new file another worker is creating Optuna's tables in (in one transaction).
+    if tables and not {"studies", "trials", "version_info"} <= tables:
         raise ConfigError(
             f"study.storage={url!r} is a SQLite file without Optuna's tables; it was left untouched. "
             "Point study.storage at a new file or an Optuna database."
