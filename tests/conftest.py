@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +24,27 @@ def compose_raw(*overrides: str) -> dict[str, Any]:
 @pytest.fixture
 def raw() -> dict[str, Any]:
     return compose_raw()
+
+
+@pytest.fixture(scope="session")
+def installed_wheel(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """tuner built as a wheel and installed (no deps) into a folder of its own: ``(wheel, site)``.
+
+    Put ``site`` first on PYTHONPATH to run the installed copy instead of this checkout.
+    """
+    root = Path(__file__).resolve().parents[1]
+    tmp = tmp_path_factory.mktemp("wheel")
+    dist, site = tmp / "dist", tmp / "site"
+    for args in (
+        ["wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(root)],
+        ["install", "--no-deps", "-q", "--target", str(site)],
+    ):
+        if args[0] == "install":
+            args.append(str(next(dist.glob("tuner-*.whl"))))
+        done = subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+    (wheel,) = dist.glob("tuner-*.whl")
+    return wheel, site
 
 
 @pytest.fixture(scope="session")

@@ -91,25 +91,12 @@ def test_main_bad_input_leaves_an_existing_study_unchanged(tmp_path: Path) -> No
     assert len(after) == before
 
 
-def test_main_wheel_install_finds_its_config_from_another_directory(tmp_path: Path) -> None:
-    dist, site = tmp_path / "dist", tmp_path / "site"
-    build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(ROOT)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert build.returncode == 0, build.stderr
-    (wheel,) = dist.glob("tuner-*.whl")
+def test_main_wheel_install_finds_its_config_from_another_directory(
+    tmp_path: Path, installed_wheel: tuple[Path, Path]
+) -> None:
+    wheel, site = installed_wheel
     names = zipfile.ZipFile(wheel).namelist()
     assert "tuner/conf/config.yaml" in names and "tuner/conf/space/default.yaml" in names
-    install = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert install.returncode == 0, install.stderr
     work = tmp_path / "elsewhere"
     work.mkdir()
     env = {"PYTHONPATH": str(site)}

@@ -193,27 +193,13 @@ def test_sweeper_takes_its_space_from_the_space_group_and_refuses_bad_sweeps(tmp
 
 
 @pytest.mark.slow
-def test_sweeper_plugin_ships_in_the_wheel_and_hydra_discovers_it(tmp_path: Path) -> None:
-    root = Path(__file__).resolve().parents[1]
-    dist, site = tmp_path / "dist", tmp_path / "site"
-    build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(root)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert build.returncode == 0, build.stderr
-    (wheel,) = dist.glob("tuner-*.whl")
+def test_sweeper_plugin_ships_in_the_wheel_and_hydra_discovers_it(
+    tmp_path: Path, installed_wheel: tuple[Path, Path]
+) -> None:
+    wheel, site = installed_wheel
     names = zipfile.ZipFile(wheel).namelist()
     assert "hydra_plugins/tuner_sweeper/tuner_sweeper.py" in names
     assert "hydra_plugins/__init__.py" not in names  # Hydra's plugin namespace must stay open to others
-    install = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert install.returncode == 0, install.stderr
     # Hydra's own scan, without importing tuner.train (which registers the plugin by hand for editable installs).
     discover = (
         "from hydra.core.plugins import Plugins\n"
