@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
+from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
 import optuna
 import torch
-from optuna.study import MaxTrialsCallback
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from tuner.checkpoint import load_model
 from tuner.config import ConfigError, RunConfig, parse_run, parse_trial, set_path
+from tuner.faults import FailureStreak, FailureStreakError, FaultConfig, StopAtBudget, interruptible, parse_faults
 from tuner.objective import Objective
 from tuner.space import Param, parse_space, values_from_params
 from tuner.study import (
-    FINISHED,
     check_storage_url,
     finished_trials,
     make_pruner,
@@ -27,7 +30,7 @@ from tuner.study import (
     safe_url,
 )
 from tuner.summary import Progress, Summary, count_states, format_summary
-from tuner.trainer import TrainingDiverged, evaluate, resolve_device
+from tuner.trainer import evaluate, resolve_device
 
 __all__ = ["prepare", "tune"]
 
@@ -41,6 +44,7 @@ def prepare(raw: dict[str, Any]) -> tuple[RunConfig, list[Param]]:
     make_sampler(run.sampler, seed=run.study.seed)
     make_pruner(run.pruner)
     check_storage_url(run.study.storage)
+    parse_faults(raw)
     try:
         resolve_device(run.trial.trainer.device)
     except ValueError as err:
@@ -81,6 +85,32 @@ def _score_best(study: optuna.Study, run: RunConfig, params: list[Param], model_
     study.set_user_attr("test_accuracy", {"trial": best.number, "value": accuracy, "samples": len(splits.x_test)})
 
 
+def _recover_stale_trials(study: optuna.Study) -> None:
+    """At worker start: a dead worker's trial (no heartbeat for the grace period) becomes FAIL and is queued again.
+
+    Optuna does the same before each trial inside ``optimize``; doing it first makes the budget right.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        before = finished_trials(study)
+        optuna.storages.fail_stale_trials(study)
+    if finished_trials(study) > before:
+        log.warning("%d trial(s) of a dead worker marked FAIL and queued again", finished_trials(study) - before)
+
+
+def _requeue_interrupted(study: optuna.Study, objective: Objective, faults: FaultConfig) -> None:
+    """Queue the trial that Ctrl-C or SIGTERM ended (FAIL) to run again, as Optuna retries a dead worker's trial."""
+    number = objective.last_trial_number
+    trial = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
+    if trial is None or trial.state != TrialState.FAIL or "interrupted" not in str(trial.user_attrs.get("fail_reason")):
+        return
+    copy = deepcopy(trial)
+    copy.user_attrs = {k: v for k, v in trial.user_attrs.items() if k != "fail_reason"}  # the retry has not failed
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        RetryHeartbeatStaleTrialCallback(max_retry=faults.max_retry)(study, copy)
+
+
 def tune(run: RunConfig, params: list[Param]) -> Summary:
     """Run (or continue) the study until it has ``study.n_trials`` finished trials."""
     _quiet_libraries()
@@ -91,9 +121,19 @@ def tune(run: RunConfig, params: list[Param]) -> Summary:
     objective = Objective(run, params, best_model_path=model_path)
     # Load the data before the storage is touched: a missing data set must not leave a study behind.
     objective.splits(run.trial.data, resolve_device(run.trial.trainer.device))
-    study = open_study(run, make_storage(run.study.storage))
+    faults = parse_faults(run.raw)
+    storage = make_storage(
+        run.study.storage,
+        heartbeat_interval=faults.heartbeat_interval,
+        grace_period=faults.grace_period,
+        max_retry=faults.max_retry,
+    )
+    study = open_study(run, storage)
     url = safe_url(run.study.storage)
-    remaining = run.study.n_trials - finished_trials(study)
+    _recover_stale_trials(study)
+    # Trials running in other workers will count when they finish: do not start more than the budget.
+    running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+    remaining = run.study.n_trials - finished_trials(study) - running
     log.info(
         "study %r in %s: %d finished trials, %d to run (%s sampler, %s pruner, %d searched params)",
         study.study_name,
@@ -106,18 +146,25 @@ def tune(run: RunConfig, params: list[Param]) -> Summary:
     )
     if remaining > 0:
         progress = Progress(remaining)
+        streak = FailureStreak(faults.max_failure_streak)
         try:
-            with logging_redirect_tqdm():
+            with logging_redirect_tqdm(), interruptible():
                 study.optimize(
                     objective,
                     n_trials=remaining,
                     timeout=run.study.timeout,
                     # Stops every worker sharing the study once the total is reached.
-                    callbacks=[MaxTrialsCallback(run.study.n_trials, states=FINISHED), progress],
-                    catch=(TrainingDiverged,),
+                    callbacks=[StopAtBudget(run.study.n_trials), progress, streak],
+                    # A failing trial records its reason and the study goes on; FailureStreak stops a broken setup.
+                    catch=(Exception,),
                 )
+        except KeyboardInterrupt:
+            _requeue_interrupted(study, objective, faults)
+            raise
         finally:
             progress.close()
+        if streak.message is not None:
+            raise FailureStreakError(streak.message)
     summary = Summary(
         study_name=study.study_name, storage=url, states=count_states(study), wall_seconds=time.monotonic() - start
     )
