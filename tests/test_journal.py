@@ -11,7 +11,10 @@ from optuna.trial import TrialState
 from tuner.journal import HeartbeatJournalStorage
 from tuner.study import make_storage
 
-pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning"),
+    pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used:UserWarning"),
+]
 
 
 def test_journal_dead_workers_trial_fails_and_is_retried_with_its_history(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from tuner.budget import budget_used
 from tuner.config import ConfigError
 from tuner.study import FINISHED
 
@@ -109,15 +110,15 @@ class StopAtBudget:
     """Optuna callback: stop this worker once finished trials plus those running elsewhere reach ``n_trials``.
 
     Optuna's ``MaxTrialsCallback`` counts finished trials only, so with W workers every worker that is
-    mid-trial when the total is reached still finishes its trial: up to W-1 extra. Counting the
-    running trials too leaves only the moment between this check and the next ``study.ask()``.
+    mid-trial when the total is reached still finishes its trial: up to W-1 extra. This callback stops
+    a worker early; the storage's ``BudgetGate`` makes the total exact.
     """
 
     def __init__(self, n_trials: int) -> None:
         self.n_trials = n_trials
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        if len(study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))) >= self.n_trials:
+        if budget_used(study.get_trials(deepcopy=False)) >= self.n_trials:
             study.stop()
 
 

@@ -9,6 +9,7 @@ the worker's wall clock: workers sharing one journal file must share a clock (on
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
+from tuner.budget import BudgetGate, file_lock
 from tuner.config import ConfigError
 
 __all__ = ["HEARTBEAT_ATTR", "HeartbeatJournalStorage", "check_journal_file"]
@@ -27,11 +29,12 @@ __all__ = ["HEARTBEAT_ATTR", "HeartbeatJournalStorage", "check_journal_file"]
 HEARTBEAT_ATTR = "tuner:heartbeat"
 
 
-class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
+class HeartbeatJournalStorage(BudgetGate, JournalStorage, BaseHeartbeat):
     def __init__(
         self,
         path: str,
         *,
+        trial_budget: int | None = None,
         heartbeat_interval: int | None = None,
         grace_period: int | None = None,
         heartbeat_stale_trial_callback: Callable[[optuna.Study, FrozenTrial], None] | None = None,
@@ -42,9 +45,19 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
         if grace_period is not None and grace_period <= 0:
             raise ValueError(f"grace_period must be a positive integer, but got {grace_period=}.")
         super().__init__(JournalFileBackend(path))
+        self.path = path
+        self.trial_budget = trial_budget
         self.heartbeat_interval = heartbeat_interval
         self.grace_period = grace_period
         self.heartbeat_stale_trial_callback = heartbeat_stale_trial_callback
+
+    def budget_lock(self, study_id: int) -> contextlib.AbstractContextManager[None]:
+        return file_lock(self.path + ".tuner-lock")
+
+    def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
+        return self.gate(
+            study_id, template_trial, lambda: super(BudgetGate, self).create_new_trial(study_id, template_trial)
+        )
 
     def record_heartbeat(self, trial_id: int) -> None:
         self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())

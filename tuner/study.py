@@ -13,10 +13,11 @@ from typing import Any
 import optuna
 import sqlalchemy
 from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
+from tuner.budget import BudgetGate, file_lock
 from tuner.config import ConfigError, PluginConfig, RunConfig
 from tuner.journal import HeartbeatJournalStorage, check_journal_file
 
@@ -40,6 +41,7 @@ SQLITE_BUSY_TIMEOUT_S = 60.0
 JOURNAL_SCHEME = "journal"
 # Any fixed 64-bit number: the PostgreSQL advisory lock that tuner workers take while creating tables.
 SCHEMA_LOCK_KEY = 0x7475_6E65_72
+BUDGET_LOCK_KEY = 0x7475_6E65  # with the study id: pg_advisory_lock(int, int)
 
 SAMPLERS: dict[str, type[optuna.samplers.BaseSampler]] = {
     "random": optuna.samplers.RandomSampler,
@@ -162,8 +164,38 @@ def _check_optuna_schema(url: str, path: Path) -> None:
     storage.engine.dispose()
 
 
+class GatedRDBStorage(BudgetGate, RDBStorage):
+    """RDBStorage that creates no trial beyond ``trial_budget`` (see tuner.budget)."""
+
+    def _create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> FrozenTrial:
+        # The insert that both RDBStorage.create_new_trial and Optuna's _CachedStorage call (optuna 5.0).
+        insert = super(BudgetGate, self)._create_new_trial
+        return self.gate(study_id, template_trial, lambda: insert(study_id, template_trial))
+
+    def budget_lock(self, study_id: int) -> contextlib.AbstractContextManager[None]:
+        if self.engine.dialect.name == "sqlite":
+            return file_lock(f"{self.engine.url.database}.tuner-lock")
+        return _advisory_lock(self.engine, study_id)
+
+
+@contextlib.contextmanager
+def _advisory_lock(engine: sqlalchemy.Engine, study_id: int) -> Iterator[None]:
+    keys = {"key": BUDGET_LOCK_KEY, "study": study_id}
+    with engine.connect() as conn:
+        conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key, :study)"), keys)
+        try:
+            yield
+        finally:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key, :study)"), keys)
+
+
 def make_storage(
-    url: str, *, heartbeat_interval: int | None = 60, grace_period: int | None = None, max_retry: int | None = 3
+    url: str,
+    *,
+    heartbeat_interval: int | None = 60,
+    grace_period: int | None = None,
+    max_retry: int | None = 3,
+    trial_budget: int | None = None,
 ) -> BaseStorage:
     """Open the study's storage, with heartbeats so that a dead worker's trial is failed and retried.
 
@@ -171,6 +203,8 @@ def make_storage(
     ``journal:///path`` is Optuna's JournalStorage on a file. A trial whose worker has sent no
     heartbeat for ``grace_period`` seconds (Optuna's default: twice the interval) becomes FAIL and a
     copy is queued by ``RetryHeartbeatStaleTrialCallback`` (at most ``max_retry`` times, null: always).
+    With ``trial_budget``, ``study.ask()`` raises ``tuner.budget.BudgetReached`` once the workers have
+    used it, so that many workers stop at exactly that many trials.
     """
     parsed = check_storage_url(url)
     heartbeat: dict[str, Any] = {}
@@ -181,7 +215,7 @@ def make_storage(
         heartbeat = {"heartbeat_interval": heartbeat_interval, "grace_period": grace_period}
         heartbeat["heartbeat_stale_trial_callback"] = retry
     if parsed.get_backend_name() == JOURNAL_SCHEME:
-        return HeartbeatJournalStorage(str(parsed.database), **heartbeat)
+        return HeartbeatJournalStorage(str(parsed.database), trial_budget=trial_budget, **heartbeat)
     engine_kwargs: dict[str, Any] = {}
     if parsed.get_backend_name() == "sqlite":
         database = str(parsed.database)
@@ -202,7 +236,11 @@ def make_storage(
     try:
         with warnings.catch_warnings(), _schema_lock(rdb_url):
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
-            return RDBStorage(rdb_url.render_as_string(hide_password=False), engine_kwargs=engine_kwargs, **heartbeat)
+            storage = GatedRDBStorage(
+                rdb_url.render_as_string(hide_password=False), engine_kwargs=engine_kwargs, **heartbeat
+            )
+        storage.trial_budget = trial_budget
+        return storage
     except Exception as err:  # driver and schema errors come in many types; all mean "cannot use it"
         message = _hide_password(str(err), parsed).splitlines()[0]
         raise ConfigError(f"study.storage={safe_url(url)!r} cannot be opened: {message}") from None

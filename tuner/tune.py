@@ -15,6 +15,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from tuner.budget import BudgetReached, budget_used
 from tuner.checkpoint import load_model
 from tuner.config import ConfigError, RunConfig, parse_run, parse_trial, set_path
 from tuner.faults import FailureStreak, FailureStreakError, FaultConfig, StopAtBudget, interruptible, parse_faults
@@ -127,13 +128,13 @@ def tune(run: RunConfig, params: list[Param]) -> Summary:
         heartbeat_interval=faults.heartbeat_interval,
         grace_period=faults.grace_period,
         max_retry=faults.max_retry,
+        trial_budget=run.study.n_trials,
     )
     study = open_study(run, storage)
     url = safe_url(run.study.storage)
     _recover_stale_trials(study)
-    # Trials running in other workers will count when they finish: do not start more than the budget.
-    running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
-    remaining = run.study.n_trials - finished_trials(study) - running
+    # Trials running in other workers count; a dead worker's trial does not, its retry does (tuner.budget).
+    remaining = run.study.n_trials - budget_used(study.get_trials(deepcopy=False))
     log.info(
         "study %r in %s: %d finished trials, %d to run (%s sampler, %s pruner, %d searched params)",
         study.study_name,
@@ -158,6 +159,8 @@ def tune(run: RunConfig, params: list[Param]) -> Summary:
                     # A failing trial records its reason and the study goes on; FailureStreak stops a broken setup.
                     catch=(Exception,),
                 )
+        except BudgetReached:
+            pass  # the other workers started the last trials: this worker is done
         except KeyboardInterrupt:
             _requeue_interrupted(study, objective, faults)
             raise
