@@ -52,6 +52,7 @@ def worker(url: str, study_name: str, n_trials: int) -> None:
         return
 
     def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr("pid", os.getpid())
         x = trial.suggest_float("x", -1.0, 1.0)
         for step in range(STEPS):
             time.sleep(STEP_S)
@@ -59,7 +60,7 @@ def worker(url: str, study_name: str, n_trials: int) -> None:
         return x * x
 
     with contextlib.suppress(BudgetReached):  # the other workers took the last trials
-        study.optimize(objective, n_trials=n_trials - busy, callbacks=[StopAtBudget(n_trials)])
+        study.optimize(objective, callbacks=[StopAtBudget(n_trials)])
 
 
 def spawn(url: str, name: str, n_trials: int, log: Path) -> subprocess.Popen[bytes]:
@@ -81,8 +82,10 @@ def run_storage(label: str, url: str, n_trials: int, n_workers: int, tmp: Path) 
     killed_at = None
     while any(p.poll() is None for p in procs):
         if killed_at is None and victim.poll() is None:
-            done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-            if done >= n_trials // 3:
+            trials = study.get_trials(deepcopy=False)
+            done = sum(t.state == TrialState.COMPLETE for t in trials)
+            mid_trial = any(t.state == TrialState.RUNNING and t.user_attrs.get("pid") == victim.pid for t in trials)
+            if done >= n_trials // 3 and mid_trial:
                 victim.send_signal(signal.SIGKILL)  # mid-trial: the workers are never idle
                 killed_at = done
         time.sleep(0.1)
@@ -99,7 +102,7 @@ def run_storage(label: str, url: str, n_trials: int, n_workers: int, tmp: Path) 
     numbers = sorted(t.number for t in trials)
     crashed = [p.returncode for p in [*procs[1:], rerun] if p.returncode != 0]
     text = "".join(log.read_text(errors="replace") for log in logs if log.exists())
-    retried = [t for t in trials if t.system_attrs.get("failed_trial") is not None]
+    retried = [t for t in trials if t.system_attrs.get("failed_trial") is not None and t.state.is_finished()]
     return {
         "trials/s": len(finished) / wall,
         "finished": len(finished),

@@ -108,6 +108,32 @@ def test_faults_out_of_memory_fails_that_trial_frees_its_memory_and_the_study_go
     assert summary.best_number in (1, 2)
 
 
+def _param_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu_check.sh runs it)")
+def test_faults_cuda_out_of_memory_from_the_allocator_frees_the_trial_and_the_study_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A real allocator failure: the trial's model is on the GPU when the trainer asks for more than the device has.
+    others: list[int] = []  # bytes allocated on the GPU besides the trial's own model, as each trial starts
+
+    def train_after_a_huge_allocation(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        others.append(torch.cuda.memory_allocated() - _param_bytes(model))
+        if len(others) > 1:
+            return train(model, *args, **kwargs)
+        free, _ = torch.cuda.mem_get_info()
+        torch.empty(free * 2, dtype=torch.uint8, device="cuda")  # raises torch.OutOfMemoryError
+        raise AssertionError("the allocation should have failed")
+
+    monkeypatch.setattr(tuner.objective, "train", train_after_a_huge_allocation)
+    _, study = _tune(tmp_path, "study.n_trials=2", "trainer.device=cuda")
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert study.trials[0].user_attrs["fail_reason"].startswith("OutOfMemoryError: CUDA out of memory")
+    assert others[1] == others[0]  # the failed trial's model and optimizer left nothing behind on the GPU
+
+
 def test_faults_the_same_error_in_every_recent_trial_stops_the_study(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -195,6 +221,8 @@ def test_faults_interrupt_ends_the_trial_with_a_reason_and_the_same_command_resu
     assert interrupted.state == TrialState.FAIL
     assert interrupted.user_attrs["fail_reason"] == f"interrupted by {sig.name}"
     assert queued.state == TrialState.WAITING and queued.params == interrupted.params
+    if sig == signal.SIGTERM:
+        return  # the same path as SIGINT from here on
     result = _run(tmp_path, url, "study.n_trials=2")  # the same command, again
     assert result.returncode == 0, result.stdout + result.stderr
     trials = _trials(url)

@@ -152,7 +152,9 @@ def tune(run: RunConfig, params: list[Param]) -> Summary:
             with logging_redirect_tqdm(), interruptible():
                 study.optimize(
                     objective,
-                    n_trials=remaining,
+                    # No per-worker count: a dead worker's retry may fall to this one. The storage's budget
+                    # (BudgetReached) and StopAtBudget end the loop at study.n_trials for all workers.
+                    n_trials=None,
                     timeout=run.study.timeout,
                     # Stops every worker sharing the study once the total is reached.
                     callbacks=[StopAtBudget(run.study.n_trials), progress, streak],
