@@ -21,6 +21,7 @@ import tuner.objective
 from tests.conftest import compose_raw
 from tuner.config import ConfigError
 from tuner.faults import FailureStreakError, parse_faults
+from tuner.study import make_storage
 from tuner.trainer import train
 from tuner.tune import prepare, tune
 
@@ -169,6 +170,29 @@ def test_faults_trials_failing_in_different_ways_do_not_stop_the_study(
         "ValueError: bad shape",
     ]
     assert summary.best_number == 1
+
+
+def test_faults_a_worker_whose_trial_was_given_up_for_dead_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    stalled: list[int] = []
+
+    def stalled_then_train(*args: Any, **kwargs: Any) -> Any:
+        other = optuna.load_study(study_name="faults", storage=make_storage(url, heartbeat_interval=None))
+        running = other.get_trials(states=(TrialState.RUNNING,))
+        if not stalled:
+            stalled.append(running[0].number)
+            # What another worker's fail_stale_trials does when this worker's heartbeat came too late.
+            other._storage.set_trial_state_values(running[0]._trial_id, TrialState.FAIL)
+            RetryHeartbeatStaleTrialCallback()(other, other._storage.get_trial(running[0]._trial_id))
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(tuner.objective, "train", stalled_then_train)
+    summary, study = _tune(tmp_path, "study.n_trials=2")
+    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE", "COMPLETE"]
+    assert RetryHeartbeatStaleTrialCallback.retry_history(study.trials[1]) == [0]
+    assert summary.states == {"COMPLETE": 2, "FAIL": 1}
 
 
 @pytest.mark.parametrize(

@@ -60,7 +60,9 @@ class HeartbeatJournalStorage(BudgetGate, JournalStorage, BaseHeartbeat):
         )
 
     def record_heartbeat(self, trial_id: int) -> None:
-        self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
+        # A trial another worker gave up for dead is finished: nothing to beat for (RDBStorage does not check).
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         assert self.heartbeat_interval is not None
@@ -69,7 +71,9 @@ class HeartbeatJournalStorage(BudgetGate, JournalStorage, BaseHeartbeat):
         stale = []
         for trial in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
             start = trial.datetime_start.timestamp() if trial.datetime_start else now
-            if now - float(trial.system_attrs.get(HEARTBEAT_ATTR, start)) > grace:
+            # A retry copies the dead trial's system attrs, old heartbeat included: its start counts as a beat.
+            # (Without this, stress.py saw each retry failed again at once by another worker.)
+            if now - max(float(trial.system_attrs.get(HEARTBEAT_ATTR, 0.0)), start) > grace:
                 stale.append(trial._trial_id)
         return stale
 

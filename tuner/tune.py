@@ -96,7 +96,26 @@ def _recover_stale_trials(study: optuna.Study) -> None:
         before = finished_trials(study)
         optuna.storages.fail_stale_trials(study)
     if finished_trials(study) > before:
-        log.warning("%d trial(s) of a dead worker marked FAIL and queued again", finished_trials(study) - before)
+        log.warning(
+            "%d trial(s) of a dead worker marked FAIL and queued again (up to study.max_retry times)",
+            finished_trials(study) - before,
+        )
+
+
+def _given_up_for_dead(study: optuna.Study, number: int | None) -> bool:
+    """Another worker failed this worker's trial for want of a heartbeat (and queued it again): go on.
+
+    Optuna then refuses this worker's ``tell`` ("Cannot tell a FAIL trial"), which would end the worker.
+    """
+    trial = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
+    if trial is None or trial.state != TrialState.FAIL or "fail_reason" in trial.user_attrs:
+        return False
+    log.warning(
+        "trial %d was given up for dead by another worker (no heartbeat for study.grace_period) and queued "
+        "again; this worker goes on. A longer study.grace_period avoids this on a loaded machine.",
+        number,
+    )
+    return True
 
 
 def _requeue_interrupted(study: optuna.Study, objective: Objective, faults: FaultConfig) -> None:
@@ -148,19 +167,26 @@ def tune(run: RunConfig, params: list[Param]) -> Summary:
     if remaining > 0:
         progress = Progress(remaining)
         streak = FailureStreak(faults.max_failure_streak)
+        deadline = None if run.study.timeout is None else time.monotonic() + run.study.timeout
         try:
             with logging_redirect_tqdm(), interruptible():
-                study.optimize(
-                    objective,
-                    # No per-worker count: a dead worker's retry may fall to this one. The storage's budget
-                    # (BudgetReached) and StopAtBudget end the loop at study.n_trials for all workers.
-                    n_trials=None,
-                    timeout=run.study.timeout,
-                    # Stops every worker sharing the study once the total is reached.
-                    callbacks=[StopAtBudget(run.study.n_trials), progress, streak],
-                    # A failing trial records its reason and the study goes on; FailureStreak stops a broken setup.
-                    catch=(Exception,),
-                )
+                while True:
+                    try:
+                        study.optimize(
+                            objective,
+                            # No per-worker count: a dead worker's retry may fall to this one. The storage's
+                            # budget (BudgetReached) and StopAtBudget end the loop at study.n_trials for all.
+                            n_trials=None,
+                            timeout=None if deadline is None else max(deadline - time.monotonic(), 0.0),
+                            callbacks=[StopAtBudget(run.study.n_trials), progress, streak],
+                            # A failing trial records its reason and the study goes on; FailureStreak stops
+                            # a broken setup.
+                            catch=(Exception,),
+                        )
+                        break
+                    except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+                        if not _given_up_for_dead(study, objective.last_trial_number):
+                            raise
         except BudgetReached:
             pass  # the other workers started the last trials: this worker is done
         except KeyboardInterrupt:
