@@ -1,6 +1,6 @@
 """Load and fault figures: 8 worker processes on one study per storage, one of them SIGKILLed partway.
 
-    python scripts/stress.py [--trials 300] [--workers 8] [--postgres postgresql://user@127.0.0.1:5432/db]
+    python scripts/stress.py [--trials 300] [--workers 8] [--postgres postgresql://user@127.0.0.1:5432/db] [--compare]
 
 Each worker runs what ``python -m tuner`` runs around its objective: ``tuner.study.make_storage`` (WAL
 SQLite, journal file or PostgreSQL, with heartbeats and RetryHeartbeatStaleTrialCallback), the start-up
@@ -8,7 +8,9 @@ recovery of dead workers' trials, and the ``StopAtBudget`` callback. The objecti
 reported steps of ~4 ms each) so the figures measure the storage and the coordination, not training.
 After the workers end, one more worker starts, as a user would rerun the command, to recover what the
 killed worker left. Printed per storage: trials/s, trials lost, left RUNNING, lock errors, extra trials
-beyond n_trials. PostgreSQL is skipped without --postgres (or TUNER_TEST_POSTGRES_URL).
+beyond n_trials. PostgreSQL is skipped without --postgres (or TUNER_TEST_POSTGRES_URL). ``--compare``
+adds, in the same run, "plain" workers that use Optuna's ``MaxTrialsCallback`` instead of tuner's budget
+gate (same storages and heartbeats), for the ratio of throughputs and the overshoot the gate prevents.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import warnings
 from pathlib import Path
 
 import optuna
+from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 
 STEPS = 5
@@ -35,15 +38,15 @@ HEARTBEAT_S, GRACE_S = 1, 3
 LOCK_ERRORS = re.compile(r"database is locked|could not obtain lock|deadlock detected|lock file", re.IGNORECASE)
 
 
-def worker(url: str, study_name: str, n_trials: int) -> None:
+def worker(url: str, study_name: str, n_trials: int, plain: bool) -> None:
     from tuner.budget import BudgetReached, budget_used
     from tuner.faults import StopAtBudget
-    from tuner.study import make_storage
+    from tuner.study import FINISHED, make_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
     storage = make_storage(
-        url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S, max_retry=3, trial_budget=n_trials
+        url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S, max_retry=3, trial_budget=None if plain else n_trials
     )
     study = optuna.load_study(study_name=study_name, storage=storage)
     optuna.storages.fail_stale_trials(study)  # what tuner.tune does at worker start
@@ -59,17 +62,20 @@ def worker(url: str, study_name: str, n_trials: int) -> None:
             trial.report(x * x + step, step)
         return x * x
 
+    if plain:  # Optuna's own recipe: each worker stops once n_trials are finished
+        study.optimize(objective, callbacks=[MaxTrialsCallback(n_trials, states=FINISHED)])
+        return
     with contextlib.suppress(BudgetReached):  # the other workers took the last trials
         study.optimize(objective, callbacks=[StopAtBudget(n_trials)])
 
 
-def spawn(url: str, name: str, n_trials: int, log: Path) -> subprocess.Popen[bytes]:
+def spawn(url: str, name: str, n_trials: int, log: Path, plain: bool) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
-        args = [sys.executable, __file__, "--worker", url, name, str(n_trials)]
+        args = [sys.executable, __file__, "--worker", url, name, str(n_trials), "plain" if plain else "gate"]
         return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
 
 
-def run_storage(label: str, url: str, n_trials: int, n_workers: int, tmp: Path) -> dict[str, float]:
+def run_storage(label: str, url: str, n_trials: int, n_workers: int, tmp: Path, plain: bool) -> dict[str, float]:
     from tuner.budget import budget_used
     from tuner.study import make_storage
 
@@ -77,7 +83,7 @@ def run_storage(label: str, url: str, n_trials: int, n_workers: int, tmp: Path) 
     logs = [tmp / f"{label}-{i}.log" for i in range(n_workers + 1)]
     reader = make_storage(url, heartbeat_interval=None)  # this process only watches
     study = optuna.create_study(study_name=name, storage=reader)
-    procs = [spawn(url, name, n_trials, logs[i]) for i in range(n_workers)]
+    procs = [spawn(url, name, n_trials, logs[i], plain) for i in range(n_workers)]
     victim = procs[0]
     killed_at = None
     while any(p.poll() is None for p in procs):
@@ -91,7 +97,7 @@ def run_storage(label: str, url: str, n_trials: int, n_workers: int, tmp: Path) 
         time.sleep(0.1)
     # The rerun: a worker started after the grace period fails the dead trial and runs its retry.
     time.sleep(GRACE_S + 0.5)
-    rerun = spawn(url, name, n_trials, logs[-1])
+    rerun = spawn(url, name, n_trials, logs[-1], plain)
     rerun.wait()
     trials = study.get_trials(deepcopy=False)
     finished = [t for t in trials if t.state.is_finished()]
@@ -123,11 +129,14 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=300)
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--postgres", default=os.environ.get("TUNER_TEST_POSTGRES_URL"))
-    parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--compare", action="store_true", help="also run plain Optuna workers (MaxTrialsCallback, no budget gate)"
+    )
+    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        url, name, n = args.worker
-        worker(url, name, int(n))
+        url, name, n, mode = args.worker
+        worker(url, name, int(n), plain=mode == "plain")
         return
     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -141,12 +150,13 @@ def main() -> None:
             f"after a third of the trials; heartbeat {HEARTBEAT_S} s, grace period {GRACE_S} s"
         )
         for label, url in storages.items():
-            figures = run_storage(label, url, args.trials, args.workers, tmp)
-            print(
-                f"{label:13s} "
-                + "  ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items()),
-                flush=True,
-            )
+            for plain in (False, True) if args.compare else (False,):
+                figures = run_storage(label, url, args.trials, args.workers, tmp, plain)
+                print(
+                    f"{label + (' (plain)' if plain else ''):21s} "
+                    + "  ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items()),
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":
