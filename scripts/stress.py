@@ -35,6 +35,7 @@ from optuna.trial import TrialState
 STEPS = 5
 STEP_S = 0.004
 HEARTBEAT_S, GRACE_S = 1, 3
+GIVEN_UP = "GIVEN-UP-FOR-DEAD"
 LOCK_ERRORS = re.compile(r"database is locked|could not obtain lock|deadlock detected|lock file", re.IGNORECASE)
 
 
@@ -62,11 +63,17 @@ def worker(url: str, study_name: str, n_trials: int, plain: bool) -> None:
             trial.report(x * x + step, step)
         return x * x
 
-    if plain:  # Optuna's own recipe: each worker stops once n_trials are finished
-        study.optimize(objective, callbacks=[MaxTrialsCallback(n_trials, states=FINISHED)])
-        return
-    with contextlib.suppress(BudgetReached):  # the other workers took the last trials
-        study.optimize(objective, callbacks=[StopAtBudget(n_trials)])
+    # Optuna's own recipe stops each worker once n_trials are finished; tuner's adds the storage's budget.
+    stop = MaxTrialsCallback(n_trials, states=FINISHED) if plain else StopAtBudget(n_trials)
+    while True:
+        try:
+            with contextlib.suppress(BudgetReached):  # the other workers took the last trials
+                study.optimize(objective, callbacks=[stop])
+            return
+        except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+            # As tuner.tune does: another worker gave this worker's trial up for dead (a heartbeat came
+            # later than the grace period) and queued it again; Optuna refused this worker's tell.
+            print(GIVEN_UP, flush=True)
 
 
 def spawn(url: str, name: str, n_trials: int, log: Path, plain: bool) -> subprocess.Popen[bytes]:
@@ -118,7 +125,8 @@ def run_storage(label: str, url: str, n_trials: int, n_workers: int, tmp: Path, 
         "left WAITING": sum(t.state == TrialState.WAITING for t in trials),
         "retried": len(retried),
         "lock errors": len(LOCK_ERRORS.findall(text)),
-        "worker errors": len(crashed) + text.count("Traceback"),
+        "false deaths": text.count(GIVEN_UP),  # live trials given up for dead: retried, nothing lost
+        "worker crashes": len(crashed),
         "extra": budget_used(trials) - n_trials,  # trials beyond n_trials (a dead trial's retry replaces it)
         "killed after": killed_at or -1,
     }
