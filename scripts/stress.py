@@ -36,7 +36,9 @@ STEPS = 5
 STEP_S = 0.004
 HEARTBEAT_S, GRACE_S = 1, 3
 GIVEN_UP = "GIVEN-UP-FOR-DEAD"
-LOCK_ERRORS = re.compile(r"database is locked|could not obtain lock|deadlock detected|lock file", re.IGNORECASE)
+LOCK_ERRORS = re.compile(r"database is locked|could not obtain lock|deadlock detected", re.IGNORECASE)
+# Optuna's journal file lock: a worker killed while it held the lock leaves it until its grace period (30 s).
+LOCK_STALLS = re.compile(r"Forcibly releasing the lock file")
 
 
 def worker(url: str, study_name: str, n_trials: int, plain: bool) -> None:
@@ -87,7 +89,7 @@ def run_storage(label: str, url: str, n_trials: int, n_workers: int, tmp: Path, 
     from tuner.study import make_storage
 
     name = f"stress-{uuid.uuid4().hex[:8]}"
-    logs = [tmp / f"{label}-{i}.log" for i in range(n_workers + 1)]
+    logs = [tmp / f"{label}-{'plain' if plain else 'tuner'}-{i}.log" for i in range(n_workers + 1)]
     reader = make_storage(url, heartbeat_interval=None)  # this process only watches
     study = optuna.create_study(study_name=name, storage=reader)
     procs = [spawn(url, name, n_trials, logs[i], plain) for i in range(n_workers)]
@@ -125,6 +127,7 @@ def run_storage(label: str, url: str, n_trials: int, n_workers: int, tmp: Path, 
         "left WAITING": sum(t.state == TrialState.WAITING for t in trials),
         "retried": len(retried),
         "lock errors": len(LOCK_ERRORS.findall(text)),
+        "lock stalls": len(LOCK_STALLS.findall(text)),
         "false deaths": text.count(GIVEN_UP),  # live trials given up for dead: retried, nothing lost
         "worker crashes": len(crashed),
         "extra": budget_used(trials) - n_trials,  # trials beyond n_trials (a dead trial's retry replaces it)
