@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,3 +72,25 @@ def digits_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], A
     ]
     tune(*prepare(compose_raw(*overrides)))
     return overrides, optuna.load_study(study_name="digits-mlp", storage=f"sqlite:///{tmp / 'study.db'}")
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh database on the test PostgreSQL server that .ci/run starts (TUNER_TEST_POSTGRES_URL).
+
+    Skipped only outside CI: with CI set, a missing server fails the test instead of hiding it.
+    """
+    base = os.environ.get("TUNER_TEST_POSTGRES_URL")
+    if not base:
+        if os.environ.get("CI"):
+            pytest.fail("TUNER_TEST_POSTGRES_URL is not set: .ci/run starts a PostgreSQL server for these tests")
+        pytest.skip("no test PostgreSQL server (TUNER_TEST_POSTGRES_URL); .ci/run starts one")
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    url = make_url(base)
+    name = f"tuner_{uuid.uuid4().hex[:12]}"
+    admin = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield url.set(database=name).render_as_string(hide_password=False)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')

@@ -61,9 +61,10 @@ def test_study_safe_url_masks_password() -> None:
     assert "s3cret" not in masked and "alice" in masked
 
 
-def test_study_unreachable_server_error_hides_password() -> None:
+@pytest.mark.parametrize("scheme", ["postgresql+psycopg2", "postgresql", "postgresql+psycopg"])
+def test_study_unreachable_server_error_hides_password(scheme: str) -> None:
     with pytest.raises(ConfigError) as info:
-        make_storage("postgresql+psycopg2://alice:s3cret@127.0.0.1:1/optuna")
+        make_storage(f"{scheme}://alice:s3cret@127.0.0.1:1/optuna")
     assert "s3cret" not in str(info.value)
     assert "study.storage=" in str(info.value)
 
@@ -126,3 +127,52 @@ def test_study_workers_opening_a_new_sqlite_file_together_all_succeed(tmp_path: 
         ]
         errors = [p.communicate(timeout=120)[1] for p in procs]
         assert [p.returncode for p in procs] == [0] * 4, errors
+
+
+def _storage_url(kind: str, tmp_path: Path, postgres_url: str | None) -> str:
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path / 'a.db'}"
+    if kind == "journal":
+        return f"journal:///{tmp_path / 'a.log'}"
+    assert postgres_url is not None
+    return postgres_url
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal", "postgresql"])
+def test_study_each_storage_round_trips_a_study(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    url = _storage_url(kind, tmp_path, request.getfixturevalue("postgres_url") if kind == "postgresql" else None)
+    study = optuna.create_study(storage=make_storage(url), study_name="s", direction="maximize")
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
+    study.set_user_attr("note", "kept")
+    again = optuna.load_study(study_name="s", storage=make_storage(url))  # a second worker or a later run
+    stored = [(t.number, t.params, t.value, t.state) for t in again.trials]
+    assert stored == [(t.number, t.params, t.value, t.state) for t in study.trials]
+    assert again.user_attrs == {"note": "kept"} and again.direction == optuna.study.StudyDirection.MAXIMIZE
+
+
+def test_study_bare_postgresql_url_uses_psycopg3(postgres_url: str) -> None:
+    storage = make_storage(postgres_url.replace("postgresql+psycopg://", "postgresql://"))
+    assert isinstance(storage, optuna.storages.RDBStorage)
+    assert storage.engine.dialect.driver == "psycopg"
+    assert storage.get_heartbeat_interval() == 60  # heartbeats are on by default
+
+
+def test_study_incompatible_optuna_schema_is_refused_and_left_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    optuna.create_study(storage=f"sqlite:///{path}", study_name="old")
+    with sqlite3.connect(path) as conn:  # what an Optuna 3.0 database says about its schema
+        conn.execute("UPDATE alembic_version SET version_num = 'v3.0.0.a'")
+    before = path.read_bytes()
+    with pytest.raises(ConfigError, match="an Optuna database this Optuna cannot use; it was left untouched"):
+        make_storage(f"sqlite:///{path}")
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.db"]  # no -wal or -shm file either
+
+
+def test_study_foreign_journal_file_is_refused_and_left_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "app.log"
+    path.write_text("2026-01-01 12:00:00 INFO started\n")
+    before = path.read_bytes()
+    with pytest.raises(ConfigError, match="is not an Optuna journal file; it was left untouched"):
+        make_storage(f"journal:///{path}")
+    assert path.read_bytes() == before

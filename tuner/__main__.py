@@ -40,9 +40,16 @@ def to_container(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    from tuner.faults import FailureStreakError
+    from tuner.study import mask_password_in_files
     from tuner.tune import prepare, tune  # torch is imported only once the config is composed
 
     job = _multirun_job(cfg)
+    # Hydra saved the command line, storage password included, under <run dir>/.hydra: mask it there.
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.output_subdir is not None and isinstance(OmegaConf.select(cfg, "study.storage"), str):
+        saved = Path(hydra_cfg.runtime.output_dir, hydra_cfg.output_subdir).glob("*.yaml")
+        mask_password_in_files(cfg.study.storage, saved)
     try:
         run, params = prepare(to_container(cfg))
         # Parallel workers on one study are jobs of one multirun: the job number seeds each one's sampler apart.
@@ -51,9 +58,17 @@ def main(cfg: DictConfig) -> float | None:
         # One clear line and a non-zero exit; no traceback for bad input.
         log.error("%s", err)
         sys.exit(2)
-    except KeyboardInterrupt:
-        log.error("interrupted: finished trials are saved; run the same command again to continue the study")
-        sys.exit(130)
+    except FailureStreakError as err:
+        log.error("%s", err)
+        sys.exit(1)
+    except KeyboardInterrupt as err:
+        name = str(err) or "SIGINT"  # tuner.faults.Interrupted carries the signal's name
+        log.error(
+            "interrupted by %s: finished trials are saved and a trial it stopped is queued again; "
+            "run the same command again to continue the study",
+            name,
+        )
+        sys.exit(143 if name == "SIGTERM" else 130)
     if job:
         write_job_record(job[1], study=run.study.name, storage=run.study.storage)
     return summary.best_value

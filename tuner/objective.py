@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +13,13 @@ from tuner.artifacts import artifact_store, upload_best_artifacts
 from tuner.checkpoint import save_checkpoint
 from tuner.config import DataConfig, RunConfig, TrialConfig, parse_trial, set_path
 from tuner.data import Splits, load_splits, source_key
+from tuner.faults import Interrupted, error_reason
 from tuner.model import build_model, count_parameters
 from tuner.optim import build_optimizer
 from tuner.space import Param, suggest
 from tuner.trainer import EpochMetrics, TrainingDiverged, resolve_device, train
 
-__all__ = ["Objective", "trial_seed"]
+__all__ = ["Objective", "release_memory", "trial_seed"]
 
 METRIC = "val_accuracy"
 
@@ -25,6 +27,13 @@ METRIC = "val_accuracy"
 def trial_seed(study_seed: int, number: int) -> int:
     """A distinct, reproducible seed per trial, recorded on the trial."""
     return (study_seed * 1_000_003 + number) % 2**31
+
+
+def release_memory() -> None:
+    """Free what a failed trial left behind; on CUDA, return the cached blocks to the device."""
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 class Objective:
@@ -35,6 +44,7 @@ class Objective:
         self.params = params
         self.best_model_path = best_model_path
         self._splits: dict[tuple[Any, ...], Splits] = {}
+        self.last_trial_number: int | None = None
 
     def splits(self, cfg: DataConfig, device: torch.device) -> Splits:
         key = (source_key(cfg), str(device))
@@ -46,9 +56,33 @@ class Objective:
         return parse_trial(set_path(self.run.raw, suggest(trial, self.params, self.run.raw)))
 
     def __call__(self, trial: optuna.Trial) -> float:
+        """Train one trial; a trial that fails records why in its ``fail_reason`` user attr."""
+        self.last_trial_number = trial.number
+        try:
+            return self._train_trial(trial)
+        except (optuna.TrialPruned, TrainingDiverged):
+            raise
+        except KeyboardInterrupt as err:
+            name = err.signal_name if isinstance(err, Interrupted) else "SIGINT"
+            trial.set_user_attr("fail_reason", f"interrupted by {name}")
+            raise
+        except torch.OutOfMemoryError as err:
+            oom = error_reason(err)
+        except Exception as err:
+            trial.set_user_attr("fail_reason", error_reason(err))
+            raise
+        # Out of memory. Leaving the except block dropped the traceback, and with it the last references
+        # to this trial's model, optimizer and batches: collect them and hand the memory back to the GPU.
+        trial.set_user_attr("fail_reason", oom)
+        release_memory()
+        raise torch.OutOfMemoryError(oom)
+
+    def _train_trial(self, trial: optuna.Trial) -> float:
         cfg = self.trial_config(trial)
         device = resolve_device(cfg.trainer.device)
         seed = cfg.trainer.seed if cfg.trainer.seed is not None else trial_seed(self.run.study.seed, trial.number)
+        if cfg.trainer.seed is None and isinstance(trial.user_attrs.get("seed"), int):
+            seed = trial.user_attrs["seed"]  # a retried trial (tuner.faults) trains again with the seed it had
         torch.manual_seed(seed)
         splits = self.splits(cfg.data, device)
         model = build_model(cfg.model, splits.input_shape, splits.num_classes).to(device)

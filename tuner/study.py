@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
 import warnings
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.storages import BaseStorage, RDBStorage
-from optuna.trial import TrialState
+import sqlalchemy
+from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 
+from tuner.budget import BudgetGate, file_lock
 from tuner.config import ConfigError, PluginConfig, RunConfig
+from tuner.journal import HeartbeatJournalStorage, check_journal_file
 
 __all__ = [
     "FINISHED",
@@ -24,6 +29,7 @@ __all__ = [
     "make_pruner",
     "make_sampler",
     "make_storage",
+    "mask_password_in_files",
     "open_study",
     "safe_url",
 ]
@@ -35,6 +41,11 @@ SQLITE_BUSY_TIMEOUT_S = 60.0
 # Parallel workers' sampler seeds lie this far apart: no worker reaches another's seed by resuming.
 WORKER_SEED_STRIDE = 1_000_003
 SCHEMA_ATTEMPTS = 3
+# study.storage=journal:///study.log (relative) or journal:////abs/study.log: Optuna's JournalStorage on a file.
+JOURNAL_SCHEME = "journal"
+# Any fixed 64-bit number: the PostgreSQL advisory lock that tuner workers take while creating tables.
+SCHEMA_LOCK_KEY = 0x7475_6E65_72
+BUDGET_LOCK_KEY = 0x7475_6E65  # with the study id: pg_advisory_lock(int, int)
 
 SAMPLERS: dict[str, type[optuna.samplers.BaseSampler]] = {
     "random": optuna.samplers.RandomSampler,
@@ -80,6 +91,20 @@ def safe_url(url: str) -> str:
         return "<unparseable storage URL>"
 
 
+def mask_password_in_files(url: str, paths: Iterable[Path]) -> None:
+    """Replace the storage URL's password with *** in files that copied the command line (Hydra's .hydra/)."""
+    try:
+        password = make_url(url).password
+    except ArgumentError:
+        return
+    if not password:
+        return
+    for path in paths:
+        text = path.read_text(encoding="utf-8")
+        if str(password) in text:
+            path.write_text(text.replace(str(password), "***"), encoding="utf-8")
+
+
 def check_storage_url(url: str) -> URL:
     """Check ``study.storage`` without touching anything: parse it and, for SQLite, look at the file."""
     try:
@@ -88,6 +113,14 @@ def check_storage_url(url: str) -> URL:
         raise ConfigError(
             f"study.storage must be a database URL such as sqlite:///tuner.db, but got {safe_url(url)!r}."
         ) from None
+    if parsed.get_backend_name() == JOURNAL_SCHEME:
+        if not parsed.database:
+            raise ConfigError(f"study.storage must name a journal file, e.g. journal:///study.log, but got {url!r}.")
+        journal = Path(parsed.database)
+        if not journal.parent.is_dir():
+            raise ConfigError(f"study.storage={url!r}: the folder {str(journal.parent)!r} does not exist.")
+        check_journal_file(url, journal)
+        return parsed
     if parsed.get_backend_name() != "sqlite":
         return parsed
     if not parsed.database or parsed.database == ":memory:":
@@ -113,11 +146,81 @@ def _check_optuna_sqlite(url: str, path: Path) -> None:
             f"study.storage={url!r} is a SQLite file without Optuna's tables; it was left untouched. "
             "Point study.storage at a new file or an Optuna database."
         )
+    _check_optuna_schema(url, path)
 
 
-def make_storage(url: str) -> BaseStorage:
-    """Open the study's storage. SQLite runs in WAL mode with a long busy timeout."""
+def _check_optuna_schema(url: str, path: Path) -> None:
+    """Let Optuna's own version check run on a read-only connection, so an old or newer schema is never touched.
+
+    RDBStorage (optuna 5.0) creates missing tables and then raises RuntimeError when the file's alembic
+    revision is not its head; on a read-only connection it only reads (the file's bytes stay the same).
+    """
+
+    def read_only() -> sqlite3.Connection:
+        return sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+
+    try:
+        storage = RDBStorage(url, engine_kwargs={"creator": read_only})
+    except Exception as err:  # RuntimeError for a schema mismatch, OperationalError for a half-made file
+        raise ConfigError(
+            f"study.storage={url!r} is an Optuna database this Optuna cannot use; it was left untouched: "
+            + str(err).splitlines()[0]
+        ) from None
+    storage.engine.dispose()
+
+
+class GatedRDBStorage(BudgetGate, RDBStorage):
+    """RDBStorage that creates no trial beyond ``trial_budget`` (see tuner.budget)."""
+
+    def _create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> FrozenTrial:
+        # The insert that both RDBStorage.create_new_trial and Optuna's _CachedStorage call (optuna 5.0).
+        insert = super(BudgetGate, self)._create_new_trial
+        return self.gate(study_id, template_trial, lambda: insert(study_id, template_trial))
+
+    def budget_lock(self, study_id: int) -> contextlib.AbstractContextManager[None]:
+        if self.engine.dialect.name == "sqlite":
+            return file_lock(f"{self.engine.url.database}.tuner-lock")
+        return _advisory_lock(self.engine, study_id)
+
+
+@contextlib.contextmanager
+def _advisory_lock(engine: sqlalchemy.Engine, study_id: int) -> Iterator[None]:
+    keys = {"key": BUDGET_LOCK_KEY, "study": study_id}
+    with engine.connect() as conn:
+        conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key, :study)"), keys)
+        try:
+            yield
+        finally:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key, :study)"), keys)
+
+
+def make_storage(
+    url: str,
+    *,
+    heartbeat_interval: int | None = 60,
+    grace_period: int | None = None,
+    max_retry: int | None = 3,
+    trial_budget: int | None = None,
+) -> BaseStorage:
+    """Open the study's storage, with heartbeats so that a dead worker's trial is failed and retried.
+
+    SQLite runs in WAL mode with a long busy timeout; ``postgresql://`` goes through psycopg 3;
+    ``journal:///path`` is Optuna's JournalStorage on a file. A trial whose worker has sent no
+    heartbeat for ``grace_period`` seconds (Optuna's default: twice the interval) becomes FAIL and a
+    copy is queued by ``RetryHeartbeatStaleTrialCallback`` (at most ``max_retry`` times, null: always).
+    With ``trial_budget``, ``study.ask()`` raises ``tuner.budget.BudgetReached`` once the workers have
+    used it, so that many workers stop at exactly that many trials.
+    """
     parsed = check_storage_url(url)
+    heartbeat: dict[str, Any] = {}
+    if heartbeat_interval is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # stable since optuna 2.8
+            retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+        heartbeat = {"heartbeat_interval": heartbeat_interval, "grace_period": grace_period}
+        heartbeat["heartbeat_stale_trial_callback"] = retry
+    if parsed.get_backend_name() == JOURNAL_SCHEME:
+        return HeartbeatJournalStorage(str(parsed.database), trial_budget=trial_budget, **heartbeat)
     engine_kwargs: dict[str, Any] = {}
     if parsed.get_backend_name() == "sqlite":
         database = str(parsed.database)
@@ -133,14 +236,25 @@ def make_storage(url: str) -> BaseStorage:
         engine_kwargs["creator"] = connect
     else:
         engine_kwargs["pool_pre_ping"] = True
+    # A bare postgresql:// would pick psycopg2, which tuner does not install: use psycopg 3.
+    rdb_url = parsed.set(drivername="postgresql+psycopg") if parsed.drivername == "postgresql" else parsed
     try:
-        return _rdb_storage(url, engine_kwargs, retry=parsed.get_backend_name() == "sqlite")
+        with warnings.catch_warnings(), _schema_lock(rdb_url):
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
+            storage = _rdb_storage(
+                lambda: GatedRDBStorage(
+                    rdb_url.render_as_string(hide_password=False), engine_kwargs=engine_kwargs, **heartbeat
+                ),
+                retry=parsed.get_backend_name() == "sqlite",
+            )
+        storage.trial_budget = trial_budget
+        return storage
     except Exception as err:  # driver and schema errors come in many types; all mean "cannot use it"
-        message = str(err).replace(url, safe_url(url)).splitlines()[0]
+        message = _hide_password(str(err), parsed).splitlines()[0]
         raise ConfigError(f"study.storage={safe_url(url)!r} cannot be opened: {message}") from None
 
 
-def _rdb_storage(url: str, engine_kwargs: dict[str, Any], *, retry: bool) -> RDBStorage:
+def _rdb_storage(open_storage: Callable[[], GatedRDBStorage], *, retry: bool) -> GatedRDBStorage:
     """``RDBStorage``, tried again when parallel workers create a new SQLite file's tables at the same moment.
 
     Measured: 4 processes opening one new file together, 1 start in 12 failed on alembic_version's UNIQUE
@@ -148,12 +262,43 @@ def _rdb_storage(url: str, engine_kwargs: dict[str, Any], *, retry: bool) -> RDB
     """
     for attempt in range(SCHEMA_ATTEMPTS):
         try:
-            return RDBStorage(url, engine_kwargs=engine_kwargs)
+            return open_storage()
         except (IntegrityError, OperationalError):
             if not retry or attempt == SCHEMA_ATTEMPTS - 1:
                 raise
             time.sleep(0.2 * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def _schema_lock(url: URL) -> Iterator[None]:
+    """On PostgreSQL, one worker at a time creates Optuna's tables.
+
+    RDBStorage creates missing tables at start; three workers starting together on an empty database
+    collided on PostgreSQL's catalog (UniqueViolation on pg_type_typname_nsp_index, seen in
+    tests/test_faults.py). A session-level advisory lock around the first open serializes them.
+    """
+    if url.get_backend_name() != "postgresql":
+        yield
+        return
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": SCHEMA_LOCK_KEY})
+    finally:
+        engine.dispose()
+
+
+def _hide_password(text: str, parsed: URL) -> str:
+    for shown in (parsed, parsed.set(drivername="postgresql+psycopg")):
+        text = text.replace(shown.render_as_string(hide_password=False), shown.render_as_string(hide_password=True))
+    if parsed.password:
+        text = text.replace(str(parsed.password), "***")
+    return text
 
 
 def finished_trials(study: optuna.Study) -> int:

@@ -4,23 +4,27 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
+from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
 import optuna
 import torch
-from optuna.study import MaxTrialsCallback
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from tuner.artifacts import artifact_dir
+from tuner.budget import BudgetReached, budget_used
 from tuner.checkpoint import load_model
 from tuner.config import ConfigError, RunConfig, parse_run, parse_trial, set_path
+from tuner.faults import FailureStreak, FailureStreakError, FaultConfig, StopAtBudget, interruptible, parse_faults
 from tuner.notes import write_end_note, write_start_note
 from tuner.objective import Objective
 from tuner.plots import save_dashboard_plots
 from tuner.space import Param, parse_space, values_from_params
 from tuner.study import (
-    FINISHED,
     check_storage_url,
     finished_trials,
     make_pruner,
@@ -30,7 +34,7 @@ from tuner.study import (
     safe_url,
 )
 from tuner.summary import Progress, Summary, count_states, format_summary
-from tuner.trainer import TrainingDiverged, evaluate, resolve_device
+from tuner.trainer import evaluate, resolve_device
 
 __all__ = ["prepare", "tune"]
 
@@ -44,6 +48,7 @@ def prepare(raw: dict[str, Any]) -> tuple[RunConfig, list[Param]]:
     make_sampler(run.sampler, seed=run.study.seed)
     make_pruner(run.pruner)
     check_storage_url(run.study.storage)
+    parse_faults(raw)
     try:
         resolve_device(run.trial.trainer.device)
     except ValueError as err:
@@ -85,6 +90,51 @@ def _score_best(study: optuna.Study, objective: Objective, summary: Summary) -> 
     study.set_user_attr("test_accuracy", {"trial": best.number, "value": accuracy, "samples": len(splits.x_test)})
 
 
+def _recover_stale_trials(study: optuna.Study) -> None:
+    """At worker start: a dead worker's trial (no heartbeat for the grace period) becomes FAIL and is queued again.
+
+    Optuna does the same before each trial inside ``optimize``; doing it first makes the budget right.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        before = finished_trials(study)
+        optuna.storages.fail_stale_trials(study)
+    if finished_trials(study) > before:
+        log.warning(
+            "%d trial(s) of a dead worker marked FAIL and queued again (up to study.max_retry times)",
+            finished_trials(study) - before,
+        )
+
+
+def _given_up_for_dead(study: optuna.Study, number: int | None) -> bool:
+    """Another worker failed this worker's trial for want of a heartbeat (and queued it again): go on.
+
+    Optuna then refuses this worker's ``tell`` ("Cannot tell a FAIL trial"), which would end the worker.
+    """
+    trial = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
+    if trial is None or trial.state != TrialState.FAIL or "fail_reason" in trial.user_attrs:
+        return False
+    log.warning(
+        "trial %d was given up for dead by another worker (no heartbeat for study.grace_period) and queued "
+        "again; this worker goes on. A longer study.grace_period avoids this on a loaded machine.",
+        number,
+    )
+    return True
+
+
+def _requeue_interrupted(study: optuna.Study, objective: Objective, faults: FaultConfig) -> None:
+    """Queue the trial that Ctrl-C or SIGTERM ended (FAIL) to run again, as Optuna retries a dead worker's trial."""
+    number = objective.last_trial_number
+    trial = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
+    if trial is None or trial.state != TrialState.FAIL or "interrupted" not in str(trial.user_attrs.get("fail_reason")):
+        return
+    copy = deepcopy(trial)
+    copy.user_attrs = {k: v for k, v in trial.user_attrs.items() if k != "fail_reason"}  # the retry has not failed
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        RetryHeartbeatStaleTrialCallback(max_retry=faults.max_retry)(study, copy)
+
+
 def tune(run: RunConfig, params: list[Param], *, worker: int = 0) -> Summary:
     """Run (or continue) the study until it has ``study.n_trials`` finished trials.
 
@@ -98,10 +148,20 @@ def tune(run: RunConfig, params: list[Param], *, worker: int = 0) -> Summary:
     objective = Objective(run, params, best_model_path=model_path)
     # Load the data before the storage is touched: a missing data set must not leave a study behind.
     objective.splits(run.trial.data, resolve_device(run.trial.trainer.device))
-    study = open_study(run, make_storage(run.study.storage), worker=worker)
+    faults = parse_faults(run.raw)
+    storage = make_storage(
+        run.study.storage,
+        heartbeat_interval=faults.heartbeat_interval,
+        grace_period=faults.grace_period,
+        max_retry=faults.max_retry,
+        trial_budget=run.study.n_trials,
+    )
+    study = open_study(run, storage, worker=worker)
     url = safe_url(run.study.storage)
     write_start_note(study, run, params)  # the dashboard's study note; its Results are written at the end
-    remaining = run.study.n_trials - finished_trials(study)
+    _recover_stale_trials(study)
+    # Trials running in other workers count; a dead worker's trial does not, its retry does (tuner.budget).
+    remaining = run.study.n_trials - budget_used(study.get_trials(deepcopy=False))
     log.info(
         "study %r in %s: %d finished trials, %d to run (%s sampler, %s pruner, %d searched params)",
         study.study_name,
@@ -114,18 +174,36 @@ def tune(run: RunConfig, params: list[Param], *, worker: int = 0) -> Summary:
     )
     if remaining > 0:
         progress = Progress(remaining)
+        streak = FailureStreak(faults.max_failure_streak)
+        deadline = None if run.study.timeout is None else time.monotonic() + run.study.timeout
         try:
-            with logging_redirect_tqdm():
-                study.optimize(
-                    objective,
-                    n_trials=remaining,
-                    timeout=run.study.timeout,
-                    # Stops every worker sharing the study once the total is reached.
-                    callbacks=[MaxTrialsCallback(run.study.n_trials, states=FINISHED), progress],
-                    catch=(TrainingDiverged,),
-                )
+            with logging_redirect_tqdm(), interruptible():
+                while True:
+                    try:
+                        study.optimize(
+                            objective,
+                            # No per-worker count: a dead worker's retry may fall to this one. The storage's
+                            # budget (BudgetReached) and StopAtBudget end the loop at study.n_trials for all.
+                            n_trials=None,
+                            timeout=None if deadline is None else max(deadline - time.monotonic(), 0.0),
+                            callbacks=[StopAtBudget(run.study.n_trials), progress, streak],
+                            # A failing trial records its reason and the study goes on; FailureStreak stops
+                            # a broken setup.
+                            catch=(Exception,),
+                        )
+                        break
+                    except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+                        if not _given_up_for_dead(study, objective.last_trial_number):
+                            raise
+        except BudgetReached:
+            pass  # the other workers started the last trials: this worker is done
+        except KeyboardInterrupt:
+            _requeue_interrupted(study, objective, faults)
+            raise
         finally:
             progress.close()
+        if streak.message is not None:
+            raise FailureStreakError(streak.message)
     summary = Summary(
         study_name=study.study_name, storage=url, states=count_states(study), wall_seconds=time.monotonic() - start
     )

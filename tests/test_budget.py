@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
+
+from tuner.budget import BudgetReached, budget_used
+from tuner.study import make_storage
+
+pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+
+
+@pytest.mark.parametrize("scheme", ["sqlite", "journal"])
+def test_budget_storage_refuses_a_fresh_trial_beyond_n_trials_but_runs_a_retry(tmp_path: Path, scheme: str) -> None:
+    url = f"{scheme}:///{tmp_path / 'study.db'}"
+    a = optuna.create_study(storage=make_storage(url, heartbeat_interval=None, trial_budget=3), study_name="s")
+    b = optuna.load_study(storage=make_storage(url, heartbeat_interval=None, trial_budget=3), study_name="s")
+    first, second = a.ask(), b.ask()  # two workers, each with a trial
+    a.tell(first, 0.5)
+    third = b.ask()
+    with pytest.raises(BudgetReached):  # 1 finished + 2 running fill study.n_trials=3
+        a.ask()
+    b.tell(third, state=TrialState.FAIL)  # say second's worker died: its trial fails and a retry is queued
+    b.tell(second, state=TrialState.FAIL)
+    RetryHeartbeatStaleTrialCallback()(b, b.get_trials()[second.number])
+    assert budget_used(a.get_trials()) == 2  # the dead trial's slot goes to its retry
+    retry = a.ask()  # pops the queued retry
+    assert retry.params == second.params and retry.number == 3
+    with pytest.raises(BudgetReached):
+        b.ask()
+    assert len(a.get_trials()) == 4 and (tmp_path / "study.db.tuner-lock").exists()

@@ -1,0 +1,289 @@
+"""Crashes, interruptions, failing trials and many workers: real processes, real signals, real storages."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+import weakref
+from pathlib import Path
+from typing import Any
+
+import optuna
+import psycopg
+import pytest
+import torch
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
+
+import tuner.objective
+from tests.conftest import compose_raw
+from tuner.config import ConfigError
+from tuner.faults import FailureStreakError, parse_faults
+from tuner.study import make_storage
+from tuner.trainer import train
+from tuner.tune import prepare, tune
+
+pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+
+SMALL = ["data=digits", "trainer.epochs=1", "study.name=faults", "pruner=none", "trainer.threads=1"]
+# Short heartbeats so that a dead worker is noticed within seconds, not minutes.
+FAST_HEARTBEAT = ["study.heartbeat_interval=1", "study.grace_period=2"]
+
+
+def _tuner(tmp_path: Path, storage: str, *overrides: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "tuner",
+        f"study.storage={storage}",
+        f"study.output_dir={tmp_path / 'out'}",
+        *SMALL,
+        *overrides,
+    ]
+
+
+def _start(tmp_path: Path, storage: str, *overrides: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        _tuner(tmp_path, storage, *overrides),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _run(tmp_path: Path, storage: str, *overrides: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(_tuner(tmp_path, storage, *overrides), cwd=tmp_path, capture_output=True, text=True)
+
+
+def _trials(storage: str) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name="faults", storage=storage).get_trials()
+
+
+def _wait_for_an_epoch(storage: str, proc: subprocess.Popen[str], timeout: float = 120.0) -> None:
+    """Poll the storage until the worker's running trial has reported an epoch."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[0]
+        try:
+            if any(t.state == TrialState.RUNNING and t.intermediate_values for t in _trials(storage)):
+                return
+        except KeyError:  # the study is not created yet
+            pass
+        time.sleep(0.2)
+    raise AssertionError("the worker reported no epoch in time")
+
+
+def _tune(tmp_path: Path, *overrides: str) -> tuple[Any, optuna.Study]:
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    raw = compose_raw(f"study.storage={url}", f"study.output_dir={tmp_path / 'out'}", *SMALL, *overrides)
+    try:
+        return tune(*prepare(raw)), optuna.load_study(study_name="faults", storage=url)
+    except FailureStreakError as err:
+        return err, optuna.load_study(study_name="faults", storage=url)
+
+
+def test_faults_out_of_memory_fails_that_trial_frees_its_memory_and_the_study_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Simulated at the trainer's boundary: CPUs raise no torch.OutOfMemoryError (scripts/gpu_check.sh runs a real one).
+    models: list[weakref.ref[torch.nn.Module]] = []
+    freed_before_next_trial: list[bool] = []
+
+    def train_or_run_out_of_memory(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if models:
+            freed_before_next_trial.append(models[0]() is None)
+            return train(model, *args, **kwargs)
+        models.append(weakref.ref(model))
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(tuner.objective, "train", train_or_run_out_of_memory)
+    summary, study = _tune(tmp_path, "study.n_trials=3")
+    states = [t.state for t in study.trials]
+    assert states == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    reason = study.trials[0].user_attrs["fail_reason"]
+    assert reason == "OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB"
+    assert freed_before_next_trial == [True, True]
+    assert summary.best_number in (1, 2)
+
+
+def _param_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu_check.sh runs it)")
+def test_faults_cuda_out_of_memory_from_the_allocator_frees_the_trial_and_the_study_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A real allocator failure: the trial's model is on the GPU when the trainer asks for more than the device has.
+    others: list[int] = []  # bytes allocated on the GPU besides the trial's own model, as each trial starts
+
+    def train_after_a_huge_allocation(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        others.append(torch.cuda.memory_allocated() - _param_bytes(model))
+        if len(others) > 1:
+            return train(model, *args, **kwargs)
+        free, _ = torch.cuda.mem_get_info()
+        torch.empty(free * 2, dtype=torch.uint8, device="cuda")  # raises torch.OutOfMemoryError
+        raise AssertionError("the allocation should have failed")
+
+    monkeypatch.setattr(tuner.objective, "train", train_after_a_huge_allocation)
+    _, study = _tune(tmp_path, "study.n_trials=2", "trainer.device=cuda")
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert study.trials[0].user_attrs["fail_reason"].startswith("OutOfMemoryError: CUDA out of memory")
+    assert others[1] == others[0]  # the failed trial's model and optimizer left nothing behind on the GPU
+
+
+def test_faults_the_same_error_in_every_recent_trial_stops_the_study(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise FileNotFoundError("/data/shard-7.bin")
+
+    monkeypatch.setattr(tuner.objective, "train", broken)
+    error, study = _tune(tmp_path, "study.n_trials=20", "study.max_failure_streak=3")
+    assert isinstance(error, FailureStreakError)
+    assert "the last 3 trials all failed with FileNotFoundError" in str(error)
+    assert "study.max_failure_streak=3" in str(error)
+    assert [t.state for t in study.trials] == [TrialState.FAIL] * 3  # 17 trials of budget not burnt
+    assert {t.user_attrs["fail_reason"] for t in study.trials} == {"FileNotFoundError: /data/shard-7.bin"}
+
+
+def test_faults_trials_failing_in_different_ways_do_not_stop_the_study(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = iter([ValueError("bad shape"), None, RuntimeError("cuDNN error"), ValueError("bad shape")])
+
+    def sometimes_broken(*args: Any, **kwargs: Any) -> Any:
+        err = next(calls)
+        if err is not None:
+            raise err
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(tuner.objective, "train", sometimes_broken)
+    summary, study = _tune(tmp_path, "study.n_trials=4", "study.max_failure_streak=2")
+    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE", "FAIL", "FAIL"]
+    assert [t.user_attrs.get("fail_reason") for t in study.trials if t.state == TrialState.FAIL] == [
+        "ValueError: bad shape",
+        "RuntimeError: cuDNN error",
+        "ValueError: bad shape",
+    ]
+    assert summary.best_number == 1
+
+
+def test_faults_a_worker_whose_trial_was_given_up_for_dead_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    stalled: list[int] = []
+
+    def stalled_then_train(*args: Any, **kwargs: Any) -> Any:
+        other = optuna.load_study(study_name="faults", storage=make_storage(url, heartbeat_interval=None))
+        running = other.get_trials(states=(TrialState.RUNNING,))
+        if not stalled:
+            stalled.append(running[0].number)
+            # What another worker's fail_stale_trials does when this worker's heartbeat came too late.
+            other._storage.set_trial_state_values(running[0]._trial_id, TrialState.FAIL)
+            RetryHeartbeatStaleTrialCallback()(other, other._storage.get_trial(running[0]._trial_id))
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(tuner.objective, "train", stalled_then_train)
+    summary, study = _tune(tmp_path, "study.n_trials=2")
+    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE", "COMPLETE"]
+    assert RetryHeartbeatStaleTrialCallback.retry_history(study.trials[1]) == [0]
+    assert summary.states == {"COMPLETE": 2, "FAIL": 1}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("study.heartbeat_interval=0", "study.heartbeat_interval must be an integer >= 1 or null, but got 0."),
+        ("study.max_failure_streak=two", "study.max_failure_streak must be an integer >= 1 or null, but got 'two'."),
+    ],
+)
+def test_faults_bad_settings_are_named(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_faults(compose_raw(override))
+
+
+@pytest.mark.slow
+def test_faults_sigkilled_worker_trial_becomes_fail_and_is_retried_by_the_next_worker(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    worker = _start(tmp_path, url, "study.n_trials=2", "trainer.epochs=1000", *FAST_HEARTBEAT)
+    _wait_for_an_epoch(url, worker)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    (killed,) = _trials(url)
+    assert killed.state == TrialState.RUNNING  # nobody told the storage
+    time.sleep(2.5)  # the grace period passes without a heartbeat
+    result = _run(tmp_path, url, "study.n_trials=2", *FAST_HEARTBEAT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "trial(s) of a dead worker marked FAIL and queued again" in result.stdout + result.stderr
+    trials = _trials(url)
+    # The dead trial is replaced by its retry: two trials trained to the end, as study.n_trials=2 asks.
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    retry = trials[1]
+    assert RetryHeartbeatStaleTrialCallback.retry_history(retry) == [0]
+    assert retry.params == killed.params  # the same configuration is trained again
+    assert retry.user_attrs["seed"] == killed.user_attrs["seed"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_faults_interrupt_ends_the_trial_with_a_reason_and_the_same_command_resumes(
+    tmp_path: Path, sig: signal.Signals, code: int
+) -> None:
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    worker = _start(tmp_path, url, "study.n_trials=2", "trainer.epochs=1000")
+    _wait_for_an_epoch(url, worker)
+    worker.send_signal(sig)
+    out = worker.communicate(timeout=60)[0]
+    assert worker.returncode == code, out
+    assert f"interrupted by {sig.name}" in out and "Traceback" not in out
+    interrupted, queued = _trials(url)
+    assert interrupted.state == TrialState.FAIL
+    assert interrupted.user_attrs["fail_reason"] == f"interrupted by {sig.name}"
+    assert queued.state == TrialState.WAITING and queued.params == interrupted.params
+    if sig == signal.SIGTERM:
+        return  # the same path as SIGINT from here on
+    result = _run(tmp_path, url, "study.n_trials=2")  # the same command, again
+    assert result.returncode == 0, result.stdout + result.stderr
+    trials = _trials(url)
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert RetryHeartbeatStaleTrialCallback.retry_history(trials[1]) == [0]
+    assert "fail_reason" not in trials[1].user_attrs and trials[1].user_attrs["seed"] == interrupted.user_attrs["seed"]
+
+
+@pytest.mark.slow
+def test_faults_three_workers_share_one_postgresql_study(tmp_path: Path, postgres_url: str) -> None:
+    n_trials = 9
+    workers = [_start(tmp_path, postgres_url, f"study.n_trials={n_trials}") for _ in range(3)]
+    outputs = [w.communicate(timeout=300)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0, 0], outputs
+    trials = _trials(postgres_url)
+    numbers = [t.number for t in trials]
+    assert len(numbers) == len(set(numbers)) == len(trials)
+    assert all(t.state.is_finished() for t in trials)  # none left RUNNING or WAITING
+    assert len(trials) == n_trials  # not one more: the storage refuses a trial beyond the budget
+    ran = sum(out.count(" COMPLETE ") + out.count(" PRUNED ") + out.count(" FAIL ") for out in outputs)
+    assert ran == len(trials)  # every trial was run by one of the three workers and reported once
+
+
+@pytest.mark.slow
+def test_faults_storage_password_never_appears_in_any_output(tmp_path: Path, postgres_url: str) -> None:
+    password = "Pw-4f9c2e71"  # the test server trusts loopback, so any password connects
+    url = postgres_url.replace("postgresql://tuner@", f"postgresql://tuner:{password}@")
+    result = _run(tmp_path, url, "study.n_trials=2")
+    assert result.returncode == 0, result.stderr
+    assert "study.storage" not in result.stderr or "***" in result.stdout + result.stderr
+    leaks = [str(p) for p in tmp_path.rglob("*") if p.is_file() and password.encode() in p.read_bytes()]
+    assert leaks == [] and password not in result.stdout + result.stderr
+    assert "postgresql://tuner:***@" in result.stdout + result.stderr  # the summary names the masked URL
+    with psycopg.connect(postgres_url) as conn:  # every row of every table tuner wrote
+        tables = [r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")]
+        dump = "".join(str(conn.execute(f'SELECT * FROM "{t}"').fetchall()) for t in tables)
+    assert "trial_user_attributes" in tables and password not in dump
+    bad = _run(tmp_path, url.replace("/tuner_", "/missing_"), "study.n_trials=1")  # an error message
+    assert bad.returncode == 2 and "cannot be opened" in bad.stdout + bad.stderr
+    assert password not in bad.stdout + bad.stderr
