@@ -32,14 +32,16 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 import optuna
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from PIL import Image
 from torch import optim
 from torch.optim.lr_scheduler import LambdaLR
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from tuner.__main__ import config_dir
 from tuner.config import OptimizerConfig, RunConfig, TrialConfig
@@ -85,17 +87,51 @@ def _optimizer_kwargs(cfg: OptimizerConfig) -> dict[str, Any]:
     return {"alpha": cfg.beta2, "eps": cfg.eps, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay}
 
 
-def _loaders(splits: Splits, batch_size: int) -> tuple[DataLoader[Any], DataLoader[Any]]:
-    """What the example's ``get_mnist`` returns, built anew each trial over tensors already in memory.
+class ExampleDataset(Dataset[tuple[torch.Tensor, int]]):
+    """What the example's ``datasets.FashionMNIST(..., transform=transforms.ToTensor())`` does per sample.
 
-    The example reads torchvision datasets (a PIL image and a transform per sample); a TensorDataset keeps
-    its per-sample indexing and default collate without the image decoding, so this reference is, if
-    anything, faster than the example itself.
+    torchvision is not installed beside this torch, so its ``__getitem__`` is written out: a uint8 array
+    becomes a PIL image, ``ToTensor`` turns it into a float tensor in [0, 1], then the same normalization
+    as tuner's (so both sides see identical inputs). Sets that are not 8-bit images (mnist1d, digits'
+    0-16 pixels) go through ``torch.as_tensor`` per sample instead of PIL.
     """
-    train = TensorDataset(splits.x_train, splits.y_train)
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, mean: float, std: float) -> None:
+        raw = (x * std + mean).numpy()  # undo tuner's normalization: the [0, 1] values the files hold
+        self.images = len(x.shape) == 4 and x.shape[1] == 1 and x.shape[2] >= 28
+        self.raw = np.rint(raw[:, 0] * 255).astype(np.uint8) if self.images else raw.astype(np.float32)
+        self.targets = y.tolist()
+        self.shape = tuple(x.shape[1:])
+        self.mean, self.std = mean, std
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if self.images:
+            pic = Image.fromarray(self.raw[i], mode="L")
+            t = torch.from_numpy(np.array(pic, np.uint8, copy=True)).view(self.shape).float().div(255)
+        else:
+            t = torch.as_tensor(self.raw[i]).view(self.shape)
+        return (t - self.mean) / self.std, self.targets[i]
+
+
+def _loaders(splits: Splits, batch_size: int, kind: str) -> tuple[DataLoader[Any], DataLoader[Any]]:
+    """What the example's ``get_mnist`` returns, built anew each trial.
+
+    ``kind="example"``: per-sample decoding and transform, as the example's torchvision dataset does.
+    ``kind="tensor"``: a TensorDataset over tensors already normalized in memory (per-sample indexing and
+    default collate without the decoding), a reference faster than the example itself.
+    """
+    train: Dataset[Any]
+    valid: Dataset[Any]
+    if kind == "example":
+        train = ExampleDataset(splits.x_train, splits.y_train, splits.mean, splits.std)
+        valid = ExampleDataset(splits.x_val, splits.y_val, splits.mean, splits.std)
+    else:
+        train, valid = TensorDataset(splits.x_train, splits.y_train), TensorDataset(splits.x_val, splits.y_val)
     # BatchNorm cannot train on a one-sample batch; tuner skips such a last batch, the reference drops it.
-    drop_last = len(train) % batch_size == 1
-    valid = TensorDataset(splits.x_val, splits.y_val)
+    drop_last = len(splits.y_train) % batch_size == 1
     return (
         DataLoader(train, batch_size=batch_size, shuffle=True, drop_last=drop_last),
         DataLoader(valid, batch_size=batch_size),  # the example shuffles this one too; the order changes nothing
@@ -120,8 +156,8 @@ def _with_values(base: TrialConfig, values: dict[str, Any]) -> TrialConfig:
 class ReferenceObjective:
     """``pytorch_simple.py``'s ``objective``: same steps, tuner's model, data and sampled configuration."""
 
-    def __init__(self, run: RunConfig, params: list[Param], splits: Splits) -> None:
-        self.run, self.params, self.splits = run, params, splits
+    def __init__(self, run: RunConfig, params: list[Param], splits: Splits, *, kind: str) -> None:
+        self.run, self.params, self.splits, self.kind = run, params, splits, kind
 
     def __call__(self, trial: optuna.Trial) -> float:
         cfg = _with_values(self.run.trial, suggest(trial, self.params, self.run.raw))
@@ -132,7 +168,7 @@ class ReferenceObjective:
         optimizer = getattr(optim, name)(model.parameters(), lr=cfg.optimizer.lr, **_optimizer_kwargs(cfg.optimizer))
         decay = cfg.optimizer.lr_decay
         scheduler = LambdaLR(optimizer, lambda epoch: 1.0 / (1.0 + decay * epoch))
-        train_loader, valid_loader = _loaders(splits, cfg.data.batch_size)
+        train_loader, valid_loader = _loaders(splits, cfg.data.batch_size, self.kind)
 
         accuracy = 0.0
         for epoch in range(1, cfg.trainer.epochs + 1):  # 1-based, as tuner reports, so the pruner sees the same steps
@@ -243,7 +279,7 @@ def bench_dataset(dataset: str, args: argparse.Namespace, workdir: Path) -> list
     # Load the data before any clock starts; both sides train on these same CPU tensors.
     splits = memory_objective.splits(run.trial.data, cpu)
     sqlite_objective.splits(run.trial.data, cpu)
-    reference = ReferenceObjective(run, params, splits)
+    reference = ReferenceObjective(run, params, splits, kind=args.reference)
     print(f"{dataset}: {len(splits.y_train)} train / {len(splits.y_val)} val samples, input {splits.input_shape}, "
           f"{run.trial.trainer.epochs} epochs, {args.trials} trials x {args.rounds} rounds", flush=True)
 
@@ -379,6 +415,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # 1: on the shared 2-core box (load 4-6 from other jobs), tuner with 2 threads ran the same 8 trials 8x
     # (digits) to 30x (Fashion-MNIST) slower than with 1: OpenMP workers wait for a descheduled peer.
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads, the same for both sides")
+    parser.add_argument(
+        "--reference",
+        choices=("example", "tensor"),
+        default="example",
+        help="example: per-sample decoding as the example's torchvision dataset (default); "
+        "tensor: a TensorDataset over normalized tensors, a reference faster than the example",
+    )
     parser.add_argument("--seed", type=int, default=0, help="sampler seed of round 0; round r uses seed + r")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here as JSON")
     args = parser.parse_args(argv)
@@ -422,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
                  for vals in zip(per["reference"], per["memory"], per["sqlite"], strict=True))
         print(f"  {row['dataset']:14s} " + "  ".join(cells))
     same = all(row["same_sampled_params"] for row in rows)
-    print(f"\nsame sampled parameters on all three sides: {same}; threads={args.threads}; "
+    print(f"\nreference data path: {args.reference}; same sampled parameters on all three sides: {same}; "
+          f"threads={args.threads}; "
           f"{time.perf_counter() - start:.0f} s in all; load average {_load(load_start)} at start, "
           f"{_load(info['loadavg_at_end'])} at end; {info['cpu_count']} CPUs")
     if args.json is not None:

@@ -89,3 +89,18 @@ def test_report_bad_study_is_one_clear_error_and_writes_nothing(tmp_path: Path, 
         assert "(its studies: 'empty')" in result.stdout + result.stderr
     assert not (tmp_path / "rep").exists()
     assert [s.study_name for s in optuna.get_all_study_summaries(url)] == ["empty"]
+
+
+def test_report_works_on_a_study_that_is_still_running(digits_study: tuple[list[str], Any], tmp_path: Path) -> None:
+    overrides, study = digits_study
+    url = f"sqlite:///{tmp_path / 'live.db'}"
+    live = optuna.create_study(study_name="digits-mlp", storage=url, direction="maximize")
+    live.add_trials(study.trials)  # a copy, so the shared study stays as it is
+    running = live.ask({name: dist for name, dist in study.best_trial.distributions.items()})
+    running.report(0.5, 1)  # a worker is mid-trial: one epoch reported, no result yet
+    copied = [o for o in overrides if not o.startswith("study.storage=")]
+    result = run_report(tmp_path, *copied, f"study.storage={url}", f"report.dir={tmp_path / 'rep'}")
+    assert result.returncode == 0, result.stderr
+    assert "1 running" in result.stdout.lower(), result.stdout
+    assert (tmp_path / "rep" / "index.html").exists()
+    assert optuna.load_study(study_name="digits-mlp", storage=url).trials[-1].state == optuna.trial.TrialState.RUNNING
