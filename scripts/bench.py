@@ -255,8 +255,18 @@ def _result(dataset: str, variant: str, rnd: int, seed: int, wall: float, cpu: f
     for t in trials:
         states[t.state.name] = states.get(t.state.name, 0) + 1
     complete = [t.value for t in trials if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None]
-    return Result(dataset, variant, rnd, seed, len(trials), wall, cpu, states,
-                  max(complete) if complete else None, [dict(t.params) for t in trials])
+    return Result(
+        dataset,
+        variant,
+        rnd,
+        seed,
+        len(trials),
+        wall,
+        cpu,
+        states,
+        max(complete) if complete else None,
+        [dict(t.params) for t in trials],
+    )
 
 
 def bench_dataset(dataset: str, args: argparse.Namespace, workdir: Path) -> list[Result]:
@@ -280,8 +290,11 @@ def bench_dataset(dataset: str, args: argparse.Namespace, workdir: Path) -> list
     splits = memory_objective.splits(run.trial.data, cpu)
     sqlite_objective.splits(run.trial.data, cpu)
     reference = ReferenceObjective(run, params, splits, kind=args.reference)
-    print(f"{dataset}: {len(splits.y_train)} train / {len(splits.y_val)} val samples, input {splits.input_shape}, "
-          f"{run.trial.trainer.epochs} epochs, {args.trials} trials x {args.rounds} rounds", flush=True)
+    print(
+        f"{dataset}: {len(splits.y_train)} train / {len(splits.y_val)} val samples, input {splits.input_shape}, "
+        f"{run.trial.trainer.epochs} epochs, {args.trials} trials x {args.rounds} rounds",
+        flush=True,
+    )
 
     def one(variant: str, rnd: int, seed: int, trials: int) -> Result:
         objective: Callable[[optuna.Trial], float] = reference
@@ -311,9 +324,12 @@ def bench_dataset(dataset: str, args: argparse.Namespace, workdir: Path) -> list
             r = one(variant, rnd, seed, args.trials)
             results.append(r)
             best = "-" if r.best_value is None else f"{r.best_value:.4f}"
-            print(f"  round {rnd} {variant:9s} {r.seconds:6.1f} s {r.per_minute:6.1f}/min  "
-                  f"cpu {r.cpu_seconds:6.1f} s {r.per_cpu_minute:6.1f}/cpu-min  "
-                  f"load {os.getloadavg()[0]:4.1f}  best {best}  {r.states}", flush=True)
+            print(
+                f"  round {rnd} {variant:9s} {r.seconds:6.1f} s {r.per_minute:6.1f}/min  "
+                f"cpu {r.cpu_seconds:6.1f} s {r.per_cpu_minute:6.1f}/cpu-min  "
+                f"load {os.getloadavg()[0]:4.1f}  best {best}  {r.states}",
+                flush=True,
+            )
     return results
 
 
@@ -334,8 +350,10 @@ def _rates(by: dict[str, list[Result]], rate: Callable[[Result], float]) -> dict
 
 
 def summarize(dataset: str, results: list[Result]) -> dict[str, Any]:
-    by = {v: sorted((r for r in results if r.dataset == dataset and r.variant == v), key=lambda r: r.round)
-          for v in VARIANTS}
+    by = {
+        v: sorted((r for r in results if r.dataset == dataset and r.variant == v), key=lambda r: r.round)
+        for v in VARIANTS
+    }
 
     def best(rs: list[Result]) -> float | None:
         values = [r.best_value for r in rs if r.best_value is not None]
@@ -367,8 +385,18 @@ def _sum_states(results: list[Result]) -> dict[str, int]:
 
 def format_table(rows: list[dict[str, Any]], clock: str) -> str:
     unit = "/min" if clock == "wall" else "/cpu-min"
-    head = ("data set", f"ref{unit}", f"mem{unit}", f"sqlite{unit}", "mem/ref", "sqlite/ref", "sqlite +%",
-            "best ref", "best mem", "best sqlite")
+    head = (
+        "data set",
+        f"ref{unit}",
+        f"mem{unit}",
+        f"sqlite{unit}",
+        "mem/ref",
+        "sqlite/ref",
+        "sqlite +%",
+        "best ref",
+        "best mem",
+        "best sqlite",
+    )
 
     def acc(v: float | None) -> str:
         return "-" if v is None else f"{v:.4f}"
@@ -376,12 +404,22 @@ def format_table(rows: list[dict[str, Any]], clock: str) -> str:
     body = []
     for row in rows:
         t, bv = row[clock], row["best_value"]
-        body.append((row["dataset"], f"{t['reference']:.1f}", f"{t['memory']:.1f}", f"{t['sqlite']:.1f}",
-                     f"{t['memory_over_reference']:.2f}x", f"{t['sqlite_over_reference']:.2f}x",
-                     f"{t['sqlite_overhead_pct']:+.1f}", acc(bv["reference"]), acc(bv["memory"]), acc(bv["sqlite"])))
+        body.append(
+            (
+                row["dataset"],
+                f"{t['reference']:.1f}",
+                f"{t['memory']:.1f}",
+                f"{t['sqlite']:.1f}",
+                f"{t['memory_over_reference']:.2f}x",
+                f"{t['sqlite_over_reference']:.2f}x",
+                f"{t['sqlite_overhead_pct']:+.1f}",
+                acc(bv["reference"]),
+                acc(bv["memory"]),
+                acc(bv["sqlite"]),
+            )
+        )
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
-    lines = [" | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)),
-             " | ".join("-" * w for w in widths)]
+    lines = [" | ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)), " | ".join("-" * w for w in widths)]
     lines += [" | ".join(c.rjust(w) for c, w in zip(b, widths, strict=True)) for b in body]
     return "\n".join("| " + line + " |" for line in lines)
 
@@ -408,8 +446,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     quick = f"{QUICK['trials']} trials x {QUICK['rounds']} rounds, {QUICK['epochs']} epochs"
     parser.add_argument("--quick", action="store_true", help=f"a smoke run: {quick}")
     parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
-    parser.add_argument("--trials", type=int, default=None,
-                        help=f"trials per variant per round (default {FULL['trials']})")
+    parser.add_argument(
+        "--trials", type=int, default=None, help=f"trials per variant per round (default {FULL['trials']})"
+    )
     parser.add_argument("--rounds", type=int, default=None, help=f"rounds per data set (default {FULL['rounds']})")
     parser.add_argument("--epochs", type=int, default=None, help="epochs per trial (default: trainer.epochs in conf/)")
     # 1: on the shared 2-core box (load 4-6 from other jobs), tuner with 2 threads ran the same 8 trials 8x
@@ -453,26 +492,36 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(summarize(dataset, found))
     info = machine()
     tables = {clock: format_table(rows, clock) for clock in ("wall", "cpu")}
-    print(f"\nWall clock (trials per minute), medians of {args.rounds} rounds x {args.trials} trials; mem/ref, "
-          "sqlite/ref and sqlite +% are paired per round:")
+    print(
+        f"\nWall clock (trials per minute), medians of {args.rounds} rounds x {args.trials} trials; mem/ref, "
+        "sqlite/ref and sqlite +% are paired per round:"
+    )
     print(tables["wall"])
     print("\nThis process's CPU time (trials per CPU-minute; one torch thread, so less disturbed by other jobs):")
     print(tables["cpu"])
     print("\nbest val accuracy per round (reference / memory / sqlite):")
     for row in rows:
         per = row["best_per_round"]
-        cells = ("/".join("-" if v is None else f"{v:.4f}" for v in vals)
-                 for vals in zip(per["reference"], per["memory"], per["sqlite"], strict=True))
+        cells = (
+            "/".join("-" if v is None else f"{v:.4f}" for v in vals)
+            for vals in zip(per["reference"], per["memory"], per["sqlite"], strict=True)
+        )
         print(f"  {row['dataset']:14s} " + "  ".join(cells))
     same = all(row["same_sampled_params"] for row in rows)
-    print(f"\nreference data path: {args.reference}; same sampled parameters on all three sides: {same}; "
-          f"threads={args.threads}; "
-          f"{time.perf_counter() - start:.0f} s in all; load average {_load(load_start)} at start, "
-          f"{_load(info['loadavg_at_end'])} at end; {info['cpu_count']} CPUs")
+    print(
+        f"\nreference data path: {args.reference}; same sampled parameters on all three sides: {same}; "
+        f"threads={args.threads}; "
+        f"{time.perf_counter() - start:.0f} s in all; load average {_load(load_start)} at start, "
+        f"{_load(info['loadavg_at_end'])} at end; {info['cpu_count']} CPUs"
+    )
     if args.json is not None:
-        payload = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                   "machine": {**info, "loadavg_at_start": load_start}, "summary": rows,
-                   "runs": [asdict(r) for r in results], "tables": tables}
+        payload = {
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "machine": {**info, "loadavg_at_start": load_start},
+            "summary": rows,
+            "runs": [asdict(r) for r in results],
+            "tables": tables,
+        }
         args.json.write_text(json.dumps(payload, indent=2))
     return 0
 
