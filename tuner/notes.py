@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 from tuner.config import RunConfig
 from tuner.importance import EVALUATOR_TITLES, LESSON_ORDER, param_importances, tier_of
 from tuner.space import Param, values_from_params
-from tuner.study import safe_url
+from tuner.study import mask_password, safe_url
 
 __all__ = ["REFINED_FROM_ATTR", "command_line", "end_note", "start_note", "write_end_note", "write_start_note"]
 
@@ -170,7 +170,12 @@ def end_note(study: optuna.Study, params: list[Param], *, evaluator: str = "ped_
 
 def write_start_note(study: optuna.Study, run: RunConfig, params: list[Param]) -> str:
     refined = study.user_attrs.get(REFINED_FROM_ATTR)
-    note = start_note(run, params, command=command_line(), refined_from=refined if isinstance(refined, dict) else None)
+    note = start_note(
+        run,
+        params,
+        command=mask_password(command_line(), run.study.storage),
+        refined_from=refined if isinstance(refined, dict) else None,
+    )
     import optuna_dashboard  # 1.7 s to import here: only when a study is open, not on every start-up
 
     earlier = optuna_dashboard.get_note(study)

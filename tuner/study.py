@@ -29,6 +29,7 @@ __all__ = [
     "make_pruner",
     "make_sampler",
     "make_storage",
+    "mask_password",
     "mask_password_in_files",
     "open_study",
     "safe_url",
@@ -91,18 +92,22 @@ def safe_url(url: str) -> str:
         return "<unparseable storage URL>"
 
 
-def mask_password_in_files(url: str, paths: Iterable[Path]) -> None:
-    """Replace the storage URL's password with *** in files that copied the command line (Hydra's .hydra/)."""
+def mask_password(text: str, url: str) -> str:
+    """``text`` with the storage URL's password replaced by ***."""
     try:
         password = make_url(url).password
     except ArgumentError:
-        return
-    if not password:
-        return
+        return text
+    return text.replace(str(password), "***") if password else text
+
+
+def mask_password_in_files(url: str, paths: Iterable[Path]) -> None:
+    """Replace the storage URL's password with *** in files that copied the command line (Hydra's .hydra/)."""
     for path in paths:
         text = path.read_text(encoding="utf-8")
-        if str(password) in text:
-            path.write_text(text.replace(str(password), "***"), encoding="utf-8")
+        masked = mask_password(text, url)
+        if masked != text:
+            path.write_text(masked, encoding="utf-8")
 
 
 def check_storage_url(url: str) -> URL:
