@@ -19,8 +19,8 @@ from optuna.trial import TrialState
 
 import tuner.objective
 from tests.conftest import compose_raw
-from tuner.config import ConfigError
-from tuner.faults import FailureStreakError, parse_faults
+from tuner.config import ConfigError, parse_run
+from tuner.faults import FailureStreakError
 from tuner.study import make_storage
 from tuner.trainer import train
 from tuner.tune import prepare, tune
@@ -204,7 +204,7 @@ def test_faults_a_worker_whose_trial_was_given_up_for_dead_goes_on(
 )
 def test_faults_bad_settings_are_named(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        parse_faults(compose_raw(override))
+        parse_run(compose_raw(override))
 
 
 @pytest.mark.slow

@@ -47,6 +47,10 @@ class StudyConfig:
     storage: str
     seed: int
     output_dir: str
+    heartbeat_interval: int | None  # seconds between a running trial's heartbeats; None turns them off
+    grace_period: int | None  # seconds without a heartbeat before a trial counts as dead; None: 2x interval
+    max_retry: int | None  # how often a dead worker's trial is queued again; None: always
+    max_failure_streak: int | None  # stop when this many recent trials all failed with one error type
     artifact_dir: str | None = None  # None: see tuner.artifacts.artifact_dir
 
 
@@ -303,6 +307,10 @@ def parse_run(raw: Mapping[str, Any]) -> RunConfig:
         storage=storage,
         seed=s.integer("seed", minimum=0),
         output_dir=s.text("output_dir"),
+        heartbeat_interval=s.integer("heartbeat_interval", minimum=1, optional=True),
+        grace_period=s.integer("grace_period", minimum=1, optional=True),
+        max_retry=s.integer("max_retry", minimum=0, optional=True),
+        max_failure_streak=s.integer("max_failure_streak", minimum=1, optional=True),
         artifact_dir=s.text("artifact_dir", optional=True),
     )
     return RunConfig(

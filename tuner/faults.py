@@ -6,57 +6,23 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator
 from types import FrameType
-from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner.budget import budget_used
-from tuner.config import ConfigError
 from tuner.study import FINISHED
 
 __all__ = [
     "FailureStreak",
     "FailureStreakError",
-    "FaultConfig",
     "Interrupted",
     "StopAtBudget",
     "error_reason",
     "interruptible",
-    "parse_faults",
 ]
-
-
-@dataclass(frozen=True)
-class FaultConfig:
-    heartbeat_interval: int | None  # seconds between a running trial's heartbeats; null turns them off
-    grace_period: int | None  # seconds without a heartbeat before a trial counts as dead; null: 2x interval
-    max_retry: int | None  # how often a dead worker's trial is queued again; null: always
-    max_failure_streak: int | None  # stop when this many recent trials all failed with one error type
-
-
-def _optional_int(study: Mapping[str, Any], key: str, minimum: int) -> int | None:
-    value = study.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"study.{key} must be an integer >= {minimum} or null, but got {value!r}.")
-    return value
-
-
-def parse_faults(raw: Mapping[str, Any]) -> FaultConfig:
-    study = raw.get("study")
-    if not isinstance(study, Mapping):
-        raise ConfigError(f"study must be a mapping of settings, but got {study!r}.")
-    return FaultConfig(
-        heartbeat_interval=_optional_int(study, "heartbeat_interval", 1),
-        grace_period=_optional_int(study, "grace_period", 1),
-        max_retry=_optional_int(study, "max_retry", 0),
-        max_failure_streak=_optional_int(study, "max_failure_streak", 1),
-    )
 
 
 def error_reason(err: BaseException) -> str:

@@ -12,14 +12,14 @@ from typing import Any
 import optuna
 import torch
 from optuna.storages import RetryHeartbeatStaleTrialCallback
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from tuner.artifacts import artifact_dir
 from tuner.budget import BudgetReached, budget_used
 from tuner.checkpoint import load_model
 from tuner.config import ConfigError, RunConfig, parse_run, parse_trial, set_path
-from tuner.faults import FailureStreak, FailureStreakError, FaultConfig, StopAtBudget, interruptible, parse_faults
+from tuner.faults import FailureStreak, FailureStreakError, StopAtBudget, interruptible
 from tuner.notes import write_end_note, write_start_note
 from tuner.objective import Objective
 from tuner.plots import save_dashboard_plots
@@ -48,7 +48,6 @@ def prepare(raw: dict[str, Any]) -> tuple[RunConfig, list[Param]]:
     make_sampler(run.sampler, seed=run.study.seed)
     make_pruner(run.pruner)
     check_storage_url(run.study.storage)
-    parse_faults(raw)
     try:
         resolve_device(run.trial.trainer.device)
     except ValueError as err:
@@ -106,12 +105,16 @@ def _recover_stale_trials(study: optuna.Study) -> None:
         )
 
 
+def _trial(study: optuna.Study, number: int | None) -> FrozenTrial | None:
+    return next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
+
+
 def _given_up_for_dead(study: optuna.Study, number: int | None) -> bool:
     """Another worker failed this worker's trial for want of a heartbeat (and queued it again): go on.
 
     Optuna then refuses this worker's ``tell`` ("Cannot tell a FAIL trial"), which would end the worker.
     """
-    trial = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
+    trial = _trial(study, number)
     if trial is None or trial.state != TrialState.FAIL or "fail_reason" in trial.user_attrs:
         return False
     log.warning(
@@ -122,17 +125,17 @@ def _given_up_for_dead(study: optuna.Study, number: int | None) -> bool:
     return True
 
 
-def _requeue_interrupted(study: optuna.Study, objective: Objective, faults: FaultConfig) -> None:
+def _requeue_interrupted(study: optuna.Study, objective: Objective, max_retry: int | None) -> None:
     """Queue the trial that Ctrl-C or SIGTERM ended (FAIL) to run again, as Optuna retries a dead worker's trial."""
     number = objective.last_trial_number
-    trial = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
+    trial = _trial(study, number)
     if trial is None or trial.state != TrialState.FAIL or "interrupted" not in str(trial.user_attrs.get("fail_reason")):
         return
     copy = deepcopy(trial)
     copy.user_attrs = {k: v for k, v in trial.user_attrs.items() if k != "fail_reason"}  # the retry has not failed
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        RetryHeartbeatStaleTrialCallback(max_retry=faults.max_retry)(study, copy)
+        RetryHeartbeatStaleTrialCallback(max_retry=max_retry)(study, copy)
 
 
 def tune(run: RunConfig, params: list[Param], *, worker: int = 0) -> Summary:
@@ -148,12 +151,11 @@ def tune(run: RunConfig, params: list[Param], *, worker: int = 0) -> Summary:
     objective = Objective(run, params, best_model_path=model_path)
     # Load the data before the storage is touched: a missing data set must not leave a study behind.
     objective.splits(run.trial.data, resolve_device(run.trial.trainer.device))
-    faults = parse_faults(run.raw)
     storage = make_storage(
         run.study.storage,
-        heartbeat_interval=faults.heartbeat_interval,
-        grace_period=faults.grace_period,
-        max_retry=faults.max_retry,
+        heartbeat_interval=run.study.heartbeat_interval,
+        grace_period=run.study.grace_period,
+        max_retry=run.study.max_retry,
         trial_budget=run.study.n_trials,
     )
     study = open_study(run, storage, worker=worker)
@@ -174,7 +176,7 @@ def tune(run: RunConfig, params: list[Param], *, worker: int = 0) -> Summary:
     )
     if remaining > 0:
         progress = Progress(remaining)
-        streak = FailureStreak(faults.max_failure_streak)
+        streak = FailureStreak(run.study.max_failure_streak)
         deadline = None if run.study.timeout is None else time.monotonic() + run.study.timeout
         try:
             with logging_redirect_tqdm(), interruptible():
@@ -198,7 +200,7 @@ def tune(run: RunConfig, params: list[Param], *, worker: int = 0) -> Summary:
         except BudgetReached:
             pass  # the other workers started the last trials: this worker is done
         except KeyboardInterrupt:
-            _requeue_interrupted(study, objective, faults)
+            _requeue_interrupted(study, objective, run.study.max_retry)
             raise
         finally:
             progress.close()
