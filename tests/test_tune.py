@@ -11,6 +11,7 @@ from optuna.trial import TrialState
 
 from tests.conftest import compose_raw
 from tuner.checkpoint import load_model
+from tuner.config import parse_trial
 from tuner.data import load_splits
 from tuner.tune import prepare, tune
 
@@ -69,9 +70,7 @@ def test_tune_saves_the_best_model_and_scores_it_on_test(finished: tuple[Path, o
     assert payload["meta"]["trial"] == study.best_trial.number
     raw = torch.load(tmp_path / "out" / "best_model.pt", weights_only=True)  # loadable without pickle code
     assert "state_dict" in raw
-    splits = load_splits(
-        __import__("tuner.config", fromlist=["parse_trial"]).parse_trial(compose_raw("data=digits")).data
-    )
+    splits = load_splits(parse_trial(compose_raw("data=digits")).data)
     with torch.no_grad():
         accuracy = (model(splits.x_test).argmax(1) == splits.y_test).float().mean().item()
     stored = study.user_attrs["test_accuracy"]
