@@ -4,7 +4,8 @@ In one process, per data set, rounds alternate three variants over the same sear
 sampler seed, trial seeds, pruner, epochs, device and thread count, so machine noise hits all alike:
 
 - ``reference``: Optuna's ``examples/pytorch/pytorch_simple.py`` written out below: per trial a
-  ``DataLoader(TensorDataset(...), shuffle=True)`` (per-sample indexing, default collate), a plain
+  ``DataLoader(dataset, shuffle=True)`` (per-sample decoding and indexing, default collate; the shuffle
+  seeded per trial as tuner's, see ``_loaders``), a plain
   ``torch.optim`` optimizer from ``getattr(optim, name)``, validation through a DataLoader each epoch,
   ``trial.report`` + ``trial.should_prune`` per epoch;
 - ``memory``: tuner's real ``Objective`` through ``study.optimize`` with in-memory storage;
@@ -41,7 +42,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch import optim
 from torch.optim.lr_scheduler import LambdaLR
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
 
 from tuner.__main__ import config_dir
 from tuner.config import OptimizerConfig, RunConfig, TrialConfig
@@ -116,8 +117,14 @@ class ExampleDataset(Dataset[tuple[torch.Tensor, int]]):
         return (t - self.mean) / self.std, self.targets[i]
 
 
-def _loaders(splits: Splits, batch_size: int, kind: str) -> tuple[DataLoader[Any], DataLoader[Any]]:
+def _loaders(splits: Splits, batch_size: int, kind: str, seed: int) -> tuple[DataLoader[Any], DataLoader[Any]]:
     """What the example's ``get_mnist`` returns, built anew each trial.
+
+    The example's ``shuffle=True`` is a ``RandomSampler``; here it gets the trial's seed instead of drawing
+    from the global RNG. It then draws ``torch.randperm(n, generator)`` each epoch, exactly as tuner's
+    trainer does with the same seed, so both sides train on identical batches from identical initial
+    weights, and the accuracy columns differ by implementation (fused optimizer kernels, summation order),
+    not by luck of the shuffle.
 
     ``kind="example"``: per-sample decoding and transform, as the example's torchvision dataset does.
     ``kind="tensor"``: a TensorDataset over tensors already normalized in memory (per-sample indexing and
@@ -133,7 +140,14 @@ def _loaders(splits: Splits, batch_size: int, kind: str) -> tuple[DataLoader[Any
     # BatchNorm cannot train on a one-sample batch; tuner skips such a last batch, the reference drops it.
     drop_last = len(splits.y_train) % batch_size == 1
     return (
-        DataLoader(train, batch_size=batch_size, shuffle=True, drop_last=drop_last),
+        # The generator goes to the sampler only: DataLoader draws a worker seed from its own generator each
+        # epoch, which would shift the sampler's stream.
+        DataLoader(
+            train,
+            batch_size=batch_size,
+            sampler=RandomSampler(train, generator=torch.Generator().manual_seed(seed)),
+            drop_last=drop_last,
+        ),
         DataLoader(valid, batch_size=batch_size),  # the example shuffles this one too; the order changes nothing
     )
 
@@ -161,14 +175,15 @@ class ReferenceObjective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         cfg = _with_values(self.run.trial, suggest(trial, self.params, self.run.raw))
-        torch.manual_seed(trial_seed(self.run.study.seed, trial.number))  # tuner's initial weights per trial
+        seed = trial_seed(self.run.study.seed, trial.number)
+        torch.manual_seed(seed)  # tuner's initial weights per trial
         splits = self.splits
         model = build_model(cfg.model, splits.input_shape, splits.num_classes)
         name = TORCH_OPTIMIZERS[cfg.optimizer.name]
         optimizer = getattr(optim, name)(model.parameters(), lr=cfg.optimizer.lr, **_optimizer_kwargs(cfg.optimizer))
         decay = cfg.optimizer.lr_decay
         scheduler = LambdaLR(optimizer, lambda epoch: 1.0 / (1.0 + decay * epoch))
-        train_loader, valid_loader = _loaders(splits, cfg.data.batch_size, self.kind)
+        train_loader, valid_loader = _loaders(splits, cfg.data.batch_size, self.kind, seed)
 
         accuracy = 0.0
         for epoch in range(1, cfg.trainer.epochs + 1):  # 1-based, as tuner reports, so the pruner sees the same steps

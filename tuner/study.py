@@ -21,6 +21,7 @@ from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 from tuner.budget import BudgetGate, file_lock
 from tuner.config import ConfigError, PluginConfig, RunConfig
 from tuner.journal import HeartbeatJournalStorage, check_journal_file
+from tuner.pruning import CachedCompletedTrials
 
 __all__ = [
     "FINISHED",
@@ -81,6 +82,8 @@ def make_sampler(cfg: PluginConfig, *, seed: int) -> optuna.samplers.BaseSampler
 
 def make_pruner(cfg: PluginConfig) -> optuna.pruners.BasePruner:
     pruner: optuna.pruners.BasePruner = _build("pruner", PRUNERS, cfg)
+    if isinstance(pruner, optuna.pruners.PercentilePruner):  # median and percentile: see tuner.pruning
+        return CachedCompletedTrials(pruner)
     return pruner
 
 

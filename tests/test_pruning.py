@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import optuna
+import sqlalchemy
+
+from tuner.config import PluginConfig
+from tuner.pruning import CachedCompletedTrials
+from tuner.study import make_pruner, make_storage
+
+EPOCHS = 8
+
+
+def _objective(trial: optuna.Trial) -> float:
+    """A learning curve whose height depends on x, reported each epoch like tuner's objective."""
+    x = trial.suggest_float("x", 0.0, 1.0)
+    value = 0.0
+    for epoch in range(1, EPOCHS + 1):
+        value = x * (1 - math.exp(-epoch / 3))
+        trial.report(value, epoch)
+        if trial.should_prune():
+            raise optuna.TrialPruned()
+    return value
+
+
+def _run(storage: optuna.storages.BaseStorage, pruner: optuna.pruners.BasePruner, name: str) -> optuna.Study:
+    study = optuna.create_study(
+        storage=storage,
+        study_name=name,
+        direction="maximize",
+        sampler=optuna.samplers.RandomSampler(seed=3),
+        pruner=pruner,
+    )
+    study.optimize(_objective, n_trials=24)
+    return study
+
+
+def test_pruning_cached_median_prunes_exactly_as_optunas_median(tmp_path: Path) -> None:
+    storage = make_storage(f"sqlite:///{tmp_path / 'p.db'}", heartbeat_interval=None)
+    options = {"n_startup_trials": 3, "n_warmup_steps": 2}
+    plain = _run(storage, optuna.pruners.MedianPruner(**options), "plain")
+    cached = _run(storage, make_pruner(PluginConfig("median", options)), "cached")
+    states = [(t.state, len(t.intermediate_values)) for t in plain.trials]
+    assert [(t.state, len(t.intermediate_values)) for t in cached.trials] == states
+    assert sum(s == optuna.trial.TrialState.PRUNED for s, _ in states) >= 5  # the comparison had pruning to match
+
+
+def test_pruning_cached_median_reads_storage_once_per_trial_not_per_epoch(tmp_path: Path) -> None:
+    storage = make_storage(f"sqlite:///{tmp_path / 'q.db'}", heartbeat_interval=None)
+    engine = storage.engine  # type: ignore[attr-defined]
+    selects = {"n": 0}
+
+    def count(conn: object, cursor: object, statement: str, *args: object) -> None:
+        selects["n"] += statement.lstrip().upper().startswith("SELECT")
+
+    sqlalchemy.event.listen(engine, "before_cursor_execute", count)
+    per_pruner = {}
+    for name, pruner in (
+        ("plain", optuna.pruners.MedianPruner(n_startup_trials=100)),  # never prunes: all epochs run on both
+        ("cached", make_pruner(PluginConfig("median", {"n_startup_trials": 100}))),
+    ):
+        selects["n"] = 0
+        _run(storage, pruner, name)
+        per_pruner[name] = selects["n"]
+    # 24 trials x 8 epochs: the plain pruner reads the study at every epoch, the cached one once per trial.
+    assert per_pruner["cached"] < 0.6 * per_pruner["plain"], per_pruner
+
+
+def test_pruning_cache_sees_trials_another_worker_completed_after_refresh(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    mine = optuna.create_study(storage=make_storage(url, heartbeat_interval=None), study_name="s", direction="maximize")
+    other = optuna.load_study(storage=make_storage(url, heartbeat_interval=None), study_name="s")
+    pruner = CachedCompletedTrials(optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0), refresh_s=0)
+    trial = mine.ask()
+    trial.report(0.5, 1)
+    assert not pruner.prune(mine, mine.trials[0])  # no completed trial yet: nothing to compare with
+    done = other.ask()
+    done.report(0.9, 1)
+    other.tell(done, 0.9)  # another worker completes a better trial while this one runs
+    frozen = next(t for t in mine.get_trials(deepcopy=False) if t.number == trial.number)
+    assert pruner.prune(mine, frozen)  # 0.5 is below the median of the completed trials (0.9)
