@@ -71,8 +71,11 @@ DATA_OVERRIDES: dict[str, tuple[str, ...]] = {
 SPACE = "default"
 # Torch's names for the optimizers that tuner's config names in lower case.
 TORCH_OPTIMIZERS = {"sgd": "SGD", "adam": "Adam", "rmsprop": "RMSprop"}
-# The default run: trials per round and rounds per data set, sized to stay under ~10 minutes on 2 cores.
-FULL = {"trials": 16, "rounds": 3}
+# The default run: rounds per data set, and trials per round: the default study's 50 where a round is short
+# (a 16-trial round makes per-study costs such as the ~3 new-best artifact uploads weigh ~3x more than in
+# the default study), 16 on the Fashion-MNIST subset; about 10 minutes in all on 2 cores.
+FULL = {"rounds": 3}
+FULL_TRIALS = {"digits": 50, "mnist1d": 50, "fashion_mnist": 16}
 QUICK = {"trials": 4, "rounds": 2, "epochs": 3}
 
 
@@ -224,6 +227,7 @@ class Result:
     states: dict[str, int]
     best_value: float | None
     params: list[dict[str, Any]]
+    values: list[float | None]  # per trial number: its value if it completed
 
     @property
     def per_minute(self) -> float:
@@ -281,7 +285,12 @@ def _result(dataset: str, variant: str, rnd: int, seed: int, wall: float, cpu: f
         states,
         max(complete) if complete else None,
         [dict(t.params) for t in trials],
+        [t.value if t.state == optuna.trial.TrialState.COMPLETE else None for t in trials],
     )
+
+
+def trials_per_round(dataset: str, args: argparse.Namespace) -> int:
+    return int(args.trials) if args.trials is not None else FULL_TRIALS[dataset]
 
 
 def bench_dataset(dataset: str, args: argparse.Namespace, workdir: Path) -> list[Result]:
@@ -307,7 +316,7 @@ def bench_dataset(dataset: str, args: argparse.Namespace, workdir: Path) -> list
     reference = ReferenceObjective(run, params, splits, kind=args.reference)
     print(
         f"{dataset}: {len(splits.y_train)} train / {len(splits.y_val)} val samples, input {splits.input_shape}, "
-        f"{run.trial.trainer.epochs} epochs, {args.trials} trials x {args.rounds} rounds",
+        f"{run.trial.trainer.epochs} epochs, {trials_per_round(dataset, args)} trials x {args.rounds} rounds",
         flush=True,
     )
 
@@ -336,7 +345,7 @@ def bench_dataset(dataset: str, args: argparse.Namespace, workdir: Path) -> list
         # Rotate the order each round, so no variant always runs right after the same other one.
         order = VARIANTS[rnd % 3 :] + VARIANTS[: rnd % 3]
         for variant in order:
-            r = one(variant, rnd, seed, args.trials)
+            r = one(variant, rnd, seed, trials_per_round(dataset, args))
             results.append(r)
             best = "-" if r.best_value is None else f"{r.best_value:.4f}"
             print(
@@ -387,6 +396,33 @@ def summarize(dataset: str, results: list[Result]) -> dict[str, Any]:
         # The check that makes the accuracy columns comparable: every variant tried the same parameters.
         "same_sampled_params": all(a.params == b.params == c.params for a, b, c in zip(ref, mem, sql, strict=True)),
         "states": {v: _sum_states(rs) for v, rs in by.items()},
+        "paired": paired_accuracy(ref, mem),
+    }
+
+
+def paired_accuracy(ref: list[Result], mem: list[Result]) -> dict[str, float | int]:
+    """tuner minus reference, trial by trial, over the trials that completed on both sides.
+
+    Both sides train one trial from the same parameters, initial weights and batch order, so a difference
+    is the implementations' (fused kernels, summation order) as amplified by training; a best-of-n
+    maximum alone cannot tell that apart from luck. "Equal" here: the mean is within two standard errors of 0.
+    """
+    diffs = [
+        m - r
+        for a, b in zip(ref, mem, strict=True)
+        for r, m in zip(a.values, b.values, strict=True)
+        if r is not None and m is not None
+    ]
+    n = len(diffs)
+    mean = statistics.fmean(diffs) if diffs else 0.0
+    se = statistics.stdev(diffs) / n**0.5 if n > 1 else 0.0
+    return {
+        "n": n,
+        "mean": mean,
+        "se": se,
+        "better": sum(d > 0 for d in diffs),
+        "same": sum(d == 0 for d in diffs),
+        "worse": sum(d < 0 for d in diffs),
     }
 
 
@@ -462,7 +498,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help=f"a smoke run: {quick}")
     parser.add_argument("--datasets", nargs="+", choices=DATASETS, default=list(DATASETS))
     parser.add_argument(
-        "--trials", type=int, default=None, help=f"trials per variant per round (default {FULL['trials']})"
+        "--trials",
+        type=int,
+        default=None,
+        help="trials per variant per round (default: "
+        + ", ".join(f"{d} {n}" for d, n in FULL_TRIALS.items())
+        + f"; --quick {QUICK['trials']})",
     )
     parser.add_argument("--rounds", type=int, default=None, help=f"rounds per data set (default {FULL['rounds']})")
     parser.add_argument("--epochs", type=int, default=None, help="epochs per trial (default: trainer.epochs in conf/)")
@@ -480,12 +521,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None, help="also write the results here as JSON")
     args = parser.parse_args(argv)
     preset = QUICK if args.quick else FULL
-    args.trials = args.trials if args.trials is not None else preset["trials"]
+    if args.trials is None and args.quick:
+        args.trials = QUICK["trials"]
     args.rounds = args.rounds if args.rounds is not None else preset["rounds"]
     if args.epochs is None and args.quick:
         args.epochs = QUICK["epochs"]
     for name in ("trials", "rounds", "threads"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, but got {getattr(args, name)}.")
     if args.epochs is not None and args.epochs < 1:
         parser.error(f"--epochs must be at least 1, but got {args.epochs}.")
@@ -508,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     tables = {clock: format_table(rows, clock) for clock in ("wall", "cpu")}
     print(
-        f"\nWall clock (trials per minute), medians of {args.rounds} rounds x {args.trials} trials; mem/ref, "
+        f"\nWall clock (trials per minute), medians of {args.rounds} rounds; mem/ref, "
         "sqlite/ref and sqlite +% are paired per round:"
     )
     print(tables["wall"])
@@ -522,6 +564,14 @@ def main(argv: list[str] | None = None) -> int:
             for vals in zip(per["reference"], per["memory"], per["sqlite"], strict=True)
         )
         print(f"  {row['dataset']:14s} " + "  ".join(cells))
+    print("\nval accuracy, tuner (memory) minus reference, per trial completed on both sides:")
+    for row in rows:
+        p = row["paired"]
+        verdict = "equal" if abs(p["mean"]) <= 2 * p["se"] else ("better" if p["mean"] > 0 else "worse")
+        print(
+            f"  {row['dataset']:14s} {p['mean']:+.4f} +- {p['se']:.4f} (mean +- standard error, n={p['n']}): "
+            f"{verdict}; tuner higher in {p['better']}, same in {p['same']}, lower in {p['worse']}"
+        )
     same = all(row["same_sampled_params"] for row in rows)
     print(
         f"\nreference data path: {args.reference}; same sampled parameters on all three sides: {same}; "
