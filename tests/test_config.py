@@ -45,10 +45,12 @@ def test_config_npz_needs_a_path() -> None:
 
 
 def test_config_set_path_copies_and_get_path_reads() -> None:
-    raw: dict[str, Any] = {"optimizer": {"lr": 0.1}}
-    changed = set_path(raw, {"optimizer.lr": 0.5})
-    assert get_path(changed, "optimizer.lr") == 0.5
-    assert raw["optimizer"]["lr"] == 0.1
+    raw: dict[str, Any] = {"optimizer": {"lr": 0.1, "momentum": 0.9}, "a": {"b": {"c": 1, "d": 2}}, "e": [1]}
+    changed = set_path(raw, {"optimizer.lr": 0.5, "a.b.c": 3, "a.b.d": 4})
+    assert changed == {"optimizer": {"lr": 0.5, "momentum": 0.9}, "a": {"b": {"c": 3, "d": 4}}, "e": [1]}
+    assert raw == {"optimizer": {"lr": 0.1, "momentum": 0.9}, "a": {"b": {"c": 1, "d": 2}}, "e": [1]}  # untouched
+    again = set_path(changed, {"optimizer.momentum": 0.99})
+    assert changed["optimizer"]["momentum"] == 0.9 and again["optimizer"] == {"lr": 0.5, "momentum": 0.99}
     assert get_path(raw, "optimizer.nope", None) is None
     with pytest.raises(KeyError):
         get_path(raw, "optimizer.nope")

@@ -10,18 +10,20 @@ from pathlib import Path
 import optuna
 import pytest
 
-from tuner.multirun import format_table, name_suffix
+from tuner.multirun import JOB_RECORD, format_table, name_suffix, write_job_record
 
 SMALL = ["data=digits", "study.n_trials=2"]
 
 
-def run_multirun(tmp_path: Path, *overrides: str, module: str = "tuner") -> subprocess.CompletedProcess[str]:
+def run_multirun(
+    tmp_path: Path, *overrides: str, module: str = "tuner", storage: str | None = None
+) -> subprocess.CompletedProcess[str]:
     args = [
         sys.executable,
         "-m",
         module,
         "-m",
-        f"study.storage=sqlite:///{tmp_path / 'study.db'}",
+        f"study.storage={storage or 'sqlite:///' + str(tmp_path / 'study.db')}",
         f"hydra.sweep.dir={tmp_path / 'multirun'}",
         *overrides,
     ]
@@ -58,6 +60,29 @@ def test_multirun_format_table_has_one_row_per_study() -> None:
     assert lines[0].split() == ["study", "best", "val_accuracy", "test_accuracy", "trials"]
     assert lines[1].split() == ["digits-mlp", "0.9000", "0.8500", "3", "(2", "complete,", "1", "pruned)"]
     assert lines[2].split() == ["digits-cnn", "-", "-", "1", "(1", "fail)"]
+
+
+def test_multirun_job_record_keeps_no_password(tmp_path: Path) -> None:
+    write_job_record(tmp_path, study="s", storage="postgresql://alice:Pw-9d1e@db.example/optuna")
+    text = (tmp_path / JOB_RECORD).read_text()
+    assert "Pw-9d1e" not in text and "postgresql://alice:***@db.example/optuna" in text
+
+
+@pytest.mark.slow
+def test_multirun_on_postgresql_leaves_no_password_on_disk_and_still_tables_its_studies(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    password = "Pw-7a3b5c9d"  # the test server trusts loopback, so any password connects
+    url = postgres_url.replace("postgresql://tuner@", f"postgresql://tuner:{password}@")
+    result = run_multirun(tmp_path, *SMALL, "model=mlp,softmax", storage=url)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    leaks = [str(p) for p in tmp_path.rglob("*") if p.is_file() and password.encode() in p.read_bytes()]
+    assert leaks == [] and password not in out
+    table = out[out.index("2 studies in postgresql://tuner:***@") :]
+    for name in ("digits-mlp", "digits-softmax"):
+        (line,) = [line for line in table.splitlines() if line.startswith(name + " ")]
+        assert line.endswith("2 (2 complete)")
 
 
 @pytest.mark.slow

@@ -86,14 +86,14 @@ def test_sweeper_encoded_values_parse_back() -> None:
     assert [o.value() for o in parsed] == values
 
 
-def run_sweep(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
+def run_sweep(tmp_path: Path, *overrides: str, storage: str | None = None) -> subprocess.CompletedProcess[str]:
     args = [
         sys.executable,
         "-m",
         "tuner.train",
         "-m",
         "hydra/sweeper=tuner",
-        f"study.storage=sqlite:///{tmp_path / 'study.db'}",
+        f"study.storage={storage or 'sqlite:///' + str(tmp_path / 'study.db')}",
         f"study.output_dir={tmp_path / 'out'}",
         f"hydra.sweep.dir={tmp_path / 'multirun'}",
         "data=digits",
@@ -108,6 +108,20 @@ def load(tmp_path: Path, name: str = "digits-mlp") -> optuna.Study:
 
 # The median pruner acts from the second trial on, at every epoch: on this budget it must prune.
 PRUNE_EARLY = ["pruner.n_startup_trials=1", "pruner.n_warmup_steps=0", "trainer.epochs=3"]
+
+
+@pytest.mark.slow
+def test_sweeper_on_postgresql_leaves_no_password_on_disk(tmp_path: Path, postgres_url: str) -> None:
+    password = "Pw-2e8f6a1b"  # the test server trusts loopback, so any password connects
+    url = postgres_url.replace("postgresql://tuner@", f"postgresql://tuner:{password}@")
+    result = run_sweep(
+        tmp_path, "study.n_trials=2", "trainer.epochs=1", "optimizer.lr=tag(log, interval(1e-3, 1e-1))", storage=url
+    )
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    leaks = [str(p) for p in tmp_path.rglob("*") if p.is_file() and password.encode() in p.read_bytes()]
+    assert leaks == [] and password not in out
+    assert len(optuna.load_study(study_name="digits-mlp", storage=postgres_url).trials) == 2
 
 
 @pytest.mark.slow

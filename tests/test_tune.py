@@ -79,6 +79,21 @@ def test_tune_saves_the_best_model_and_scores_it_on_test(finished: tuple[Path, o
     assert accuracy > 0.8
 
 
+def test_tune_scores_the_best_trials_own_checkpoint_when_another_workers_landed_last(tmp_path: Path) -> None:
+    overrides = _overrides(tmp_path)
+    tune(*prepare(compose_raw(*overrides)))
+    study = optuna.load_study(study_name="digits-mlp", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    best, path = study.best_trial, tmp_path / "out" / "best_model.pt"
+    # What a parallel worker's lesser best leaves behind: another trial's checkpoint (here: with zeroed weights).
+    payload = torch.load(path, weights_only=True)
+    payload["meta"]["trial"] = next(t.number for t in study.trials if t.number != best.number)
+    payload["state_dict"] = {k: torch.zeros_like(v) for k, v in payload["state_dict"].items()}
+    torch.save(payload, path)
+    summary = tune(*prepare(compose_raw(*overrides)))  # the study is full: no training, the summary scores again
+    assert torch.load(path, weights_only=True)["meta"]["trial"] == best.number
+    assert summary.test_accuracy is not None and summary.test_accuracy > 0.8  # the best trial's own weights
+
+
 def test_tune_resume_continues_to_the_total_without_repeating(finished: tuple[Path, optuna.Study]) -> None:
     tmp_path, _ = finished
     tune(*prepare(compose_raw(*_overrides(tmp_path))))  # same command: already at the total

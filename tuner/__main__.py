@@ -38,18 +38,31 @@ def to_container(cfg: DictConfig) -> dict[str, Any]:
     return {str(k): v for k, v in raw.items()}
 
 
+def mask_saved_password(cfg: DictConfig) -> None:
+    """Hydra saved the command line, storage password included: under <run dir>/.hydra, and in a multirun
+    also as <sweep dir>/multirun.yaml. Mask it there, first thing in every job."""
+    from tuner.study import mask_password_in_files, mask_passwords_in_logs
+
+    mask_passwords_in_logs()  # Hydra set up this job's logging afresh
+    url = OmegaConf.select(cfg, "study.storage")
+    if not isinstance(url, str):
+        return
+    hydra_cfg = HydraConfig.get()
+    saved: list[Path] = []
+    if hydra_cfg.output_subdir is not None:
+        saved += Path(hydra_cfg.runtime.output_dir, hydra_cfg.output_subdir).glob("*.yaml")
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        saved.append(Path(hydra_cfg.sweep.dir, "multirun.yaml"))
+    mask_password_in_files(url, [p for p in saved if p.is_file()])
+
+
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from tuner.faults import FailureStreakError
-    from tuner.study import mask_password_in_files
     from tuner.tune import prepare, tune  # torch is imported only once the config is composed
 
     job = _multirun_job(cfg)
-    # Hydra saved the command line, storage password included, under <run dir>/.hydra: mask it there.
-    hydra_cfg = HydraConfig.get()
-    if hydra_cfg.output_subdir is not None and isinstance(OmegaConf.select(cfg, "study.storage"), str):
-        saved = Path(hydra_cfg.runtime.output_dir, hydra_cfg.output_subdir).glob("*.yaml")
-        mask_password_in_files(cfg.study.storage, saved)
+    mask_saved_password(cfg)
     try:
         run, params = prepare(to_container(cfg))
         # Parallel workers on one study are jobs of one multirun: the job number seeds each one's sampler apart.

@@ -20,7 +20,8 @@ import optuna
 import torch
 from matplotlib.figure import Figure  # the object API: no pyplot state, renders with Agg
 from matplotlib.ticker import MaxNLocator
-from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+from optuna.artifacts import FileSystemArtifactStore, download_artifact, get_all_artifact_meta, upload_artifact
+from optuna.trial import FrozenTrial
 from sqlalchemy.engine import make_url
 from torch import nn
 
@@ -33,6 +34,7 @@ __all__ = [
     "confusion_matrix",
     "plot_confusion_matrix",
     "plot_learning_curve",
+    "restore_checkpoint",
     "upload_best_artifacts",
 ]
 
@@ -132,3 +134,22 @@ def upload_best_artifacts(
         for path in (curve, confusion):
             ids.append(upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial))
     return ids
+
+
+def restore_checkpoint(
+    trial: FrozenTrial, storage: optuna.storages.BaseStorage, store: FileSystemArtifactStore, path: Path
+) -> bool:
+    """Put ``trial``'s uploaded checkpoint at ``path`` (atomically); ``False`` when it has none.
+
+    Parallel workers share one ``best_model.pt``: two that finish new bests together may leave the lesser
+    one there. Each trial's own upload is its own, so the study's best is always recoverable from it.
+    """
+    metas = [m for m in get_all_artifact_meta(trial, storage=storage) if m.filename == CHECKPOINT_NAME]
+    if not metas:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".tuner-restore-") as tmp:
+        fetched = Path(tmp) / CHECKPOINT_NAME
+        download_artifact(artifact_store=store, file_path=str(fetched), artifact_id=metas[-1].artifact_id)
+        fetched.replace(path)
+    return True

@@ -11,9 +11,10 @@ Overrides that only say where or how long to run (``study.*`` except ``study.see
 jobs that differ only in them share one study: that is how parallel workers run one study
 (``+worker=range(4)``). An explicit ``study.name=...`` wins over all of this.
 
-Each job writes ``study.json`` (study name and storage) into its Hydra output folder;
+Each job writes ``study.json`` (study name and storage, its password masked) into its Hydra output folder;
 ``StudiesTable`` (a Hydra callback, see ``hydra.callbacks`` in conf/config.yaml) reads them back at the
-end of the multirun and prints one table built from the storage.
+end of the multirun, with the password of the sweep's ``study.storage`` (held in memory, never on disk),
+and prints one table built from the storage.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ from typing import Any
 import optuna
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from tuner.study import safe_url
+from tuner.study import mask_passwords_in_logs, safe_url
 from tuner.summary import count_states
 
 __all__ = [
@@ -91,12 +92,17 @@ def keep_summary_in_job_log() -> None:
 
 
 def write_job_record(output_dir: str | Path, *, study: str, storage: str) -> None:
-    """Leave the job's study where ``StudiesTable`` finds it.
-
-    The storage URL is written as given: the job's ``.hydra/config.yaml`` beside it holds it already.
-    """
+    """Leave the job's study where ``StudiesTable`` finds it, with any storage password masked."""
     path = Path(output_dir) / JOB_RECORD
-    path.write_text(json.dumps({"study": study, "storage": storage}) + "\n")
+    path.write_text(json.dumps({"study": study, "storage": safe_url(storage)}) + "\n")
+
+
+def _unmasked(recorded: str, configured: str | None) -> str | None:
+    """The URL to read a job's study from: its record, with the password of the sweep's own ``study.storage``
+    put back when the record is that URL masked; ``None`` when a masked password cannot be recovered."""
+    if configured is not None and recorded == safe_url(configured):
+        return configured
+    return recorded if safe_url(recorded) == recorded and "***" not in recorded else None
 
 
 def study_row(study_name: str, storage: str) -> dict[str, Any]:
@@ -128,12 +134,24 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 class StudiesTable(Callback):
     """Hydra callback: after a multirun, one table across its jobs' studies, read back from storage."""
 
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        mask_passwords_in_logs()  # the launcher logs each job's overrides, the storage URL among them
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
+        configured = OmegaConf.select(config, "study.storage", default=None)
         seen: dict[tuple[str, str], None] = {}  # ordered set: several workers share one study
         for record in sorted(sweep_dir.glob(f"*/{JOB_RECORD}"), key=lambda p: _job_order(p.parent.name)):
             data = json.loads(record.read_text())
-            seen[(data["study"], data["storage"])] = None
+            storage = _unmasked(data["storage"], configured if isinstance(configured, str) else None)
+            if storage is None:
+                log.warning(
+                    "study %r in %s is left out of the table: its password is not kept on disk",
+                    data["study"],
+                    data["storage"],
+                )
+                continue
+            seen[(data["study"], storage)] = None
         if not seen:
             return
         rows: list[dict[str, Any]] = []

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import os
+import re
 import sqlite3
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -25,6 +29,7 @@ from tuner.pruning import CachedCompletedTrials
 
 __all__ = [
     "FINISHED",
+    "MaskPasswords",
     "check_storage_url",
     "finished_trials",
     "make_pruner",
@@ -32,6 +37,7 @@ __all__ = [
     "make_storage",
     "mask_password",
     "mask_password_in_files",
+    "mask_passwords_in_logs",
     "open_study",
     "safe_url",
 ]
@@ -104,13 +110,49 @@ def mask_password(text: str, url: str) -> str:
     return text.replace(str(password), "***") if password else text
 
 
+# scheme://user:password@ in a log line; Hydra writes the ':' of an override value as '\:'.
+_URL_PASSWORD = re.compile(r"(://[^\s:/@\\]+\\?:)[^\s@]+@")
+
+
+class MaskPasswords(logging.Filter):
+    """Mask each ``scheme://user:password@`` in a log record: Hydra's launchers log every job's overrides,
+    ``study.storage`` included, before tuner's code runs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        masked = _URL_PASSWORD.sub(r"\1***@", message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        return True
+
+
+# The loggers that print each job's overrides: Hydra's basic launcher and the joblib launcher (hydra-core 1.3.8,
+# hydra-joblib-launcher 1.2.0). A filter on the logger itself survives the launchers reconfiguring logging.
+_OVERRIDE_LOGGERS = ("hydra._internal.core_plugins.basic_launcher", "hydra_plugins.hydra_joblib_launcher._core")
+
+
+def mask_passwords_in_logs() -> None:
+    """Put ``MaskPasswords`` on the root logger's handlers and on the loggers that print job overrides."""
+    targets: list[logging.Filterer] = [*logging.getLogger().handlers]
+    targets += [logging.getLogger(name) for name in _OVERRIDE_LOGGERS]
+    for target in targets:
+        if not any(isinstance(f, MaskPasswords) for f in target.filters):
+            target.addFilter(MaskPasswords())
+
+
 def mask_password_in_files(url: str, paths: Iterable[Path]) -> None:
-    """Replace the storage URL's password with *** in files that copied the command line (Hydra's .hydra/)."""
+    """Replace the storage URL's password with *** in files that copied the command line (Hydra's .hydra/).
+
+    Each file is replaced whole (temp file + rename): parallel jobs mask one multirun.yaml at once.
+    """
     for path in paths:
         text = path.read_text(encoding="utf-8")
         masked = mask_password(text, url)
         if masked != text:
-            path.write_text(masked, encoding="utf-8")
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(masked)
+            os.replace(tmp, path)
 
 
 def check_storage_url(url: str) -> URL:

@@ -50,7 +50,7 @@ from tuner.config import ConfigError, RunConfig
 from tuner.handoff import TrialHandle
 from tuner.multirun import format_table, study_row
 from tuner.space import Param, describe, suggest
-from tuner.study import finished_trials, make_storage, open_study, safe_url
+from tuner.study import finished_trials, make_storage, mask_passwords_in_logs, open_study, safe_url
 from tuner.summary import count_states, trial_line
 from tuner.trainer import TrainingDiverged
 
@@ -243,6 +243,7 @@ def sweep_or_exit(
     hydra_context: HydraContext, config: DictConfig, launcher: Launcher, arguments: list[str], *, n_jobs: int | None
 ) -> dict[str, int]:
     """The sweeper's body: one clear line and exit 2 on bad input, nothing written to storage."""
+    mask_passwords_in_logs()  # the launcher logs each job's overrides, the storage URL among them
     try:
         plan = plan_sweep(hydra_context, config, arguments)
     except ConfigError as err:

@@ -11,11 +11,11 @@ from typing import Any
 
 import optuna
 import torch
-from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.storages import BaseStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from tuner.artifacts import artifact_dir
+from tuner.artifacts import artifact_dir, artifact_store, restore_checkpoint
 from tuner.budget import BudgetReached, budget_used
 from tuner.checkpoint import load_model
 from tuner.config import ConfigError, RunConfig, parse_run, parse_trial, set_path
@@ -62,26 +62,35 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _score_best(study: optuna.Study, objective: Objective, summary: Summary) -> None:
+def _score_best(study: optuna.Study, storage: BaseStorage, objective: Objective, summary: Summary) -> None:
     """Score the best trial's saved model once on the held-out test split."""
     best = study.best_trial
     summary.best_number, summary.best_value = best.number, best.value
     summary.best_params = values_from_params(objective.params, best.params)
     model_path = objective.best_model_path
-    if not model_path.exists():
-        log.warning("no saved model at %s: the best trial's test accuracy is not scored", model_path)
-        return
     cfg = parse_trial(set_path(objective.run.raw, summary.best_params))
     device = resolve_device(cfg.trainer.device)
-    model, payload = load_model(model_path, map_location=device)
-    if payload["meta"].get("trial") != best.number:
-        log.warning(
-            "%s holds trial %s, not the best trial %s: test accuracy not scored",
-            model_path,
-            payload["meta"].get("trial"),
+    loaded = load_model(model_path, map_location=device) if model_path.exists() else None
+    held = loaded[1]["meta"].get("trial") if loaded else None
+    if loaded is None or held != best.number:
+        # Parallel workers share best_model.pt: another worker's lesser best may have landed last.
+        # The best trial's own uploaded checkpoint is the one to score.
+        if not restore_checkpoint(best, storage, artifact_store(objective.run.study), model_path):
+            log.warning(
+                "%s holds trial %s, not the best trial %s, which has no checkpoint artifact: test accuracy not scored",
+                model_path,
+                held,
+                best.number,
+            )
+            return
+        log.info(
+            "best trial %d's checkpoint restored to %s from its artifacts (it held trial %s)",
             best.number,
+            model_path,
+            held,
         )
-        return
+        loaded = load_model(model_path, map_location=device)
+    model = loaded[0]
     splits = objective.splits(cfg.data, device)
     _, accuracy = evaluate(model, splits.x_test, splits.y_test, batch_size=cfg.trainer.eval_batch_size)
     summary.test_accuracy, summary.test_size = accuracy, len(splits.x_test)
@@ -210,7 +219,7 @@ def tune(run: RunConfig, params: list[Param], *, worker: int = 0) -> Summary:
         study_name=study.study_name, storage=url, states=count_states(study), wall_seconds=time.monotonic() - start
     )
     if any(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
-        _score_best(study, objective, summary)
+        _score_best(study, storage, objective, summary)
     summary.hints.append(
         f"a bigger study: python -m tuner study.name={study.study_name}-big study.n_trials={run.study.n_trials * 4} "
         f"trainer.epochs={run.trial.trainer.epochs * 2}"
