@@ -228,6 +228,8 @@ class Result:
     best_value: float | None
     params: list[dict[str, Any]]
     values: list[float | None]  # per trial number: its value if it completed
+    durations: list[float]  # per trial number: seconds from start to finish
+    epochs: list[int]  # per trial number: epochs it trained (reported)
 
     @property
     def per_minute(self) -> float:
@@ -286,7 +288,15 @@ def _result(dataset: str, variant: str, rnd: int, seed: int, wall: float, cpu: f
         max(complete) if complete else None,
         [dict(t.params) for t in trials],
         [t.value if t.state == optuna.trial.TrialState.COMPLETE else None for t in trials],
+        [_seconds(t) for t in trials],
+        [len(t.intermediate_values) for t in trials],
     )
+
+
+def _seconds(trial: optuna.trial.FrozenTrial) -> float:
+    if trial.datetime_start is None or trial.datetime_complete is None:
+        return 0.0
+    return (trial.datetime_complete - trial.datetime_start).total_seconds()
 
 
 def trials_per_round(dataset: str, args: argparse.Namespace) -> int:
@@ -397,7 +407,24 @@ def summarize(dataset: str, results: list[Result]) -> dict[str, Any]:
         "same_sampled_params": all(a.params == b.params == c.params for a, b, c in zip(ref, mem, sql, strict=True)),
         "states": {v: _sum_states(rs) for v, rs in by.items()},
         "paired": paired_accuracy(ref, mem),
+        "by_cost": speedup_by_cost(ref, mem),
     }
+
+
+def speedup_by_cost(ref: list[Result], mem: list[Result], groups: int = 4) -> list[float]:
+    """reference/tuner time over the same trials, in quartiles of the reference's seconds per epoch.
+
+    Cheap trials (small models) are bound by per-sample and per-op overhead, which tuner removes;
+    costly ones by matrix work, which is the same on both sides in fp32 on one CPU core.
+    """
+    per_epoch = sorted(
+        (r_s / max(epochs, 1), r_s, m_s)
+        for a, b in zip(ref, mem, strict=True)
+        for r_s, m_s, epochs in zip(a.durations, b.durations, a.epochs, strict=True)
+    )
+    size = max(len(per_epoch) // groups, 1)
+    chunks = [per_epoch[i : i + size] for i in range(0, len(per_epoch), size)][:groups]
+    return [sum(r for _, r, _ in c) / sum(m for _, _, m in c) for c in chunks if c]
 
 
 def paired_accuracy(ref: list[Result], mem: list[Result]) -> dict[str, float | int]:
@@ -572,6 +599,10 @@ def main(argv: list[str] | None = None) -> int:
             f"  {row['dataset']:14s} {p['mean']:+.4f} +- {p['se']:.4f} (mean +- standard error, n={p['n']}): "
             f"{verdict}; tuner higher in {p['better']}, same in {p['same']}, lower in {p['worse']}"
         )
+    print("\nreference/tuner (memory) time on the same trials, by quartile of the reference's seconds per epoch")
+    print("(cheapest first: overhead-bound small models ... costliest: matrix-bound large models):")
+    for row in rows:
+        print(f"  {row['dataset']:14s} " + "  ".join(f"{x:.2f}x" for x in row["by_cost"]))
     same = all(row["same_sampled_params"] for row in rows)
     print(
         f"\nreference data path: {args.reference}; same sampled parameters on all three sides: {same}; "
