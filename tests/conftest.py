@@ -72,6 +72,8 @@ def digits_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[str], A
     ]
     tune(*prepare(compose_raw(*overrides)))
     return overrides, optuna.load_study(study_name="digits-mlp", storage=f"sqlite:///{tmp / 'study.db'}")
+
+
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
     """A fresh database on the test PostgreSQL server that .ci/run starts (TUNER_TEST_POSTGRES_URL).

@@ -132,7 +132,11 @@ def test_sweeper_prunes_jobs_and_a_rerun_continues_the_study(tmp_path: Path) -> 
     assert "Error executing job" not in out and "Traceback" not in out
     (table_line,) = [line for line in out.splitlines() if line.startswith("digits-mlp ")]
     assert table_line.endswith(" pruned)") and "6 (" in table_line  # the table at the end, from storage
-    trials = load(tmp_path).trials
+    study = load(tmp_path)
+    scored = study.user_attrs["test_accuracy"]  # the best trial scored once on the test split, at the end
+    assert scored["trial"] == study.best_trial.number and scored["samples"] == 360 and scored["value"] > 0.5
+    assert f"{scored['value']:.4f}" in table_line.split()
+    trials = study.trials
     assert [t.number for t in trials] == list(range(6))
     states = [t.state for t in trials]
     assert TrialState.FAIL not in states and TrialState.RUNNING not in states

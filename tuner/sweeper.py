@@ -36,6 +36,7 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -250,6 +251,23 @@ def sweep_or_exit(
         log.error("%s", err)
         sys.exit(2)
     states = run_sweep(plan, launcher, config, n_jobs=n_jobs)
-    # The same table as python -m tuner -m prints (test accuracy is scored by python -m tuner only).
+    score_sweep(plan)
+    # The same table as python -m tuner -m prints.
     log.info("%s", format_table([study_row(plan.run.study.name, plan.run.study.storage)]))
     return states
+
+
+def score_sweep(plan: SweepPlan) -> None:
+    """Score the study's best trial on the test split once, as ``python -m tuner`` does at its end."""
+    from tuner.objective import Objective
+    from tuner.tune import score_best
+
+    storage = make_storage(plan.run.study.storage)
+    study = optuna.load_study(study_name=plan.run.study.name, storage=storage)
+    if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+        return
+    # The jobs (tuner.train) save each new best where this objective looks for it.
+    objective = Objective(plan.run, plan.params, best_model_path=Path(plan.run.study.output_dir) / "best_model.pt")
+    scored = score_best(study, storage, objective)
+    if scored is not None:
+        log.info("best trial %d: test_accuracy %.4f on %d test samples", study.best_trial.number, *scored)

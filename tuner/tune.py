@@ -36,7 +36,7 @@ from tuner.study import (
 from tuner.summary import Progress, Summary, count_states, format_summary
 from tuner.trainer import evaluate, resolve_device
 
-__all__ = ["prepare", "tune"]
+__all__ = ["prepare", "score_best", "tune"]
 
 log = logging.getLogger("tuner")
 
@@ -62,13 +62,14 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _score_best(study: optuna.Study, storage: BaseStorage, objective: Objective, summary: Summary) -> None:
-    """Score the best trial's saved model once on the held-out test split."""
+def score_best(study: optuna.Study, storage: BaseStorage, objective: Objective) -> tuple[float, int] | None:
+    """Score the best trial's saved model once on the held-out test split: ``(accuracy, test samples)``.
+
+    Stored on the study as the ``test_accuracy`` user attribute; ``None`` when there is no model to score.
+    """
     best = study.best_trial
-    summary.best_number, summary.best_value = best.number, best.value
-    summary.best_params = values_from_params(objective.params, best.params)
     model_path = objective.best_model_path
-    cfg = parse_trial(set_path(objective.run.raw, summary.best_params))
+    cfg = parse_trial(set_path(objective.run.raw, values_from_params(objective.params, best.params)))
     device = resolve_device(cfg.trainer.device)
     loaded = load_model(model_path, map_location=device) if model_path.exists() else None
     held = loaded[1]["meta"].get("trial") if loaded else None
@@ -82,7 +83,7 @@ def _score_best(study: optuna.Study, storage: BaseStorage, objective: Objective,
                 held,
                 best.number,
             )
-            return
+            return None
         log.info(
             "best trial %d's checkpoint restored to %s from its artifacts (it held trial %s)",
             best.number,
@@ -90,12 +91,10 @@ def _score_best(study: optuna.Study, storage: BaseStorage, objective: Objective,
             held,
         )
         loaded = load_model(model_path, map_location=device)
-    model = loaded[0]
     splits = objective.splits(cfg.data, device)
-    _, accuracy = evaluate(model, splits.x_test, splits.y_test, batch_size=cfg.trainer.eval_batch_size)
-    summary.test_accuracy, summary.test_size = accuracy, len(splits.x_test)
-    summary.model_path = str(model_path)
+    _, accuracy = evaluate(loaded[0], splits.x_test, splits.y_test, batch_size=cfg.trainer.eval_batch_size)
     study.set_user_attr("test_accuracy", {"trial": best.number, "value": accuracy, "samples": len(splits.x_test)})
+    return accuracy, len(splits.x_test)
 
 
 def _recover_stale_trials(study: optuna.Study) -> None:
@@ -219,7 +218,13 @@ def tune(run: RunConfig, params: list[Param], *, worker: int = 0) -> Summary:
         study_name=study.study_name, storage=url, states=count_states(study), wall_seconds=time.monotonic() - start
     )
     if any(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
-        _score_best(study, storage, objective, summary)
+        best = study.best_trial
+        summary.best_number, summary.best_value = best.number, best.value
+        summary.best_params = values_from_params(params, best.params)
+        scored = score_best(study, storage, objective)
+        if scored is not None:
+            summary.test_accuracy, summary.test_size = scored
+            summary.model_path = str(objective.best_model_path)
     summary.hints.append(
         f"a bigger study: python -m tuner study.name={study.study_name}-big study.n_trials={run.study.n_trials * 4} "
         f"trainer.epochs={run.trial.trainer.epochs * 2}"
