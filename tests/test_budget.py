@@ -32,3 +32,26 @@ def test_budget_storage_refuses_a_fresh_trial_beyond_n_trials_but_runs_a_retry(t
     with pytest.raises(BudgetReached):
         b.ask()
     assert len(a.get_trials()) == 4 and (tmp_path / "study.db.tuner-lock").exists()
+
+
+def test_budget_sqlite_counts_in_sql_exactly_as_over_the_trials(tmp_path: Path) -> None:
+    storage = make_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat_interval=None, trial_budget=100)
+    study = optuna.create_study(storage=storage, study_name="s")
+    for value in (0.1, 0.2, 0.3):
+        study.tell(study.ask(), value)
+    study.tell(study.ask(), state=TrialState.PRUNED)
+    dead = study.ask()
+    study.tell(dead, state=TrialState.FAIL)
+    RetryHeartbeatStaleTrialCallback()(study, study.get_trials()[dead.number])  # queues a WAITING retry
+    study.tell(study.ask(), state=TrialState.FAIL)  # the retry ran and failed too (counted, not replaced)
+    study.ask()  # one running
+    study.enqueue_trial({})  # one waiting: not counted
+    trials = study.get_trials()
+    assert {t.state for t in trials} == {
+        TrialState.COMPLETE,
+        TrialState.PRUNED,
+        TrialState.FAIL,
+        TrialState.RUNNING,
+        TrialState.WAITING,
+    }
+    assert storage.budget_count(study._study_id) == budget_used(trials) == 6  # type: ignore[attr-defined]

@@ -43,13 +43,17 @@ class BudgetGate:
     def budget_lock(self, study_id: int) -> contextlib.AbstractContextManager[None]:
         raise NotImplementedError
 
+    def budget_count(self, study_id: int) -> int:
+        """``budget_used`` of the study's trials; a storage may count without loading every trial."""
+        storage: Any = self  # a BaseStorage: the class this is mixed into
+        return budget_used(storage.get_all_trials(study_id, deepcopy=False))
+
     def gate(self, study_id: int, template_trial: FrozenTrial | None, create: Callable[[], T]) -> T:
         """Run ``create`` (the storage's own trial insert) unless it would exceed the budget."""
         if template_trial is not None or self.trial_budget is None:  # enqueue_trial / add_trial / a retry copy
             return create()
-        storage: Any = self  # a BaseStorage: the class this is mixed into
         with self.budget_lock(study_id):
-            if budget_used(storage.get_all_trials(study_id, deepcopy=False)) >= self.trial_budget:
+            if self.budget_count(study_id) >= self.trial_budget:
                 raise BudgetReached(f"study.n_trials={self.trial_budget} is reached by this study's workers")
             return create()
 

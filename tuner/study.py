@@ -44,6 +44,7 @@ __all__ = [
 
 # The states that count toward study.n_trials: every trial that ran to an end.
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+_COUNTED = (TrialState.RUNNING, *FINISHED)  # what the budget counts (tuner.budget.budget_used)
 # SQLite waits this long for a lock before failing; 5 s or more gave 0 lock errors with 16 processes.
 SQLITE_BUSY_TIMEOUT_S = 60.0
 # Parallel workers' sampler seeds lie this far apart: no worker reaches another's seed by resuming.
@@ -226,6 +227,31 @@ class GatedRDBStorage(BudgetGate, RDBStorage):
         # The insert that both RDBStorage.create_new_trial and Optuna's _CachedStorage call (optuna 5.0).
         insert = super(BudgetGate, self)._create_new_trial
         return self.gate(study_id, template_trial, lambda: insert(study_id, template_trial))
+
+    def budget_count(self, study_id: int) -> int:
+        """``budget_used`` in SQL. Loading every trial through the ORM, as ``get_all_trials`` does, made each
+        new trial cost O(trials): 0.45 s a trial at 1,200 trials on SQLite. Reads Optuna 5.0's tables
+        (``trials``, ``trial_system_attributes``; schema unchanged since Optuna 3.2)."""
+        counted: sqlalchemy.BindParameter[list[str]] = sqlalchemy.bindparam(
+            "states", [s.name for s in _COUNTED], expanding=True
+        )
+        in_budget = "SELECT count(*) FROM trials WHERE study_id = :study AND state IN :states"
+        with self.engine.connect() as conn:
+            total = conn.execute(sqlalchemy.text(in_budget).bindparams(counted), {"study": study_id})
+            used = int(total.scalar_one())
+            histories = conn.execute(
+                sqlalchemy.text(
+                    "SELECT a.value_json FROM trial_system_attributes a JOIN trials t ON a.trial_id = t.trial_id "
+                    "WHERE t.study_id = :study AND a.key = 'retry_history'"
+                ),
+                {"study": study_id},
+            )
+            replaced = sorted({n for (value,) in histories for n in json.loads(value)})
+            if replaced:  # a dead trial whose retry was queued: the retry takes its place
+                numbers: sqlalchemy.BindParameter[list[int]] = sqlalchemy.bindparam("numbers", replaced, expanding=True)
+                query = sqlalchemy.text(f"{in_budget} AND number IN :numbers")
+                used -= int(conn.execute(query.bindparams(counted, numbers), {"study": study_id}).scalar_one())
+        return used
 
     def budget_lock(self, study_id: int) -> contextlib.AbstractContextManager[None]:
         if self.engine.dialect.name == "sqlite":
