@@ -34,8 +34,12 @@ def test_budget_storage_refuses_a_fresh_trial_beyond_n_trials_but_runs_a_retry(t
     assert len(a.get_trials()) == 4 and (tmp_path / "study.db.tuner-lock").exists()
 
 
-def test_budget_sqlite_counts_in_sql_exactly_as_over_the_trials(tmp_path: Path) -> None:
-    storage = make_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat_interval=None, trial_budget=100)
+@pytest.mark.parametrize("scheme", ["sqlite", "postgresql"])
+def test_budget_counts_in_sql_exactly_as_over_the_trials(
+    tmp_path: Path, scheme: str, request: pytest.FixtureRequest
+) -> None:
+    url = f"sqlite:///{tmp_path / 'study.db'}" if scheme == "sqlite" else request.getfixturevalue("postgres_url")
+    storage = make_storage(url, heartbeat_interval=None, trial_budget=100)
     study = optuna.create_study(storage=storage, study_name="s")
     for value in (0.1, 0.2, 0.3):
         study.tell(study.ask(), value)

@@ -231,11 +231,12 @@ class GatedRDBStorage(BudgetGate, RDBStorage):
     def budget_count(self, study_id: int) -> int:
         """``budget_used`` in SQL. Loading every trial through the ORM, as ``get_all_trials`` does, made each
         new trial cost O(trials): 0.45 s a trial at 1,200 trials on SQLite. Reads Optuna 5.0's tables
-        (``trials``, ``trial_system_attributes``; schema unchanged since Optuna 3.2)."""
+        (``trials``, ``trial_system_attributes``; schema unchanged since Optuna 3.2); ``state`` is an enum
+        type on PostgreSQL, so it is compared as text."""
         counted: sqlalchemy.BindParameter[list[str]] = sqlalchemy.bindparam(
             "states", [s.name for s in _COUNTED], expanding=True
         )
-        in_budget = "SELECT count(*) FROM trials WHERE study_id = :study AND state IN :states"
+        in_budget = "SELECT count(*) FROM trials WHERE study_id = :study AND CAST(state AS VARCHAR) IN :states"
         with self.engine.connect() as conn:
             total = conn.execute(sqlalchemy.text(in_budget).bindparams(counted), {"study": study_id})
             used = int(total.scalar_one())
