@@ -176,3 +176,38 @@ def test_study_foreign_journal_file_is_refused_and_left_untouched(tmp_path: Path
     with pytest.raises(ConfigError, match="is not an Optuna journal file; it was left untouched"):
         make_storage(f"journal:///{path}")
     assert path.read_bytes() == before
+
+
+def _pg_tables(url: str) -> dict[str, int]:
+    """Every table of the database with its row count."""
+    import psycopg
+
+    with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://")) as conn:
+        names = [r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")]
+        return {n: conn.execute(f'SELECT count(*) FROM "{n}"').fetchone()[0] for n in names}  # type: ignore[index]
+
+
+def test_study_postgresql_database_of_other_tables_is_refused_and_left_untouched(postgres_url: str) -> None:
+    import psycopg
+
+    with psycopg.connect(postgres_url) as conn:
+        conn.execute("CREATE TABLE invoices (id integer)")
+        conn.execute("INSERT INTO invoices VALUES (1)")
+    with pytest.raises(ConfigError, match="a database with other tables and not Optuna's; it was left untouched"):
+        make_storage(postgres_url)
+    assert _pg_tables(postgres_url) == {"invoices": 1}  # no Optuna table created among them
+
+
+def test_study_postgresql_incompatible_optuna_schema_is_refused_and_left_untouched(postgres_url: str) -> None:
+    import psycopg
+
+    optuna.create_study(storage=make_storage(postgres_url), study_name="old").optimize(
+        lambda t: t.suggest_float("x", 0, 1), n_trials=2
+    )
+    with psycopg.connect(postgres_url) as conn:  # what an Optuna 3.0 database says about its schema
+        conn.execute("UPDATE alembic_version SET version_num = 'v3.0.0.a'")
+        conn.execute("DROP TABLE trial_heartbeats")  # and a table that Optuna 3.0 did not have yet
+    before = _pg_tables(postgres_url)
+    with pytest.raises(ConfigError, match="an Optuna database this Optuna cannot use; it was left untouched"):
+        make_storage(postgres_url)
+    assert _pg_tables(postgres_url) == before  # RDBStorage alone would have created trial_heartbeats again

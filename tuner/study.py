@@ -318,6 +318,8 @@ def make_storage(
     try:
         with warnings.catch_warnings(), _schema_lock(rdb_url):
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
+            if parsed.get_backend_name() == "postgresql":
+                _check_optuna_server(rdb_url, url)
             storage = _rdb_storage(
                 lambda: GatedRDBStorage(
                     rdb_url.render_as_string(hide_password=False), engine_kwargs=engine_kwargs, **heartbeat
@@ -326,9 +328,46 @@ def make_storage(
             )
         storage.trial_budget = trial_budget
         return storage
+    except ConfigError:
+        raise
     except Exception as err:  # driver and schema errors come in many types; all mean "cannot use it"
         message = _hide_password(str(err), parsed).splitlines()[0]
         raise ConfigError(f"study.storage={safe_url(url)!r} cannot be opened: {message}") from None
+
+
+def _check_optuna_server(rdb_url: URL, url: str) -> None:
+    """Refuse a PostgreSQL database that tuner must not write to, before anything does.
+
+    RDBStorage (optuna 5.0) creates its tables in any database, among an application's own, and adds
+    missing tables to an older Optuna schema before its version check fails. So: an empty database is
+    fine (Optuna creates its tables); one with tables but not Optuna's is refused; one with Optuna's
+    tables passes Optuna's own check on a read-only session (``default_transaction_read_only``), which
+    creates nothing and fails on an old or newer schema.
+    """
+    engine = sqlalchemy.create_engine(rdb_url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        tables = set(sqlalchemy.inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+    if not tables:
+        return
+    shown = safe_url(url)
+    if not {"studies", "trials", "version_info"} <= tables:
+        raise ConfigError(
+            f"study.storage={shown!r} is a database with other tables and not Optuna's; it was left untouched. "
+            "Point study.storage at an empty database or an Optuna one."
+        )
+    read_only = {
+        "poolclass": sqlalchemy.pool.NullPool,
+        "connect_args": {"options": "-c default_transaction_read_only=on"},
+    }
+    try:
+        RDBStorage(rdb_url.render_as_string(hide_password=False), engine_kwargs=read_only).engine.dispose()
+    except Exception as err:  # RuntimeError for a schema mismatch; a read-only error if it tried to create a table
+        message = _hide_password(str(err), rdb_url).splitlines()[0]
+        raise ConfigError(
+            f"study.storage={shown!r} is an Optuna database this Optuna cannot use; it was left untouched: {message}"
+        ) from None
 
 
 def _rdb_storage(open_storage: Callable[[], GatedRDBStorage], *, retry: bool) -> GatedRDBStorage:
