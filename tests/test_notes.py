@@ -44,12 +44,13 @@ def test_notes_study_note_in_storage_tells_setup_space_and_results(digits_study:
 def test_notes_importance_table_ranks_params_with_the_lessons_tier() -> None:
     raw = compose_raw("space=lr", "data=digits")
     params = parse_space(raw["space"], raw)
-    study = optuna.create_study(direction="maximize")
-    for i in range(12):
+    # Seeded, and 30 trials: with 12 unseeded ones PED-ANOVA put the irrelevant param first in 4 of 20 samples.
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(30):
         trial = study.ask()
         lr = trial.suggest_float("optimizer.lr", 1e-4, 1.0, log=True)
         trial.suggest_int("model.hidden_units", 32, 512, log=True)  # no effect on the value below
-        study.tell(trial, -abs(lr - 0.01) + 0 * i)
+        study.tell(trial, -abs(lr - 0.01))
     note = end_note(study, params)
     table = [line for line in note.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
     assert table[0].startswith("| 1 | `optimizer.lr` |") and table[0].endswith("| 1 |")
