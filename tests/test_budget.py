@@ -4,6 +4,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
@@ -58,4 +59,9 @@ def test_budget_counts_in_sql_exactly_as_over_the_trials(
         TrialState.RUNNING,
         TrialState.WAITING,
     }
+    statements: list[str] = []
+    engine = storage.engine  # type: ignore[attr-defined]
+    sqlalchemy.event.listen(engine, "before_cursor_execute", lambda *args: statements.append(args[2]))
     assert storage.budget_count(study._study_id) == budget_used(trials) == 6  # type: ignore[attr-defined]
+    # Counted in the database: no trial's params, values or attributes are loaded (as get_all_trials would).
+    assert len(statements) <= 3 and not any("trial_params" in s or "trial_values" in s for s in statements)
