@@ -3,6 +3,7 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -211,3 +212,35 @@ def test_study_postgresql_incompatible_optuna_schema_is_refused_and_left_untouch
     with pytest.raises(ConfigError, match="an Optuna database this Optuna cannot use; it was left untouched"):
         make_storage(postgres_url)
     assert _pg_tables(postgres_url) == before  # RDBStorage alone would have created trial_heartbeats again
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal", "postgresql"])
+def test_study_each_queued_trial_goes_to_one_worker_only(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    # Retries and refine's queued trials are WAITING: parallel workers must not train one twice.
+    url = _storage_url(kind, tmp_path, request.getfixturevalue("postgres_url") if kind == "postgresql" else None)
+    storage = make_storage(url)
+    queued = 60
+    first = optuna.create_study(storage=storage, study_name="q")
+    for i in range(queued):
+        first.enqueue_trial({"x": i})
+    popped: list[list[int]] = [[] for _ in range(4)]
+    go = threading.Barrier(4)
+
+    def worker(mine: list[int]) -> None:
+        study = optuna.load_study(study_name="q", storage=storage)  # each worker its own handle
+        go.wait()
+        while True:
+            trial = study.ask()
+            if trial.number >= queued:  # the queue is empty: this is a fresh trial
+                return
+            mine.append(trial.number)
+
+    threads = [threading.Thread(target=worker, args=(mine,)) for mine in popped]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    everything = sorted(n for mine in popped for n in mine)
+    assert everything == list(range(queued))  # each queued trial once, none twice

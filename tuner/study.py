@@ -221,7 +221,24 @@ def _check_optuna_schema(url: str, path: Path) -> None:
 
 
 class GatedRDBStorage(BudgetGate, RDBStorage):
-    """RDBStorage that creates no trial beyond ``trial_budget`` (see tuner.budget)."""
+    """RDBStorage that creates no trial beyond ``trial_budget`` (see tuner.budget), and on SQLite hands a
+    queued trial to one worker only."""
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values: Any = None) -> bool:
+        """Optuna pops a queued trial by reading that it is WAITING and then writing RUNNING (optuna 5.0).
+
+        PostgreSQL locks the row between the two (``SELECT ... FOR UPDATE``); SQLite ignores FOR UPDATE, and
+        pysqlite starts no transaction before a SELECT, so two workers could both read WAITING and both train
+        the trial: the second one's tell then fails ("Cannot tell a COMPLETE trial"; two threads popped the
+        same trial in 1 of 3 short runs). On SQLite the pop holds the lock file of ``budget_lock``.
+        """
+        if state != TrialState.RUNNING or self.engine.dialect.name != "sqlite":
+            return super().set_trial_state_values(trial_id, state, values)
+        with file_lock(self._lock_path()):
+            return super().set_trial_state_values(trial_id, state, values)
+
+    def _lock_path(self) -> str:
+        return f"{self.engine.url.database}.tuner-lock"
 
     def _create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> FrozenTrial:
         # The insert that both RDBStorage.create_new_trial and Optuna's _CachedStorage call (optuna 5.0).
@@ -256,7 +273,7 @@ class GatedRDBStorage(BudgetGate, RDBStorage):
 
     def budget_lock(self, study_id: int) -> contextlib.AbstractContextManager[None]:
         if self.engine.dialect.name == "sqlite":
-            return file_lock(f"{self.engine.url.database}.tuner-lock")
+            return file_lock(self._lock_path())
         return _advisory_lock(self.engine, study_id)
 
 
