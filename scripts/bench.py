@@ -1,14 +1,20 @@
 """Trials per minute of tuner's trainer against the approach of Optuna's official PyTorch example.
 
-In one process, per data set, rounds alternate three variants over the same search space, data split,
-sampler seed, trial seeds, pruner, epochs, device and thread count, so machine noise hits all alike:
+In one process, per data set, rounds alternate four variants over the same sampled trials (tuner's
+sampler draws them once per round and every variant's trial k gets the k-th draw, so it has the same
+parameters, seed, initial weights and batches everywhere), data split, pruner, epochs and device, so
+machine noise hits all alike:
 
 - ``reference``: Optuna's ``examples/pytorch/pytorch_simple.py`` written out below: per trial a
   ``DataLoader(dataset, shuffle=True)`` (per-sample decoding and indexing, default collate; the shuffle
   seeded per trial as tuner's, see ``_loaders``), a plain
   ``torch.optim`` optimizer from ``getattr(optim, name)``, validation through a DataLoader each epoch,
-  ``trial.report`` + ``trial.should_prune`` per epoch;
-- ``memory``: tuner's real ``Objective`` through ``study.optimize`` with in-memory storage;
+  ``trial.report`` + ``trial.should_prune`` per epoch; one trial after another, one torch thread;
+- ``reference_mt``: the same with torch's default thread count (every core), as the example runs when
+  nobody sets it. Each round's ratios take the faster of the two references;
+- ``memory``: tuner's real ``Objective`` and ``run_workers`` with in-memory storage, training in
+  ``trainer.workers=auto`` worker processes (one per core, ``--threads`` torch threads each), as
+  ``python -m tuner`` does by default;
 - ``sqlite``: the same with ``tuner.study.make_storage`` on a fresh SQLite file.
 
 Usage::
@@ -21,6 +27,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -45,16 +52,19 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
 
 from tuner.__main__ import config_dir
+from tuner.budget import BudgetGate
 from tuner.config import OptimizerConfig, RunConfig, TrialConfig
 from tuner.data import Splits
+from tuner.faults import StopAtBudget
 from tuner.model import build_model
 from tuner.objective import Objective, trial_seed
 from tuner.space import Param, suggest
 from tuner.study import make_pruner, make_sampler, make_storage
-from tuner.trainer import TrainingDiverged
-from tuner.tune import prepare
+from tuner.tune import prepare, run_workers
+from tuner.workers import ProcessTrainer, resolve_workers
 
-VARIANTS = ("reference", "memory", "sqlite")
+VARIANTS = ("reference", "reference_mt", "memory", "sqlite")
+REFERENCES = ("reference", "reference_mt")
 DATASETS = ("digits", "mnist1d", "fashion_mnist")
 # Per data set: the overrides that pick it. A 6000-sample stratified subset of Fashion-MNIST's 60k keeps a
 # reference trial near a few seconds on 2 cores; the files come from /usr/share/datasets/fashion-mnist.
@@ -249,25 +259,72 @@ def compose_raw(overrides: list[str]) -> dict[str, Any]:
     return cast(dict[str, Any], raw)
 
 
-def _run_study(
-    objective: Callable[[optuna.Trial], float],
-    run: RunConfig,
-    *,
-    storage: optuna.storages.BaseStorage,
-    seed: int,
-    trials: int,
-    catch: tuple[type[Exception], ...],
-) -> tuple[float, float, optuna.Study]:
-    study = optuna.create_study(
+class GatedInMemoryStorage(BudgetGate, optuna.storages.InMemoryStorage):
+    """In-memory storage that creates no trial beyond ``trial_budget``, as tuner's SQLite storage: so that
+    parallel workers stop at exactly the round's trials (tuner.budget)."""
+
+    def budget_lock(self, study_id: int) -> Any:
+        return self._lock  # InMemoryStorage's own RLock
+
+    def create_new_trial(self, study_id: int, template_trial: optuna.trial.FrozenTrial | None = None) -> int:
+        create = super(BudgetGate, self).create_new_trial
+        return self.gate(study_id, template_trial, lambda: create(study_id, template_trial))
+
+
+def sample_plan(run: RunConfig, params: list[Param], seed: int, trials: int) -> list[dict[str, Any]]:
+    """The round's trials: ``trials`` draws of tuner's sampler (seeded) over the space, untrained."""
+    study = optuna.create_study(sampler=make_sampler(run.sampler, seed=seed))
+    plan = []
+    for _ in range(trials):
+        trial = study.ask()
+        suggest(trial, params, run.raw)
+        study.tell(trial, 0.0)
+        plan.append(dict(trial.params))
+    return plan
+
+
+class PlanSampler(optuna.samplers.BaseSampler):
+    """Gives trial k the plan's k-th parameters, whichever worker runs it.
+
+    Not ``enqueue_trial``: a queue of 50 WAITING trials makes Optuna's cached SQLite storage read every
+    one of them back at each ``ask`` (about 9 ms a trial), a cost no real study has.
+    """
+
+    def __init__(self, plan: list[dict[str, Any]]) -> None:
+        self.plan = plan
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+        return {}
+
+    def sample_relative(
+        self, study: optuna.Study, trial: optuna.trial.FrozenTrial, search_space: dict[str, Any]
+    ) -> dict[str, Any]:
+        return {}
+
+    def sample_independent(
+        self, study: optuna.Study, trial: optuna.trial.FrozenTrial, name: str, distribution: Any
+    ) -> Any:
+        return self.plan[trial.number][name]
+
+
+def _new_study(run: RunConfig, storage: optuna.storages.BaseStorage, plan: list[dict[str, Any]]) -> optuna.Study:
+    return optuna.create_study(
         storage=storage,
-        sampler=make_sampler(run.sampler, seed=seed),
+        sampler=PlanSampler(plan),
         pruner=make_pruner(run.pruner),
         direction=optuna.study.StudyDirection[run.study.direction.upper()],
     )
-    # Only the trials are timed: opening a storage is paid once per study, not per trial.
-    start, cpu = time.perf_counter(), time.process_time()
-    study.optimize(objective, n_trials=trials, catch=catch)
-    return time.perf_counter() - start, time.process_time() - cpu, study
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """CPU time of this process plus the live worker processes ``pids`` (utime + stime from /proc)."""
+    total = time.process_time()
+    ticks = os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
 
 
 def _result(dataset: str, variant: str, rnd: int, seed: int, wall: float, cpu: float, study: optuna.Study) -> Result:
@@ -330,40 +387,68 @@ def bench_dataset(dataset: str, args: argparse.Namespace, workdir: Path) -> list
         flush=True,
     )
 
+    workers = resolve_workers(run.trial.trainer.workers, args.threads, cpu)
+    # One worker process per worker thread, kept across rounds (started during the warm-up, as a study's are
+    # before its first trial); each trains with --threads torch threads.
+    trainers = [ProcessTrainer(args.threads) for _ in range(workers)]
+    tuner_objectives = {
+        "memory": [memory_objective.for_worker(t) for t in trainers],
+        "sqlite": [sqlite_objective.for_worker(t) for t in trainers],
+    }
+    print(f"  tuner: {workers} worker process(es) x {args.threads} torch thread(s)", flush=True)
+
     def one(variant: str, rnd: int, seed: int, trials: int) -> Result:
-        objective: Callable[[optuna.Trial], float] = reference
-        storage: optuna.storages.BaseStorage = optuna.storages.InMemoryStorage()
-        catch: tuple[type[Exception], ...] = ()
-        if variant != "reference":
-            # As tuner.tune does: a diverged trial is recorded as FAIL and the study goes on.
-            objective, catch = (memory_objective if variant == "memory" else sqlite_objective), (TrainingDiverged,)
+        plan = sample_plan(run, params, seed, trials)
+        storage: optuna.storages.BaseStorage = GatedInMemoryStorage()
         if variant == "sqlite":
             db = workdir / f"{dataset}-{rnd}-{seed}.db"
             db.unlink(missing_ok=True)
             storage = make_storage(f"sqlite:///{db}")
-        wall, cpu_s, study = _run_study(objective, run, storage=storage, seed=seed, trials=trials, catch=catch)
+        storage.trial_budget = trials  # type: ignore[attr-defined]
+        study = _new_study(run, storage, plan)
+        if variant in REFERENCES:
+            torch.set_num_threads(args.threads if variant == "reference" else args.default_threads)
+            start, cpu_start = time.perf_counter(), _cpu_seconds([])
+            study.optimize(reference, n_trials=trials)
+            wall, cpu_s = time.perf_counter() - start, _cpu_seconds([]) - cpu_start
+            torch.set_num_threads(args.threads)
+        else:
+            objectives = tuner_objectives[variant]
+            studies = [
+                optuna.load_study(study_name=study.study_name, storage=storage, sampler=PlanSampler(plan))
+                for _ in objectives
+            ]
+            pids = [t.pid for t in trainers if t.pid is not None]
+            start, cpu_start = time.perf_counter(), _cpu_seconds(pids)
+            run_workers(studies, objectives, callbacks=[StopAtBudget(trials)])
+            wall = time.perf_counter() - start
+            cpu_s = _cpu_seconds([t.pid for t in trainers if t.pid is not None]) - cpu_start
         return _result(dataset, variant, rnd, seed, wall, cpu_s, study)
 
-    # Warm-up, untimed: first-call costs (torch._dynamo's import on the first optimizer, SQLite schema, allocator)
-    # land on no variant.
+    # Warm-up, untimed: first-call costs (torch._dynamo's import on the first optimizer, SQLite schema, allocator,
+    # the worker processes' start and data) land on no variant.
     for variant in VARIANTS:
-        one(variant, -1, args.seed + 10_000, 1)
+        one(variant, -1, args.seed + 10_000, 2 * workers)
 
     results: list[Result] = []
-    for rnd in range(args.rounds):
-        seed = args.seed + rnd  # a new sample of the space each round, the same one for all three variants
-        # Rotate the order each round, so no variant always runs right after the same other one.
-        order = VARIANTS[rnd % 3 :] + VARIANTS[: rnd % 3]
-        for variant in order:
-            r = one(variant, rnd, seed, trials_per_round(dataset, args))
-            results.append(r)
-            best = "-" if r.best_value is None else f"{r.best_value:.4f}"
-            print(
-                f"  round {rnd} {variant:9s} {r.seconds:6.1f} s {r.per_minute:6.1f}/min  "
-                f"cpu {r.cpu_seconds:6.1f} s {r.per_cpu_minute:6.1f}/cpu-min  "
-                f"load {os.getloadavg()[0]:4.1f}  best {best}  {r.states}",
-                flush=True,
-            )
+    try:
+        for rnd in range(args.rounds):
+            seed = args.seed + rnd  # a new sample of the space each round, the same one for every variant
+            # Rotate the order each round, so no variant always runs right after the same other one.
+            k = rnd % len(VARIANTS)
+            for variant in VARIANTS[k:] + VARIANTS[:k]:
+                r = one(variant, rnd, seed, trials_per_round(dataset, args))
+                results.append(r)
+                best = "-" if r.best_value is None else f"{r.best_value:.4f}"
+                print(
+                    f"  round {rnd} {variant:12s} {r.seconds:6.1f} s {r.per_minute:6.1f}/min  "
+                    f"cpu {r.cpu_seconds:6.1f} s {r.per_cpu_minute:6.1f}/cpu-min  "
+                    f"load {os.getloadavg()[0]:4.1f}  best {best}  {r.states}",
+                    flush=True,
+                )
+    finally:
+        for trainer in trainers:
+            trainer.close()
     return results
 
 
@@ -371,10 +456,15 @@ def bench_dataset(dataset: str, args: argparse.Namespace, workdir: Path) -> list
 
 
 def _rates(by: dict[str, list[Result]], rate: Callable[[Result], float]) -> dict[str, float]:
-    """Medians over rounds; the ratios and the SQLite overhead are paired per round (same sampled trials)."""
-    ref, mem, sql = by["reference"], by["memory"], by["sqlite"]
+    """Medians over rounds; the ratios and the SQLite overhead are paired per round (same sampled trials).
+
+    Per round the baseline is the faster reference (one torch thread, or torch's default).
+    """
+    ref = [max(pair, key=rate) for pair in zip(by["reference"], by["reference_mt"], strict=True)]
+    mem, sql = by["memory"], by["sqlite"]
     return {
-        "reference": statistics.median(rate(r) for r in ref),
+        "reference": statistics.median(rate(r) for r in by["reference"]),
+        "reference_mt": statistics.median(rate(r) for r in by["reference_mt"]),
         "memory": statistics.median(rate(r) for r in mem),
         "sqlite": statistics.median(rate(r) for r in sql),
         "memory_over_reference": statistics.median(rate(m) / rate(r) for m, r in zip(mem, ref, strict=True)),
@@ -393,7 +483,7 @@ def summarize(dataset: str, results: list[Result]) -> dict[str, Any]:
         values = [r.best_value for r in rs if r.best_value is not None]
         return max(values) if values else None
 
-    ref, mem, sql = by["reference"], by["memory"], by["sqlite"]
+    ref, mem = by["reference"], by["memory"]
     return {
         "dataset": dataset,
         "rounds": len(ref),
@@ -404,7 +494,9 @@ def summarize(dataset: str, results: list[Result]) -> dict[str, Any]:
         # Per round, each variant's best on the same sampled trials: a fairer view than one maximum.
         "best_per_round": {v: [r.best_value for r in rs] for v, rs in by.items()},
         # The check that makes the accuracy columns comparable: every variant tried the same parameters.
-        "same_sampled_params": all(a.params == b.params == c.params for a, b, c in zip(ref, mem, sql, strict=True)),
+        "same_sampled_params": all(
+            all(r.params == rounds[0].params for r in rounds) for rounds in zip(*by.values(), strict=True)
+        ),
         "states": {v: _sum_states(rs) for v, rs in by.items()},
         "paired": paired_accuracy(ref, mem),
         "by_cost": speedup_by_cost(ref, mem),
@@ -466,12 +558,14 @@ def format_table(rows: list[dict[str, Any]], clock: str) -> str:
     head = (
         "data set",
         f"ref{unit}",
+        f"ref_mt{unit}",
         f"mem{unit}",
         f"sqlite{unit}",
         "mem/ref",
         "sqlite/ref",
         "sqlite +%",
         "best ref",
+        "best ref_mt",
         "best mem",
         "best sqlite",
     )
@@ -486,12 +580,14 @@ def format_table(rows: list[dict[str, Any]], clock: str) -> str:
             (
                 row["dataset"],
                 f"{t['reference']:.1f}",
+                f"{t['reference_mt']:.1f}",
                 f"{t['memory']:.1f}",
                 f"{t['sqlite']:.1f}",
                 f"{t['memory_over_reference']:.2f}x",
                 f"{t['sqlite_over_reference']:.2f}x",
                 f"{t['sqlite_overhead_pct']:+.1f}",
                 acc(bv["reference"]),
+                acc(bv["reference_mt"]),
                 acc(bv["memory"]),
                 acc(bv["sqlite"]),
             )
@@ -564,6 +660,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    args.default_threads = torch.get_num_threads()  # torch's own choice: reference_mt runs with it
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     load_start = os.getloadavg()
@@ -577,18 +674,18 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     tables = {clock: format_table(rows, clock) for clock in ("wall", "cpu")}
     print(
-        f"\nWall clock (trials per minute), medians of {args.rounds} rounds; mem/ref, "
-        "sqlite/ref and sqlite +% are paired per round:"
+        f"\nWall clock (trials per minute), medians of {args.rounds} rounds; mem/ref, sqlite/ref and sqlite +% are "
+        "paired per round, against the round's faster reference:"
     )
     print(tables["wall"])
-    print("\nThis process's CPU time (trials per CPU-minute; one torch thread, so less disturbed by other jobs):")
+    print("\nCPU time of this process and tuner's worker processes (trials per CPU-minute, all cores summed):")
     print(tables["cpu"])
-    print("\nbest val accuracy per round (reference / memory / sqlite):")
+    print("\nbest val accuracy per round (" + " / ".join(VARIANTS) + "):")
     for row in rows:
         per = row["best_per_round"]
         cells = (
             "/".join("-" if v is None else f"{v:.4f}" for v in vals)
-            for vals in zip(per["reference"], per["memory"], per["sqlite"], strict=True)
+            for vals in zip(*(per[v] for v in VARIANTS), strict=True)
         )
         print(f"  {row['dataset']:14s} " + "  ".join(cells))
     print("\nval accuracy, tuner (memory) minus reference, per trial completed on both sides:")
@@ -599,14 +696,15 @@ def main(argv: list[str] | None = None) -> int:
             f"  {row['dataset']:14s} {p['mean']:+.4f} +- {p['se']:.4f} (mean +- standard error, n={p['n']}): "
             f"{verdict}; tuner higher in {p['better']}, same in {p['same']}, lower in {p['worse']}"
         )
-    print("\nreference/tuner (memory) time on the same trials, by quartile of the reference's seconds per epoch")
+    print("\nreference (1 thread) / tuner (memory) seconds per trial on the same trials, each trial timed on its own")
+    print("(tuner's workers train side by side), by quartile of the reference's seconds per epoch")
     print("(cheapest first: overhead-bound small models ... costliest: matrix-bound large models):")
     for row in rows:
         print(f"  {row['dataset']:14s} " + "  ".join(f"{x:.2f}x" for x in row["by_cost"]))
     same = all(row["same_sampled_params"] for row in rows)
     print(
-        f"\nreference data path: {args.reference}; same sampled parameters on all three sides: {same}; "
-        f"threads={args.threads}; "
+        f"\nreference data path: {args.reference}; same sampled parameters on all sides: {same}; "
+        f"threads={args.threads} (reference_mt: {args.default_threads}); "
         f"{time.perf_counter() - start:.0f} s in all; load average {_load(load_start)} at start, "
         f"{_load(info['loadavg_at_end'])} at end; {info['cpu_count']} CPUs"
     )

@@ -17,7 +17,7 @@ import torch
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-import tuner.objective
+import tuner.workers
 from tests.conftest import compose_raw
 from tuner.config import ConfigError, parse_run
 from tuner.faults import FailureStreakError
@@ -27,7 +27,9 @@ from tuner.tune import prepare, tune
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 
+# trainer.workers=1: the tests that replace tuner.workers.train need the training in this process.
 SMALL = ["data=digits", "trainer.epochs=1", "study.name=faults", "pruner=none", "trainer.threads=1"]
+SMALL.append("trainer.workers=1")
 # Short heartbeats so that a dead worker is noticed within seconds, not minutes.
 FAST_HEARTBEAT = ["study.heartbeat_interval=1", "study.grace_period=2"]
 
@@ -62,13 +64,13 @@ def _trials(storage: str) -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(study_name="faults", storage=storage).get_trials()
 
 
-def _wait_for_an_epoch(storage: str, proc: subprocess.Popen[str], timeout: float = 120.0) -> None:
-    """Poll the storage until the worker's running trial has reported an epoch."""
+def _wait_for_an_epoch(storage: str, proc: subprocess.Popen[str], timeout: float = 120.0, trials: int = 1) -> None:
+    """Poll the storage until ``trials`` running trials have reported an epoch."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()[0]
         try:
-            if any(t.state == TrialState.RUNNING and t.intermediate_values for t in _trials(storage)):
+            if sum(t.state == TrialState.RUNNING and bool(t.intermediate_values) for t in _trials(storage)) >= trials:
                 return
         except KeyError:  # the study is not created yet
             pass
@@ -99,7 +101,7 @@ def test_faults_out_of_memory_fails_that_trial_frees_its_memory_and_the_study_go
         models.append(weakref.ref(model))
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(tuner.objective, "train", train_or_run_out_of_memory)
+    monkeypatch.setattr(tuner.workers, "train", train_or_run_out_of_memory)
     summary, study = _tune(tmp_path, "study.n_trials=3")
     states = [t.state for t in study.trials]
     assert states == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
@@ -128,7 +130,7 @@ def test_faults_cuda_out_of_memory_from_the_allocator_frees_the_trial_and_the_st
         torch.empty(free * 2, dtype=torch.uint8, device="cuda")  # raises torch.OutOfMemoryError
         raise AssertionError("the allocation should have failed")
 
-    monkeypatch.setattr(tuner.objective, "train", train_after_a_huge_allocation)
+    monkeypatch.setattr(tuner.workers, "train", train_after_a_huge_allocation)
     _, study = _tune(tmp_path, "study.n_trials=2", "trainer.device=cuda")
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE]
     assert study.trials[0].user_attrs["fail_reason"].startswith("OutOfMemoryError: CUDA out of memory")
@@ -141,7 +143,7 @@ def test_faults_the_same_error_in_every_recent_trial_stops_the_study(
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise FileNotFoundError("/data/shard-7.bin")
 
-    monkeypatch.setattr(tuner.objective, "train", broken)
+    monkeypatch.setattr(tuner.workers, "train", broken)
     error, study = _tune(tmp_path, "study.n_trials=20", "study.max_failure_streak=3")
     assert isinstance(error, FailureStreakError)
     assert "the last 3 trials all failed with FileNotFoundError" in str(error)
@@ -161,7 +163,7 @@ def test_faults_trials_failing_in_different_ways_do_not_stop_the_study(
             raise err
         return train(*args, **kwargs)
 
-    monkeypatch.setattr(tuner.objective, "train", sometimes_broken)
+    monkeypatch.setattr(tuner.workers, "train", sometimes_broken)
     summary, study = _tune(tmp_path, "study.n_trials=4", "study.max_failure_streak=2")
     assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE", "FAIL", "FAIL"]
     assert [t.user_attrs.get("fail_reason") for t in study.trials if t.state == TrialState.FAIL] == [
@@ -188,7 +190,7 @@ def test_faults_a_worker_whose_trial_was_given_up_for_dead_goes_on(
             RetryHeartbeatStaleTrialCallback()(other, other._storage.get_trial(running[0]._trial_id))
         return train(*args, **kwargs)
 
-    monkeypatch.setattr(tuner.objective, "train", stalled_then_train)
+    monkeypatch.setattr(tuner.workers, "train", stalled_then_train)
     summary, study = _tune(tmp_path, "study.n_trials=2")
     assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE", "COMPLETE"]
     assert RetryHeartbeatStaleTrialCallback.retry_history(study.trials[1]) == [0]
@@ -208,51 +210,61 @@ def test_faults_bad_settings_are_named(override: str, message: str) -> None:
 
 
 @pytest.mark.slow
-def test_faults_sigkilled_worker_trial_becomes_fail_and_is_retried_by_the_next_worker(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_faults_sigkilled_worker_trial_becomes_fail_and_is_retried_by_the_next_worker(
+    tmp_path: Path, workers: int
+) -> None:
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    worker = _start(tmp_path, url, "study.n_trials=2", "trainer.epochs=1000", *FAST_HEARTBEAT)
-    _wait_for_an_epoch(url, worker)
-    worker.send_signal(signal.SIGKILL)
+    run = ["study.n_trials=2", f"trainer.workers={workers}", *FAST_HEARTBEAT]
+    worker = _start(tmp_path, url, *run, "trainer.epochs=1000")
+    _wait_for_an_epoch(url, worker, trials=workers)
+    worker.send_signal(signal.SIGKILL)  # its worker processes find their pipe closed and exit
     worker.wait()
-    (killed,) = _trials(url)
-    assert killed.state == TrialState.RUNNING  # nobody told the storage
+    killed = _trials(url)
+    assert [t.state for t in killed] == [TrialState.RUNNING] * workers  # nobody told the storage
     time.sleep(2.5)  # the grace period passes without a heartbeat
-    result = _run(tmp_path, url, "study.n_trials=2", *FAST_HEARTBEAT)
+    result = _run(tmp_path, url, *run)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "trial(s) of a dead worker marked FAIL and queued again" in result.stdout + result.stderr
     trials = _trials(url)
-    # The dead trial is replaced by its retry: two trials trained to the end, as study.n_trials=2 asks.
-    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
-    retry = trials[1]
-    assert RetryHeartbeatStaleTrialCallback.retry_history(retry) == [0]
-    assert retry.params == killed.params  # the same configuration is trained again
-    assert retry.user_attrs["seed"] == killed.user_attrs["seed"]
+    # Each dead trial is replaced by its retry: two trials trained to the end, as study.n_trials=2 asks.
+    assert [t.state for t in trials] == [TrialState.FAIL] * workers + [TrialState.COMPLETE] * 2
+    for dead in killed:
+        (retry,) = [t for t in trials if RetryHeartbeatStaleTrialCallback.retry_history(t) == [dead.number]]
+        assert retry.params == dead.params  # the same configuration is trained again
+        assert retry.user_attrs["seed"] == dead.user_attrs["seed"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize(
+    ("sig", "code", "workers"), [(signal.SIGINT, 130, 1), (signal.SIGTERM, 143, 1), (signal.SIGINT, 130, 2)]
+)
 def test_faults_interrupt_ends_the_trial_with_a_reason_and_the_same_command_resumes(
-    tmp_path: Path, sig: signal.Signals, code: int
+    tmp_path: Path, sig: signal.Signals, code: int, workers: int
 ) -> None:
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    worker = _start(tmp_path, url, "study.n_trials=2", "trainer.epochs=1000")
-    _wait_for_an_epoch(url, worker)
+    run = ["study.n_trials=2", f"trainer.workers={workers}"]
+    worker = _start(tmp_path, url, *run, "trainer.epochs=1000")
+    _wait_for_an_epoch(url, worker, trials=workers)
     worker.send_signal(sig)
     out = worker.communicate(timeout=60)[0]
     assert worker.returncode == code, out
     assert f"interrupted by {sig.name}" in out and "Traceback" not in out
-    interrupted, queued = _trials(url)
-    assert interrupted.state == TrialState.FAIL
-    assert interrupted.user_attrs["fail_reason"] == f"interrupted by {sig.name}"
-    assert queued.state == TrialState.WAITING and queued.params == interrupted.params
+    trials = _trials(url)
+    interrupted, queued = trials[:workers], trials[workers:]
+    assert [t.state for t in interrupted] == [TrialState.FAIL] * workers
+    assert {t.user_attrs["fail_reason"] for t in interrupted} == {f"interrupted by {sig.name}"}
+    assert [t.state for t in queued] == [TrialState.WAITING] * workers
+    assert sorted(str(t.params) for t in queued) == sorted(str(t.params) for t in interrupted)
     if sig == signal.SIGTERM:
         return  # the same path as SIGINT from here on
-    result = _run(tmp_path, url, "study.n_trials=2")  # the same command, again
+    result = _run(tmp_path, url, *run)  # the same command, again
     assert result.returncode == 0, result.stdout + result.stderr
     trials = _trials(url)
-    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
-    assert RetryHeartbeatStaleTrialCallback.retry_history(trials[1]) == [0]
-    assert "fail_reason" not in trials[1].user_attrs and trials[1].user_attrs["seed"] == interrupted.user_attrs["seed"]
+    assert [t.state for t in trials] == [TrialState.FAIL] * workers + [TrialState.COMPLETE] * 2
+    for retry in trials[workers : 2 * workers]:  # then the fresh trials that complete the budget
+        (number,) = RetryHeartbeatStaleTrialCallback.retry_history(retry)
+        assert "fail_reason" not in retry.user_attrs and retry.user_attrs["seed"] == trials[number].user_attrs["seed"]
 
 
 @pytest.mark.slow

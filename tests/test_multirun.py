@@ -11,6 +11,7 @@ import optuna
 import pytest
 
 from tuner.multirun import JOB_RECORD, format_table, name_suffix, write_job_record
+from tuner.workers import MAX_AUTO_WORKERS
 
 SMALL = ["data=digits", "study.n_trials=2"]
 
@@ -44,6 +45,7 @@ def test_multirun_name_suffix_keeps_what_changes_training() -> None:
         ",optimizer.name=adam,trainer.epochs=2"
     )
     assert name_suffix(["+worker=3", "study.n_trials=9", "study.storage=sqlite:///a.db", "trainer.device=cpu"]) == ""
+    assert name_suffix(["trainer.workers=2", "trainer.threads=1"]) == ""
     assert name_suffix(["study.seed=1", "space=lr", "hydra.launcher.n_jobs=4"]) == ",space=lr,study.seed=1"
 
 
@@ -127,3 +129,8 @@ def test_multirun_parallel_workers_share_one_study_without_failures(tmp_path: Pa
     assert sorted(t.number for t in trials) == list(range(len(trials)))
     assert {t.state for t in trials} == {optuna.trial.TrialState.COMPLETE}
     assert len({tuple(sorted(t.params.items())) for t in trials}) == len(trials), "workers proposed the same params"
+    # trainer.workers=auto: the jobs that run at once share the cores instead of each taking all of them.
+    share = max(1, min(len(os.sched_getaffinity(0)) // workers, MAX_AUTO_WORKERS))
+    expected = "training in this process" if share == 1 else f"{share} worker processes"
+    for job in range(workers):
+        assert expected in (tmp_path / "multirun" / str(job) / "tuner.log").read_text()

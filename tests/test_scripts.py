@@ -16,17 +16,19 @@ def _script(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[str
     )
 
 
-def test_scripts_bench_quick_compares_the_same_trials_on_all_three_sides(tmp_path: Path) -> None:
+def test_scripts_bench_quick_compares_the_same_trials_on_every_side(tmp_path: Path) -> None:
     result = _script("bench.py", "--quick", "--datasets", "digits", "--json", str(tmp_path / "b.json"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     (row,) = json.loads((tmp_path / "b.json").read_text())["summary"]
     assert row["dataset"] == "digits" and row["rounds"] == 2 and row["trials_per_round"] == 4
     assert row["same_sampled_params"]  # every variant sampled the same parameters, round by round
+    assert sorted(row["states"]) == ["memory", "reference", "reference_mt", "sqlite"]
+    # 2 rounds of 4 trials each, exactly, also where tuner's workers train side by side
     assert all(sum(states.values()) == 8 for states in row["states"].values())
     assert row["wall"]["memory_over_reference"] > 0 and len(row["by_cost"]) == 4
     paired = row["paired"]
     assert paired["n"] == paired["better"] + paired["same"] + paired["worse"] >= 1
-    assert "same sampled parameters on all three sides: True" in result.stdout
+    assert "same sampled parameters on all sides: True" in result.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json"]  # no database or artifacts left behind
 
 
@@ -35,3 +37,11 @@ def test_scripts_bench_budget_prints_one_row_per_block(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     rows = [line.split() for line in result.stdout.splitlines()[1:]]
     assert [r[0] for r in rows] == ["10", "20"] and all(float(r[3]) > 0 for r in rows)
+
+
+def test_scripts_bench_workers_prints_one_row_per_shape(tmp_path: Path) -> None:
+    result = _script("bench_workers.py", "--steps", "20", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines()[1:-1]]
+    assert len(rows) == 6 and all(float(r[2]) > 0 and r[4].endswith("x") for r in rows)
+    assert result.stdout.splitlines()[-1].startswith("speed-up over one after the other")

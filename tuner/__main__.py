@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -65,8 +66,9 @@ def main(cfg: DictConfig) -> float | None:
     mask_saved_password(cfg)
     try:
         run, params = prepare(to_container(cfg))
-        # Parallel workers on one study are jobs of one multirun: the job number seeds each one's sampler apart.
-        summary = tune(run, params, worker=job[0] if job else 0)
+        # Parallel workers on one study are jobs of one multirun: the job number seeds each one's sampler apart,
+        # and the jobs that run at once share the cores (trainer.workers=auto).
+        summary = tune(run, params, worker=job[0] if job else 0, processes=_jobs_at_once())
     except ConfigError as err:
         # One clear line and a non-zero exit; no traceback for bad input.
         log.error("%s", err)
@@ -85,6 +87,15 @@ def main(cfg: DictConfig) -> float | None:
     if job:
         write_job_record(job[1], study=run.study.name, storage=run.study.storage)
     return summary.best_value
+
+
+def _jobs_at_once() -> int:
+    """Jobs that a multirun's launcher runs at the same time: joblib's ``n_jobs`` (-1: one per core), else 1."""
+    hydra_cfg = HydraConfig.get()
+    n_jobs = hydra_cfg.launcher.get("n_jobs", 1) if hydra_cfg.mode == RunMode.MULTIRUN else 1
+    if not isinstance(n_jobs, int) or n_jobs == 0:
+        return 1
+    return (os.cpu_count() or 1) if n_jobs < 0 else n_jobs
 
 
 def _multirun_job(cfg: DictConfig) -> tuple[int, str] | None:

@@ -104,6 +104,7 @@ class TrainerConfig:
     seed: int | None
     eval_batch_size: int
     threads: int | None
+    workers: int | None  # None: auto (tuner.workers.resolve_workers)
 
 
 @dataclass(frozen=True)
@@ -247,6 +248,15 @@ def _device(section: _Section) -> str:
     return value
 
 
+def _workers(section: _Section) -> int | None:
+    value = section._get("workers")
+    if value == "auto":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise section.fail("workers", "auto or an integer >= 1", value)
+    return value
+
+
 def parse_trial(raw: Mapping[str, Any]) -> TrialConfig:
     """Check the sections a trial trains with and return them typed."""
     m = _Section(raw, "model")
@@ -292,6 +302,7 @@ def parse_trial(raw: Mapping[str, Any]) -> TrialConfig:
         seed=t.integer("seed", optional=True),
         eval_batch_size=t.integer("eval_batch_size", minimum=1),
         threads=t.integer("threads", minimum=1, optional=True),
+        workers=_workers(t),
     )
     return TrialConfig(model=model, data=data, optimizer=optimizer, trainer=trainer)
 

@@ -29,6 +29,7 @@ __all__ = [
     "MIRRORS",
     "SYSTEM_DIRS",
     "Splits",
+    "SplitsCache",
     "load_splits",
     "source_key",
 ]
@@ -128,6 +129,19 @@ class _Source(NamedTuple):
 def source_key(cfg: DataConfig) -> tuple[tuple[str, object], ...]:
     """The fields that decide what ``load_splits`` returns: all but ``batch_size``, for caching."""
     return tuple((f.name, getattr(cfg, f.name)) for f in fields(cfg) if f.name != "batch_size")
+
+
+class SplitsCache:
+    """Each data set loaded once per process and device, for every trial that trains on it."""
+
+    def __init__(self) -> None:
+        self._splits: dict[tuple[object, ...], Splits] = {}
+
+    def get(self, cfg: DataConfig, device: torch.device) -> Splits:
+        key = (source_key(cfg), str(device))
+        if key not in self._splits:
+            self._splits[key] = load_splits(cfg).to(device)
+        return self._splits[key]
 
 
 def load_splits(cfg: DataConfig) -> Splits:

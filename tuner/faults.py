@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import FrameType
 
 import optuna
@@ -20,6 +20,7 @@ __all__ = [
     "FailureStreakError",
     "Interrupted",
     "StopAtBudget",
+    "StopWhen",
     "error_reason",
     "interruptible",
 ]
@@ -88,6 +89,17 @@ class StopAtBudget:
             study.stop()
 
 
+class StopWhen:
+    """Optuna callback: stop this worker after its trial once ``should_stop()`` (another worker failed)."""
+
+    def __init__(self, should_stop: Callable[[], bool]) -> None:
+        self.should_stop = should_stop
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if self.should_stop():
+            study.stop()
+
+
 class FailureStreakError(RuntimeError):
     """The study stopped because every recent trial failed with the same error type."""
 
@@ -104,6 +116,9 @@ class FailureStreak:
         self.message: str | None = None
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if self.message is not None:  # another worker of this process saw the streak: stop this one too
+            study.stop()
+            return
         if self.limit is None or trial.state != TrialState.FAIL:
             return
         finished = study.get_trials(deepcopy=False, states=FINISHED)

@@ -7,7 +7,7 @@ overrides that change what is trained, in Hydra's ``override_dirname`` form::
     # studies: digits-mlp,optimizer.name=sgd  digits-mlp,optimizer.name=adam  ...
 
 Overrides that only say where or how long to run (``study.*`` except ``study.seed``, ``hydra.*``,
-``trainer.device``, ``trainer.threads``, ``trainer.eval_batch_size``, ``worker``) are left out, so that
+``trainer.device``, ``trainer.threads``, ``trainer.workers``, ``trainer.eval_batch_size``, ``worker``) are left out, so that
 jobs that differ only in them share one study: that is how parallel workers run one study
 (``+worker=range(4)``). An explicit ``study.name=...`` wins over all of this.
 
@@ -48,7 +48,14 @@ log = logging.getLogger("tuner")
 JOB_RECORD = "study.json"
 # Keys already in the base name (<data>-<model>), or that say where/how long to run, not what is trained.
 _BASE_KEYS = ("data", "model")
-_EXCLUDED_KEYS = ("trainer.device", "trainer.threads", "trainer.eval_batch_size", "worker", "study.seed")
+_EXCLUDED_KEYS = (
+    "trainer.device",
+    "trainer.threads",
+    "trainer.workers",
+    "trainer.eval_batch_size",
+    "worker",
+    "study.seed",
+)
 _EXCLUDED_PREFIXES = ("study.", "hydra.", "hydra/")
 
 

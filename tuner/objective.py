@@ -1,10 +1,11 @@
-"""The Optuna objective: sample a trial's config, build model, data and optimizer, train, report, prune."""
+"""The Optuna objective: sample a trial's config, train it (tuner.workers), report, prune, keep the best model."""
 
 from __future__ import annotations
 
+import copy
 import gc
+import threading
 from pathlib import Path
-from typing import Any
 
 import optuna
 import torch
@@ -12,12 +13,11 @@ import torch
 from tuner.artifacts import artifact_store, upload_best_artifacts
 from tuner.checkpoint import save_checkpoint
 from tuner.config import DataConfig, RunConfig, TrialConfig, parse_trial, set_path
-from tuner.data import Splits, load_splits, source_key
+from tuner.data import Splits, SplitsCache
 from tuner.faults import Interrupted, error_reason
-from tuner.model import build_model, count_parameters
-from tuner.optim import build_optimizer
 from tuner.space import Param, suggest
-from tuner.trainer import EpochMetrics, TrainingDiverged, resolve_device, train
+from tuner.trainer import EpochMetrics, TrainingDiverged, resolve_device
+from tuner.workers import LocalTrainer, Setup, Trainer, TrainJob
 
 __all__ = ["Objective", "release_memory", "trial_seed"]
 
@@ -36,21 +36,41 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-class Objective:
-    """Callable for ``study.optimize``; keeps each data set in memory on its device across trials."""
+class _SavedBest:
+    """The value of the model last saved to ``best_model.pt`` by this process, and the lock to save it."""
 
-    def __init__(self, run: RunConfig, params: list[Param], *, best_model_path: Path) -> None:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.value: float | None = None
+
+
+class Objective:
+    """Callable for ``study.optimize``; keeps each data set in memory on its device across trials.
+
+    ``trainer`` trains each trial here (``LocalTrainer``) or in a worker process (``ProcessTrainer``);
+    the objective reports, prunes and saves the best model in this process either way. Objectives made by
+    ``for_worker`` share one data cache and one record of the saved best with this one.
+    """
+
+    def __init__(
+        self, run: RunConfig, params: list[Param], *, best_model_path: Path, trainer: Trainer | None = None
+    ) -> None:
         self.run = run
         self.params = params
         self.best_model_path = best_model_path
-        self._splits: dict[tuple[Any, ...], Splits] = {}
+        self.trainer: Trainer = trainer if trainer is not None else LocalTrainer()
+        self._splits = SplitsCache()
+        self._saved = _SavedBest()  # shared by the objectives of this process's worker threads
         self.last_trial_number: int | None = None
 
+    def for_worker(self, trainer: Trainer) -> Objective:
+        """An objective for another worker thread: its own trainer and last trial, the same data and saved best."""
+        other = copy.copy(self)
+        other.trainer, other.last_trial_number = trainer, None
+        return other
+
     def splits(self, cfg: DataConfig, device: torch.device) -> Splits:
-        key = (source_key(cfg), str(device))
-        if key not in self._splits:
-            self._splits[key] = load_splits(cfg).to(device)
-        return self._splits[key]
+        return self._splits.get(cfg, device)
 
     def trial_config(self, trial: optuna.Trial) -> TrialConfig:
         return parse_trial(set_path(self.run.raw, suggest(trial, self.params, self.run.raw)))
@@ -83,15 +103,13 @@ class Objective:
         seed = cfg.trainer.seed if cfg.trainer.seed is not None else trial_seed(self.run.study.seed, trial.number)
         if cfg.trainer.seed is None and isinstance(trial.user_attrs.get("seed"), int):
             seed = trial.user_attrs["seed"]  # a retried trial (tuner.faults) trains again with the seed it had
-        torch.manual_seed(seed)
         splits = self.splits(cfg.data, device)
-        model = build_model(cfg.model, splits.input_shape, splits.num_classes).to(device)
-        optimizer, scheduler = build_optimizer(model.parameters(), cfg.optimizer, device=device)
-        trial.set_user_attr("seed", seed)
-        trial.set_user_attr("device", str(device))
-        trial.set_user_attr("param_count", count_parameters(model))
-
         history: list[EpochMetrics] = []
+
+        def on_setup(setup: Setup) -> None:
+            trial.set_user_attr("seed", seed)
+            trial.set_user_attr("device", setup.device)
+            trial.set_user_attr("param_count", setup.param_count)
 
         def on_epoch(metrics: EpochMetrics) -> None:
             history.append(metrics)
@@ -99,21 +117,12 @@ class Objective:
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at epoch {metrics.epoch} with {METRIC}={metrics.val_accuracy:.4f}")
 
+        def keep_model() -> bool:
+            return self._is_best(trial.study, history[-1].val_accuracy)
+
         try:
-            train(
-                model,
-                optimizer,
-                scheduler,
-                splits.x_train,
-                splits.y_train,
-                splits.x_val,
-                splits.y_val,
-                epochs=cfg.trainer.epochs,
-                batch_size=cfg.data.batch_size,
-                seed=seed,
-                eval_batch_size=cfg.trainer.eval_batch_size,
-                bf16=cfg.trainer.bf16,
-                on_epoch=on_epoch,
+            model = self.trainer.fit(
+                TrainJob(cfg, seed, str(device)), splits, on_setup=on_setup, on_epoch=on_epoch, keep_model=keep_model
             )
         except TrainingDiverged as err:
             trial.set_user_attr("fail_reason", f"TrainingDiverged: {err}")
@@ -126,33 +135,49 @@ class Objective:
                 trial.set_user_attr("epochs_run", last.epoch)
                 trial.set_user_attr("epoch_time_s", sum(m.seconds for m in history) / len(history))
         value = history[-1].val_accuracy
-        if self._is_best(trial.study, value):
-            save_checkpoint(
-                self.best_model_path,
-                model,
-                model_cfg=cfg.model,
-                input_shape=splits.input_shape,
-                classes=splits.classes,
-                mean=splits.mean,
-                std=splits.std,
-                meta={"study": trial.study.study_name, "trial": trial.number, METRIC: value, "data": cfg.data.name},
-            )
-            # The dashboard's artifacts for each new best: the checkpoint, learning curve, confusion matrix.
-            upload_best_artifacts(
-                trial,
-                artifact_store(self.run.study),
-                checkpoint=self.best_model_path,
-                history=history,
-                model=model,
-                x_val=splits.x_val,
-                y_val=splits.y_val,
-                classes=splits.classes,
-            )
+        with self._saved.lock:
+            if model is not None and self._is_best(trial.study, value):
+                self._save_best(trial, cfg, model, splits, history, value)
+                self._saved.value = value
         return value
 
+    def _save_best(
+        self,
+        trial: optuna.Trial,
+        cfg: TrialConfig,
+        model: torch.nn.Module,
+        splits: Splits,
+        history: list[EpochMetrics],
+        value: float,
+    ) -> None:
+        save_checkpoint(
+            self.best_model_path,
+            model,
+            model_cfg=cfg.model,
+            input_shape=splits.input_shape,
+            classes=splits.classes,
+            mean=splits.mean,
+            std=splits.std,
+            meta={"study": trial.study.study_name, "trial": trial.number, METRIC: value, "data": cfg.data.name},
+        )
+        # The dashboard's artifacts for each new best: the checkpoint, learning curve, confusion matrix.
+        upload_best_artifacts(
+            trial,
+            artifact_store(self.run.study),
+            checkpoint=self.best_model_path,
+            history=history,
+            model=model,
+            x_val=splits.x_val,
+            y_val=splits.y_val,
+            classes=splits.classes,
+        )
+
     def _is_best(self, study: optuna.Study, value: float) -> bool:
+        """Better than every completed trial, and than the best saved here whose trial is not yet told."""
+        better = (lambda a, b: a > b) if self.run.study.direction == "maximize" else (lambda a, b: a < b)
+        if self._saved.value is not None and not better(value, self._saved.value):
+            return False
         try:
-            best = study.best_value
+            return better(value, study.best_value)
         except ValueError:  # no completed trial yet
             return True
-        return value > best if self.run.study.direction == "maximize" else value < best

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -46,8 +47,13 @@ class Progress:
         # tqdm hides itself when stderr is not a terminal (CI, logs); the per-trial lines remain.
         self.bar = tqdm(total=total, unit="trial", disable=None, dynamic_ncols=True)
         self.counts: Counter[str] = Counter()
+        self._lock = threading.Lock()  # called from every worker thread
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        with self._lock:
+            self._update(study, trial)
+
+    def _update(self, study: optuna.Study, trial: FrozenTrial) -> None:
         self.counts[trial.state.name.lower()] += 1
         try:
             best: FrozenTrial | None = study.best_trial

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import warnings
+from collections.abc import Callable
 from copy import deepcopy
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ from tuner.artifacts import artifact_dir, artifact_store, restore_checkpoint
 from tuner.budget import BudgetReached, budget_used
 from tuner.checkpoint import load_model
 from tuner.config import ConfigError, RunConfig, parse_run, parse_trial, set_path
-from tuner.faults import FailureStreak, FailureStreakError, StopAtBudget, interruptible
+from tuner.faults import FailureStreak, FailureStreakError, Interrupted, StopAtBudget, StopWhen, interruptible
 from tuner.notes import write_end_note, write_start_note
 from tuner.objective import Objective
 from tuner.plots import save_dashboard_plots
@@ -35,8 +37,9 @@ from tuner.study import (
 )
 from tuner.summary import Progress, Summary, count_states, format_summary
 from tuner.trainer import evaluate, resolve_device
+from tuner.workers import ProcessTrainer, resolve_workers
 
-__all__ = ["prepare", "score_best", "tune"]
+__all__ = ["prepare", "run_workers", "score_best", "tune"]
 
 log = logging.getLogger("tuner")
 
@@ -146,19 +149,107 @@ def _requeue_interrupted(study: optuna.Study, objective: Objective, max_retry: i
         RetryHeartbeatStaleTrialCallback(max_retry=max_retry)(study, copy)
 
 
-def tune(run: RunConfig, params: list[Param], *, worker: int = 0) -> Summary:
+def _work(
+    study: optuna.Study, objective: Objective, *, callbacks: list[Callable[..., None]], deadline: float | None
+) -> None:
+    """One worker's trials, until the budget is used, the time is up, or a callback stops it."""
+    try:
+        while True:
+            try:
+                study.optimize(
+                    objective,
+                    # No per-worker count: a dead worker's retry may fall to this one. The storage's budget
+                    # (BudgetReached) and StopAtBudget end the loop at study.n_trials for all.
+                    n_trials=None,
+                    timeout=None if deadline is None else max(deadline - time.monotonic(), 0.0),
+                    callbacks=callbacks,
+                    # A failing trial records its reason and the study goes on; FailureStreak stops a broken setup.
+                    catch=(Exception,),
+                )
+                return
+            except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+                if not _given_up_for_dead(study, objective.last_trial_number):
+                    raise
+    except BudgetReached:
+        pass  # the other workers started the last trials: this worker is done
+
+
+def run_workers(
+    studies: list[optuna.Study],
+    objectives: list[Objective],
+    *,
+    callbacks: list[Callable[..., None]],
+    deadline: float | None = None,
+    max_retry: int | None = None,
+) -> None:
+    """One worker per ``(study, objective)`` pair on one storage: alone in this thread, else a thread each.
+
+    Each study is a handle of its own on the same stored study (its own sampler seed, see ``open_study``);
+    each objective's trainer trains in a process of its own (tuner.workers). On Ctrl-C or SIGTERM
+    (``Interrupted`` here, in the main thread) every worker process is ended, each interrupted trial is
+    queued again and the interrupt goes on up. A worker that fails stops the others after their trial.
+    """
+    if len(studies) == 1:
+        try:
+            _work(studies[0], objectives[0], callbacks=callbacks, deadline=deadline)
+        except KeyboardInterrupt:
+            _requeue_interrupted(studies[0], objectives[0], max_retry)
+            raise
+        return
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def work(study: optuna.Study, objective: Objective) -> None:
+        try:
+            _work(study, objective, callbacks=[*callbacks, StopWhen(stop.is_set)], deadline=deadline)
+        except BaseException as err:
+            errors.append(err)
+            stop.set()
+
+    threads = [
+        threading.Thread(target=work, args=pair, name=f"tuner-worker-{i}", daemon=True)
+        for i, pair in enumerate(zip(studies, objectives, strict=True))
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        while any(thread.is_alive() for thread in threads):
+            for thread in threads:
+                thread.join(0.1)
+    except KeyboardInterrupt as err:
+        stop.set()
+        name = err.signal_name if isinstance(err, Interrupted) else "SIGINT"
+        for objective in objectives:
+            if isinstance(objective.trainer, ProcessTrainer):
+                objective.trainer.interrupt(name)
+        for thread in threads:
+            thread.join()
+        for study, objective in zip(studies, objectives, strict=True):
+            _requeue_interrupted(study, objective, max_retry)
+        raise
+    failures = [e for e in errors if not isinstance(e, KeyboardInterrupt)]
+    if failures:
+        raise failures[0]
+
+
+def tune(run: RunConfig, params: list[Param], *, worker: int = 0, processes: int = 1) -> Summary:
     """Run (or continue) the study until it has ``study.n_trials`` finished trials.
 
-    ``worker`` tells parallel workers on one study apart (their samplers' seeds, see ``open_study``).
+    ``worker`` tells parallel workers on one study apart (their samplers' seeds, see ``open_study``);
+    ``trainer.workers`` more of them run in this process, each training in a process of its own.
+    ``processes``: how many tuner processes share this machine's cores (``trainer.workers=auto``).
     """
     _quiet_libraries()
     start = time.monotonic()
-    if run.trial.trainer.threads is not None:
-        torch.set_num_threads(run.trial.trainer.threads)
+    trainer_cfg = run.trial.trainer
+    if trainer_cfg.threads is not None:
+        torch.set_num_threads(trainer_cfg.threads)
+    device = resolve_device(trainer_cfg.device)
+    workers = resolve_workers(trainer_cfg.workers, trainer_cfg.threads, device, processes=processes)
     model_path = Path(run.study.output_dir) / "best_model.pt"
     objective = Objective(run, params, best_model_path=model_path)
     # Load the data before the storage is touched: a missing data set must not leave a study behind.
-    objective.splits(run.trial.data, resolve_device(run.trial.trainer.device))
+    objective.splits(run.trial.data, device)
     storage = make_storage(
         run.study.storage,
         heartbeat_interval=run.study.heartbeat_interval,
@@ -166,14 +257,15 @@ def tune(run: RunConfig, params: list[Param], *, worker: int = 0) -> Summary:
         max_retry=run.study.max_retry,
         trial_budget=run.study.n_trials,
     )
-    study = open_study(run, storage, worker=worker)
+    study = open_study(run, storage, worker=worker * workers)
     url = safe_url(run.study.storage)
     write_start_note(study, run, params)  # the dashboard's study note; its Results are written at the end
     _recover_stale_trials(study)
     # Trials running in other workers count; a dead worker's trial does not, its retry does (tuner.budget).
     remaining = run.study.n_trials - budget_used(study.get_trials(deepcopy=False))
+    workers = max(min(workers, remaining), 1)
     log.info(
-        "study %r in %s: %d finished trials, %d to run (%s sampler, %s pruner, %d searched params)",
+        "study %r in %s: %d finished trials, %d to run (%s sampler, %s pruner, %d searched params, %s)",
         study.study_name,
         url,
         finished_trials(study),
@@ -181,37 +273,29 @@ def tune(run: RunConfig, params: list[Param], *, worker: int = 0) -> Summary:
         run.sampler.name,
         run.pruner.name,
         len(params),
+        "training in this process" if workers == 1 else f"{workers} worker processes",
     )
     if remaining > 0:
+        studies, objectives = [study], [objective]
+        if workers > 1:
+            studies += [open_study(run, storage, worker=worker * workers + i) for i in range(1, workers)]
+            objectives = [objective.for_worker(ProcessTrainer(trainer_cfg.threads)) for _ in range(workers)]
         progress = Progress(remaining)
         streak = FailureStreak(run.study.max_failure_streak)
         deadline = None if run.study.timeout is None else time.monotonic() + run.study.timeout
         try:
             with logging_redirect_tqdm(), interruptible():
-                while True:
-                    try:
-                        study.optimize(
-                            objective,
-                            # No per-worker count: a dead worker's retry may fall to this one. The storage's
-                            # budget (BudgetReached) and StopAtBudget end the loop at study.n_trials for all.
-                            n_trials=None,
-                            timeout=None if deadline is None else max(deadline - time.monotonic(), 0.0),
-                            callbacks=[StopAtBudget(run.study.n_trials), progress, streak],
-                            # A failing trial records its reason and the study goes on; FailureStreak stops
-                            # a broken setup.
-                            catch=(Exception,),
-                        )
-                        break
-                    except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
-                        if not _given_up_for_dead(study, objective.last_trial_number):
-                            raise
-        except BudgetReached:
-            pass  # the other workers started the last trials: this worker is done
-        except KeyboardInterrupt:
-            _requeue_interrupted(study, objective, run.study.max_retry)
-            raise
+                run_workers(
+                    studies,
+                    objectives,
+                    callbacks=[StopAtBudget(run.study.n_trials), progress, streak],
+                    deadline=deadline,
+                    max_retry=run.study.max_retry,
+                )
         finally:
             progress.close()
+            for each in objectives:
+                each.trainer.close()
         if streak.message is not None:
             raise FailureStreakError(streak.message)
     summary = Summary(

@@ -1,0 +1,172 @@
+"""Training in worker processes: the same learning as in-process, pruning, crashes and interrupts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+
+from tests.conftest import compose_raw
+from tuner.config import ConfigError, TrialConfig, parse_trial
+from tuner.data import Splits, load_splits
+from tuner.faults import Interrupted
+from tuner.trainer import EpochMetrics, TrainingDiverged
+from tuner.workers import MAX_AUTO_WORKERS, LocalTrainer, ProcessTrainer, TrainJob, WorkerDied, resolve_workers
+
+
+def _cfg(*overrides: str) -> TrialConfig:
+    return parse_trial(compose_raw("data=digits", "trainer.epochs=3", "trainer.device=cpu", *overrides))
+
+
+@pytest.fixture(scope="module")
+def splits() -> Splits:
+    return load_splits(_cfg().data)
+
+
+@pytest.fixture(scope="module")
+def trainer() -> Iterator[ProcessTrainer]:
+    trainer = ProcessTrainer(threads=1)
+    yield trainer
+    trainer.close()
+
+
+def _fit(
+    trainer: ProcessTrainer | LocalTrainer, cfg: TrialConfig, splits: Splits, *, keep: bool = True, on_epoch=None
+) -> tuple[torch.nn.Module | None, list[EpochMetrics]]:
+    history: list[EpochMetrics] = []
+
+    def record(metrics: EpochMetrics) -> None:
+        history.append(metrics)
+        if on_epoch is not None:
+            on_epoch(metrics)
+
+    model = trainer.fit(
+        TrainJob(cfg, seed=7, device="cpu"), splits, on_setup=lambda s: None, on_epoch=record, keep_model=lambda: keep
+    )
+    return model, history
+
+
+def test_workers_a_worker_process_learns_what_this_process_learns(trainer: ProcessTrainer, splits: Splits) -> None:
+    cfg = _cfg("optimizer.name=adam", "optimizer.lr=0.01")
+    torch.set_num_threads(1)  # as the worker: the same summation order
+    local_model, local = _fit(LocalTrainer(), cfg, splits)
+    remote_model, remote = _fit(trainer, cfg, splits)
+    assert [m.epoch for m in remote] == [1, 2, 3]
+    for a, b in zip(local, remote, strict=True):
+        assert b.val_accuracy == pytest.approx(a.val_accuracy, abs=1e-6)
+        assert b.train_loss == pytest.approx(a.train_loss, rel=1e-5)
+    assert remote[-1].val_accuracy > 0.8  # it learned
+    assert local_model is not None and remote_model is not None
+    local_model.eval()
+    remote_model.eval()
+    with torch.no_grad():  # the weights that came back predict as the in-process model does
+        assert torch.equal(local_model(splits.x_val).argmax(1), remote_model(splits.x_val).argmax(1))
+
+
+def test_workers_no_weights_come_back_unless_wanted(trainer: ProcessTrainer, splits: Splits) -> None:
+    model, history = _fit(trainer, _cfg("trainer.epochs=1"), splits, keep=False)
+    assert model is None and len(history) == 1
+
+
+def test_workers_a_pruned_trial_stops_at_that_epoch_and_the_worker_takes_the_next(
+    trainer: ProcessTrainer, splits: Splits
+) -> None:
+    def prune(metrics: EpochMetrics) -> None:
+        raise optuna.TrialPruned(f"pruned at epoch {metrics.epoch}")
+
+    pid = trainer.pid
+    with pytest.raises(optuna.TrialPruned, match="pruned at epoch 1"):
+        _fit(trainer, _cfg(), splits, on_epoch=prune)
+    model, history = _fit(trainer, _cfg("trainer.epochs=2"), splits)
+    assert len(history) == 2 and model is not None
+    assert trainer.pid == pid  # the same worker, not a restarted one
+
+
+def test_workers_a_diverging_trial_raises_its_error_here(trainer: ProcessTrainer, splits: Splits) -> None:
+    with pytest.raises(TrainingDiverged, match="training loss became"):
+        _fit(trainer, _cfg("optimizer.lr=1e30", "optimizer.momentum=0.99"), splits)
+
+
+def test_workers_a_killed_worker_fails_its_trial_and_a_new_one_takes_the_next(splits: Splits) -> None:
+    trainer = ProcessTrainer(threads=1)
+    try:
+
+        def kill(metrics: EpochMetrics) -> None:
+            assert trainer.pid is not None
+            os.kill(trainer.pid, signal.SIGKILL)
+
+        with pytest.raises(WorkerDied, match="exited with code -9"):
+            _fit(trainer, _cfg("trainer.epochs=50"), splits, on_epoch=kill)
+        model, history = _fit(trainer, _cfg("trainer.epochs=1"), splits)
+        assert model is not None and len(history) == 1
+    finally:
+        trainer.close()
+
+
+def test_workers_interrupt_ends_the_running_trial_with_the_signal(splits: Splits) -> None:
+    trainer = ProcessTrainer(threads=1)
+    started = threading.Event()
+    try:
+        timer = threading.Thread(target=lambda: started.wait(60) and trainer.interrupt("SIGTERM"))
+        timer.start()
+        with pytest.raises(Interrupted) as raised:
+            _fit(trainer, _cfg("trainer.epochs=1000"), splits, on_epoch=lambda m: started.set())
+        timer.join()
+        assert raised.value.signal_name == "SIGTERM"
+        with pytest.raises(Interrupted):  # no new worker is started once interrupted
+            _fit(trainer, _cfg("trainer.epochs=1"), splits)
+    finally:
+        trainer.close()
+
+
+def test_workers_auto_is_one_per_core_on_cpu_and_one_elsewhere() -> None:
+    cores = len(os.sched_getaffinity(0))
+    assert resolve_workers(None, 1, torch.device("cpu")) == min(cores, MAX_AUTO_WORKERS)
+    assert resolve_workers(None, 2, torch.device("cpu")) == max(1, min(cores // 2, MAX_AUTO_WORKERS))
+    assert resolve_workers(None, None, torch.device("cpu")) == 1  # torch's own threads use every core
+    assert resolve_workers(None, 1, torch.device("cuda")) == 1
+    assert resolve_workers(3, 1, torch.device("cpu")) == 3
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "many", "1.5", "true"])
+def test_workers_bad_count_is_named(value: str) -> None:
+    with pytest.raises(ConfigError, match=r"trainer\.workers must be auto or an integer >= 1, but got"):
+        parse_trial(compose_raw(f"trainer.workers={value}"))
+
+
+def _exited(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True
+    return state in ("Z", "X")  # a zombie has exited; nobody may reap an orphan here
+
+
+def test_workers_a_worker_exits_soon_after_the_tuner_process_is_killed() -> None:
+    script = (
+        "import time\n"
+        "from tuner.workers import ProcessTrainer\n"
+        "trainer = ProcessTrainer(1)\n"
+        "trainer.start()\n"
+        "print(trainer.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    tuner_process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert tuner_process.stdout is not None
+    worker = int(tuner_process.stdout.readline())
+    assert not _exited(worker)
+    tuner_process.kill()  # SIGKILL: no cleanup runs in the tuner process
+    tuner_process.wait()
+    deadline = time.monotonic() + 10
+    while not _exited(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _exited(worker)

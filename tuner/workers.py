@@ -1,0 +1,381 @@
+"""Where a trial's model is built and trained: in the tuner process, or in a worker process of its own.
+
+``fit`` is the one place that turns a trial's config into a model (tuner.model), an optimizer
+(tuner.optim) and a training run (tuner.trainer). ``LocalTrainer`` calls it in this process;
+``ProcessTrainer`` calls it in a child process and relays every epoch's metrics back, so the objective
+reports and prunes exactly as in-process, and only the tuner process touches Optuna's storage.
+
+Why processes: a small model is per-op bound, so one torch thread leaves the other cores idle, and
+threads of one process share the GIL. Optuna's ``study.optimize(n_jobs=...)`` runs trials in threads (and
+reseeds the sampler every trial, so ``study.seed`` no longer fixes the draws); its multi-process recipe is
+several processes on one RDB storage, with no in-memory storage and one output per process.
+``torch.multiprocessing`` shares tensors but runs no training loop. On this 2-core CPU two models trained
+side by side ran 0.74-1.80x the speed of one after the other in two threads, 1.73-1.96x in two processes
+(``scripts/bench_workers.py``). So the protocol below is ours: a pipe per worker, a job in, one message per
+epoch out, the answer "go on" or "stop" back, and the weights only when the trial is the study's new best.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing.connection
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from tuner.config import TrialConfig
+from tuner.data import Splits, SplitsCache
+from tuner.faults import Interrupted, error_reason
+from tuner.model import build_model, count_parameters
+from tuner.optim import build_optimizer
+from tuner.trainer import EpochMetrics, train
+
+__all__ = [
+    "LocalTrainer",
+    "ProcessTrainer",
+    "Setup",
+    "TrainJob",
+    "Trainer",
+    "WorkerDied",
+    "fit",
+    "resolve_workers",
+    "worker_main",
+]
+
+# ``trainer.workers=auto`` on CPU: one worker per core this process may use, at most this many (each
+# holds its own copy of the data set: about 190 MB for Fashion-MNIST's 60k images).
+MAX_AUTO_WORKERS = 8
+# Seconds between a worker's checks that the tuner process that started it is still there.
+_ORPHAN_CHECK_S = 1.0
+# Seconds a worker is given to exit after the tuner process asks it to, before it is terminated.
+_EXIT_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """What a trial trains: its resolved config, its seed and the device (``cuda``, ``cpu``, ...)."""
+
+    cfg: TrialConfig
+    seed: int
+    device: str
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Known once the model is built, before its first step: stored on the trial."""
+
+    param_count: int
+    device: str
+
+
+class WorkerDied(RuntimeError):
+    """The worker process training a trial exited (killed, out of host memory, a crash in native code)."""
+
+
+class _Stopped(Exception):
+    """In a worker: the tuner process answered an epoch with "stop" (the trial was pruned, or failed there)."""
+
+
+def fit(
+    job: TrainJob,
+    splits: Splits,
+    *,
+    on_setup: Callable[[Setup], None],
+    on_epoch: Callable[[EpochMetrics], None],
+) -> nn.Module:
+    """Build the trial's model and optimizer from its config and train it; ``on_epoch`` may raise to stop."""
+    cfg = job.cfg
+    device = torch.device(job.device)
+    torch.manual_seed(job.seed)  # the trial's initial weights
+    model = build_model(cfg.model, splits.input_shape, splits.num_classes).to(device)
+    optimizer, scheduler = build_optimizer(model.parameters(), cfg.optimizer, device=device)
+    on_setup(Setup(param_count=count_parameters(model), device=str(device)))
+    train(
+        model,
+        optimizer,
+        scheduler,
+        splits.x_train,
+        splits.y_train,
+        splits.x_val,
+        splits.y_val,
+        epochs=cfg.trainer.epochs,
+        batch_size=cfg.data.batch_size,
+        seed=job.seed,
+        eval_batch_size=cfg.trainer.eval_batch_size,
+        bf16=cfg.trainer.bf16,
+        on_epoch=on_epoch,
+    )
+    return model
+
+
+class Trainer(Protocol):
+    def fit(
+        self,
+        job: TrainJob,
+        splits: Splits,
+        *,
+        on_setup: Callable[[Setup], None],
+        on_epoch: Callable[[EpochMetrics], None],
+        keep_model: Callable[[], bool],
+    ) -> nn.Module | None:
+        """Train ``job``; return the trained model, or ``None`` when ``keep_model()`` said it is not wanted."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class LocalTrainer:
+    """Trains in this process (``trainer.workers=1``, and the sweeper's one-trial jobs)."""
+
+    def fit(
+        self,
+        job: TrainJob,
+        splits: Splits,
+        *,
+        on_setup: Callable[[Setup], None],
+        on_epoch: Callable[[EpochMetrics], None],
+        keep_model: Callable[[], bool],
+    ) -> nn.Module | None:
+        return fit(job, splits, on_setup=on_setup, on_epoch=on_epoch)
+
+    def close(self) -> None:
+        pass
+
+
+def resolve_workers(workers: int | None, threads: int | None, device: torch.device, *, processes: int = 1) -> int:
+    """``trainer.workers``: a number as given; ``auto`` (None) is one per usable core on CPU, else 1.
+
+    ``processes``: tuner processes running at once on this machine (a joblib multirun's ``n_jobs``),
+    which share the cores. With ``trainer.threads`` unset each model would use every core itself, so
+    auto is then 1 too.
+    """
+    if workers is not None:
+        return workers
+    if device.type != "cpu" or threads is None:
+        return 1
+    return max(1, min(len(os.sched_getaffinity(0)) // (threads * max(processes, 1)), MAX_AUTO_WORKERS))
+
+
+class _Pipe(multiprocessing.connection.Connection):
+    """One end of a worker's socket, pickling with the standard pickler.
+
+    Importing torch makes multiprocessing's pickler send a tensor as a shared-memory handle, which only a
+    multiprocessing-started child can claim; here the weights travel by value (a few MB per new best).
+    """
+
+    def send(self, obj: Any) -> None:
+        self.send_bytes(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+
+    def recv(self) -> Any:
+        return pickle.loads(self.recv_bytes())
+
+
+def _portable(err: BaseException) -> BaseException:
+    """``err`` if it survives the pipe, else a RuntimeError that keeps its type and message."""
+    try:
+        pickle.loads(pickle.dumps(err))
+    except Exception:
+        return RuntimeError(error_reason(err))
+    return err
+
+
+def _serve(conn: _Pipe, threads: int | None) -> None:
+    """A worker process: train the jobs the tuner process sends until it sends ``None`` or goes away."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    cache = SplitsCache()
+
+    def relay(metrics: EpochMetrics) -> None:
+        conn.send(("epoch", metrics))
+        if not conn.recv():
+            raise _Stopped
+
+    while True:
+        try:
+            job = conn.recv()
+        except EOFError:  # the tuner process is gone
+            return
+        if job is None:
+            return
+        try:
+            splits = cache.get(job.cfg.data, torch.device(job.device))
+            model = fit(job, splits, on_setup=lambda setup: conn.send(("setup", setup)), on_epoch=relay)
+        except _Stopped:
+            conn.send(("stopped", None))
+            continue
+        except Exception as err:
+            conn.send(("error", _portable(err)))
+            continue
+        conn.send(("done", None))
+        if conn.recv():
+            conn.send(("model", {k: v.detach().cpu() for k, v in model.state_dict().items()}))
+        del model
+
+
+def _launch(threads: int | None) -> tuple[subprocess.Popen[bytes], _Pipe]:
+    """Start a worker: a fresh interpreter that imports only tuner's training code.
+
+    Not ``multiprocessing``'s spawn: that re-runs the parent's ``__main__`` (all of Hydra) in the child
+    and fails inside joblib's loky workers (hydra/launcher=joblib), whose start method it cannot find.
+    The worker gets a process group of its own, so Ctrl-C reaches only the tuner process, which ends it.
+    """
+    ours, theirs = socket.socketpair()
+    package_root = str(Path(__file__).resolve().parent.parent)  # tuner importable from a plain checkout too
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    command = [sys.executable, "-c", "import sys, tuner.workers as w; w.worker_main(sys.argv[1:])"]
+    with theirs:
+        process = subprocess.Popen(
+            [*command, str(theirs.fileno()), "" if threads is None else str(threads)],
+            pass_fds=(theirs.fileno(),),
+            env=env,
+            process_group=0,
+        )
+    return process, _Pipe(ours.detach())
+
+
+def worker_main(argv: list[str]) -> None:
+    """The worker process's entry point (see ``_launch``): ``<socket fd> <torch threads or "">``."""
+    fd, threads = argv
+    threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
+    _serve(_Pipe(int(fd)), int(threads) if threads else None)
+
+
+def _exit_when_orphaned(parent: int) -> None:
+    """A killed tuner process closes the pipe, but a worker notices only at its next epoch: check each second."""
+    while os.getppid() == parent:
+        time.sleep(_ORPHAN_CHECK_S)
+    os._exit(1)
+
+
+class ProcessTrainer:
+    """Trains each job in a worker process of its own (started on first use, and again after it died).
+
+    One ``ProcessTrainer`` serves one thread of the tuner process at a time. ``interrupt`` (from the main
+    thread, on Ctrl-C or SIGTERM) ends the worker; the trial it was training then raises ``Interrupted``.
+    """
+
+    def __init__(self, threads: int | None) -> None:
+        self.threads = threads
+        self._process: subprocess.Popen[bytes] | None = None
+        self._conn: _Pipe | None = None
+        self._interrupted: str | None = None
+        self._lock = threading.Lock()  # interrupt (main thread) against start (a worker thread)
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    def start(self) -> None:
+        """Start the worker process now, not at the first job (its start-up costs about 2 s: torch's import)."""
+        self._start()
+
+    def _start(self) -> _Pipe:
+        with self._lock:
+            if self._interrupted is not None:
+                raise Interrupted(self._interrupted)
+            if self._process is None or self._process.poll() is not None:
+                self._process, self._conn = _launch(self.threads)
+            assert self._conn is not None
+            return self._conn
+
+    def _recv(self, conn: _Pipe) -> tuple[str, Any]:
+        try:
+            message: tuple[str, Any] = conn.recv()
+            return message
+        except (EOFError, OSError):
+            raise self._died() from None
+
+    def _send(self, conn: _Pipe, message: object) -> None:
+        try:
+            conn.send(message)
+        except OSError:  # BrokenPipeError, ConnectionResetError
+            raise self._died() from None
+
+    def _died(self) -> BaseException:
+        process = self._process
+        if self._interrupted is not None:
+            return Interrupted(self._interrupted)
+        code = None
+        if process is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                code = process.wait(_EXIT_TIMEOUT_S)
+        self._process = None
+        return WorkerDied(f"the worker process training this trial exited with code {code}")
+
+    def fit(
+        self,
+        job: TrainJob,
+        splits: Splits,
+        *,
+        on_setup: Callable[[Setup], None],
+        on_epoch: Callable[[EpochMetrics], None],
+        keep_model: Callable[[], bool],
+    ) -> nn.Module | None:
+        conn = self._start()
+        self._send(conn, job)
+        while True:
+            kind, payload = self._recv(conn)
+            if kind == "setup":
+                on_setup(payload)
+            elif kind == "epoch":
+                try:
+                    on_epoch(payload)  # raises optuna.TrialPruned to stop
+                except BaseException:
+                    self._stop(conn)
+                    raise
+                self._send(conn, True)
+            elif kind == "error":
+                raise payload
+            elif kind == "done":
+                keep = keep_model()
+                self._send(conn, keep)
+                if not keep:
+                    return None
+                _, state = self._recv(conn)
+                model = build_model(job.cfg.model, splits.input_shape, splits.num_classes)
+                model.load_state_dict(state)
+                return model.to(job.device)
+            else:
+                raise RuntimeError(f"unexpected message {kind!r} from the worker process")
+
+    def _stop(self, conn: _Pipe) -> None:
+        """Tell the worker to drop the trial, and wait until it has, so that it is ready for the next job."""
+        try:
+            conn.send(False)
+            while conn.recv()[0] != "stopped":
+                pass
+        except (EOFError, OSError):
+            pass  # it is gone; the next job starts a new one
+
+    def interrupt(self, signal_name: str) -> None:
+        """Ctrl-C or SIGTERM: end the worker now; the trial it trains raises ``Interrupted``."""
+        with self._lock:
+            self._interrupted = signal_name
+            if self._process is not None and self._process.poll() is None:
+                self._process.terminate()
+
+    def close(self) -> None:
+        with self._lock:
+            process, conn = self._process, self._conn
+            self._process = self._conn = None
+        if process is None or conn is None:
+            return
+        with contextlib.suppress(OSError):
+            conn.send(None)
+        try:
+            process.wait(_EXIT_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.terminate()
+            process.wait(_EXIT_TIMEOUT_S)
+        conn.close()
