@@ -58,7 +58,7 @@ def one_after_the_other(width: int, batch: int, steps: int, threads: int) -> flo
 
 
 def side_by_side(kind: str, width: int, batch: int, steps: int) -> float:
-    """Seconds for two trainings at once; a process's start-up (spawn, torch import) is not counted."""
+    """Seconds for two trainings at once; a process's start-up (torch's import) and exit are not counted."""
     if kind == "threads":
         workers = [threading.Thread(target=train, args=(width, batch, steps)) for _ in range(2)]
         start = time.perf_counter()
@@ -67,24 +67,28 @@ def side_by_side(kind: str, width: int, batch: int, steps: int) -> float:
         for w in workers:
             w.join()
         return time.perf_counter() - start
-    ctx = multiprocessing.get_context("spawn")
-    ready, go = ctx.Barrier(3), ctx.Event()
-    procs = [ctx.Process(target=_after, args=(ready, go, width, batch, steps)) for _ in range(2)]
+    ctx = multiprocessing.get_context("spawn")  # as tuner's workers: a fresh interpreter each
+    ready, go, done = ctx.Barrier(3), ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_after, args=(ready, go, done, width, batch, steps)) for _ in range(2)]
     for p in procs:
         p.start()
-    ready.wait()  # both have imported torch and built their model's inputs
+    ready.wait()  # both have imported torch and warmed up
     start = time.perf_counter()
     go.set()
+    for _ in procs:
+        done.get()  # until both finished training; a spawned interpreter's exit (~0.7 s) is not training
+    elapsed = time.perf_counter() - start
     for p in procs:
         p.join()
-    return time.perf_counter() - start
+    return elapsed
 
 
-def _after(ready: Any, go: Any, width: int, batch: int, steps: int) -> None:
+def _after(ready: Any, go: Any, done: Any, width: int, batch: int, steps: int) -> None:
     train(width, batch, 5)  # warm up
     ready.wait()
     go.wait()
     train(width, batch, steps)
+    done.put(True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,7 @@ threads of one process share the GIL. Optuna's ``study.optimize(n_jobs=...)`` ru
 reseeds the sampler every trial, so ``study.seed`` no longer fixes the draws); its multi-process recipe is
 several processes on one RDB storage, with no in-memory storage and one output per process.
 ``torch.multiprocessing`` shares tensors but runs no training loop. On this 2-core CPU two models trained
-side by side ran 0.74-1.80x the speed of one after the other in two threads, 1.73-1.96x in two processes
+side by side ran 0.82-1.80x the speed of one after the other in two threads, 1.77-2.04x in two processes
 (``scripts/bench_workers.py``). So the protocol below is ours: a pipe per worker, a job in, one message per
 epoch out, the answer "go on" or "stop" back, and the weights only when the trial is the study's new best.
 """
