@@ -7,8 +7,8 @@ overrides that change what is trained, in Hydra's ``override_dirname`` form::
     # studies: digits-mlp,optimizer.name=sgd  digits-mlp,optimizer.name=adam  ...
 
 Overrides that only say where or how long to run (``study.*`` except ``study.seed``, ``hydra.*``,
-``trainer.device``, ``trainer.threads``, ``trainer.workers``, ``trainer.eval_batch_size``, ``worker``) are left out, so that
-jobs that differ only in them share one study: that is how parallel workers run one study
+``trainer.device``, ``trainer.threads``, ``trainer.workers``, ``trainer.eval_batch_size``, ``worker``) are
+left out, so that jobs that differ only in them share one study: that is how parallel workers run one study
 (``+worker=range(4)``). An explicit ``study.name=...`` wins over all of this.
 
 Each job writes ``study.json`` (study name and storage, its password masked) into its Hydra output folder;
