@@ -220,7 +220,7 @@ def test_study_each_queued_trial_goes_to_one_worker_only(
 ) -> None:
     # Retries and refine's queued trials are WAITING: parallel workers must not train one twice.
     url = _storage_url(kind, tmp_path, request.getfixturevalue("postgres_url") if kind == "postgresql" else None)
-    storage = make_storage(url)
+    storage = make_storage(url, heartbeat_interval=None)  # asks outside study.optimize: no heartbeats
     queued = 60
     first = optuna.create_study(storage=storage, study_name="q")
     for i in range(queued):
