@@ -285,6 +285,8 @@ class ProcessTrainer:
             if self._interrupted is not None:
                 raise Interrupted(self._interrupted)
             if self._process is None or self._process.poll() is not None:
+                if self._conn is not None:
+                    self._conn.close()  # a dead worker's end of the pipe
                 self._process, self._conn = _launch(self.threads)
             assert self._conn is not None
             return self._conn
