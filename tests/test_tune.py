@@ -27,6 +27,7 @@ def _overrides(tmp_path: Path, *extra: str) -> list[str]:
         "trainer.epochs=3",
         "pruner.n_startup_trials=2",
         "pruner.n_warmup_steps=1",
+        "trainer.workers=1",  # one trial at a time: which trials the pruner stops does not depend on timing
         *extra,
     ]
 
@@ -54,6 +55,24 @@ def test_tune_writes_every_trial_with_epochs_and_user_attrs(finished: tuple[Path
         for path in ("optimizer.momentum", "optimizer.beta1", "optimizer.beta2"):
             if f"1-{path}" in trial.params:  # reverse-log: the used value sits beside the sampled 1 - value
                 assert trial.user_attrs[path] == pytest.approx(1 - trial.params[f"1-{path}"])
+
+
+def test_tune_parallel_workers_write_every_trial_and_keep_the_best_trials_model(tmp_path: Path) -> None:
+    summary = tune(*prepare(compose_raw(*_overrides(tmp_path, "study.n_trials=10", "trainer.workers=2"))))
+    study = optuna.load_study(study_name="digits-mlp", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    assert len(study.trials) == 10 and sorted(t.number for t in study.trials) == list(range(10))
+    assert {t.state for t in study.trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
+    for trial in study.trials:
+        assert trial.user_attrs.keys() >= USER_ATTRS and trial.intermediate_values
+        assert trial.user_attrs["epochs_run"] == max(trial.intermediate_values)
+    # Two workers finish trials at nearly the same moment: best_model.pt must still hold the best one.
+    model, payload = load_model(tmp_path / "out" / "best_model.pt")
+    assert payload["meta"]["trial"] == study.best_trial.number == summary.best_number
+    splits = load_splits(parse_trial(compose_raw(*_overrides(tmp_path))).data)
+    with torch.no_grad():
+        accuracy = (model(splits.x_val).argmax(1) == splits.y_val).float().mean().item()
+    assert accuracy == pytest.approx(study.best_value, abs=1e-6)
+    assert summary.test_accuracy is not None and summary.test_accuracy > 0.8
 
 
 def test_tune_prunes_a_trial(finished: tuple[Path, optuna.Study]) -> None:

@@ -198,32 +198,39 @@ def run_workers(
         return
     stop = threading.Event()
     errors: list[BaseException] = []
+    running = len(studies)
+    changed = threading.Condition()
 
     def work(study: optuna.Study, objective: Objective) -> None:
+        nonlocal running
         try:
             _work(study, objective, callbacks=[*callbacks, StopWhen(stop.is_set)], deadline=deadline)
         except BaseException as err:
             errors.append(err)
             stop.set()
+        finally:
+            with changed:
+                running -= 1
+                changed.notify_all()
 
-    threads = [
-        threading.Thread(target=work, args=pair, name=f"tuner-worker-{i}", daemon=True)
-        for i, pair in enumerate(zip(studies, objectives, strict=True))
-    ]
-    for thread in threads:
-        thread.start()
+    def wait_for_all() -> None:
+        # Not Thread.join(timeout): a signal that lands inside it can leave the thread looking finished
+        # (CPython's tstate lock), and the interrupted trials would then be neither failed nor queued again.
+        with changed:
+            while running:
+                changed.wait(0.1)
+
+    for i, pair in enumerate(zip(studies, objectives, strict=True)):
+        threading.Thread(target=work, args=pair, name=f"tuner-worker-{i}", daemon=True).start()
     try:
-        while any(thread.is_alive() for thread in threads):
-            for thread in threads:
-                thread.join(0.1)
+        wait_for_all()
     except KeyboardInterrupt as err:
         stop.set()
         name = err.signal_name if isinstance(err, Interrupted) else "SIGINT"
         for objective in objectives:
             if isinstance(objective.trainer, ProcessTrainer):
                 objective.trainer.interrupt(name)
-        for thread in threads:
-            thread.join()
+        wait_for_all()
         for study, objective in zip(studies, objectives, strict=True):
             _requeue_interrupted(study, objective, max_retry)
         raise
