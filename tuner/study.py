@@ -210,14 +210,26 @@ def _check_optuna_schema(url: str, path: Path) -> None:
     def read_only() -> sqlite3.Connection:
         return sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
 
-    try:
-        storage = RDBStorage(url, engine_kwargs={"creator": read_only})
-    except Exception as err:  # RuntimeError for a schema mismatch, OperationalError for a half-made file
+    for attempt in range(SCHEMA_ATTEMPTS):
+        try:
+            storage = RDBStorage(url, engine_kwargs={"creator": read_only})
+        except OperationalError as err:
+            # A half-made file: another worker that started at the same moment has created the tables but
+            # not yet stamped their version ("attempt to write a readonly database": 1 job in 3 once, in
+            # tests/test_multirun.py). It finishes within milliseconds; a file that stays so is refused.
+            if attempt < SCHEMA_ATTEMPTS - 1:
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            message = str(err)
+        except Exception as err:  # RuntimeError for a schema mismatch
+            message = str(err)
+        else:
+            storage.engine.dispose()
+            return
         raise ConfigError(
             f"study.storage={url!r} is an Optuna database this Optuna cannot use; it was left untouched: "
-            + str(err).splitlines()[0]
+            + message.splitlines()[0]
         ) from None
-    storage.engine.dispose()
 
 
 class GatedRDBStorage(BudgetGate, RDBStorage):
