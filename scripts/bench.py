@@ -390,10 +390,10 @@ def bench_dataset(dataset: str, args: argparse.Namespace, workdir: Path) -> list
     workers = resolve_workers(run.trial.trainer.workers, args.threads, cpu)
     # One worker process per worker thread, kept across rounds (started during the warm-up, as a study's are
     # before its first trial); each trains with --threads torch threads.
-    trainers = [ProcessTrainer(args.threads) for _ in range(workers)]
-    tuner_objectives = {
-        "memory": [memory_objective.for_worker(t) for t in trainers],
-        "sqlite": [sqlite_objective.for_worker(t) for t in trainers],
+    trainers = [ProcessTrainer(args.threads) for _ in range(workers)] if workers > 1 else []
+    tuner_objectives = {  # one worker trains in this process, as tuner.tune does
+        "memory": [memory_objective.for_worker(t) for t in trainers] or [memory_objective],
+        "sqlite": [sqlite_objective.for_worker(t) for t in trainers] or [sqlite_objective],
     }
     print(f"  tuner: {workers} worker process(es) x {args.threads} torch thread(s)", flush=True)
 
