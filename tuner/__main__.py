@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from tuner.config import ConfigError
-from tuner.multirun import keep_summary_in_job_log, name_suffix, write_job_record
+from tuner.multirun import jobs_at_once, keep_summary_in_job_log, name_suffix, write_job_record
 
 log = logging.getLogger("tuner")
 
@@ -90,12 +89,9 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def _jobs_at_once() -> int:
-    """Jobs that a multirun's launcher runs at the same time: joblib's ``n_jobs`` (-1: one per core), else 1."""
+    """Jobs that a multirun's launcher runs at the same time (1 in a single run or with the basic launcher)."""
     hydra_cfg = HydraConfig.get()
-    n_jobs = hydra_cfg.launcher.get("n_jobs", 1) if hydra_cfg.mode == RunMode.MULTIRUN else 1
-    if not isinstance(n_jobs, int) or n_jobs == 0:
-        return 1
-    return (os.cpu_count() or 1) if n_jobs < 0 else n_jobs
+    return jobs_at_once(hydra_cfg.launcher.get("n_jobs", 1)) if hydra_cfg.mode == RunMode.MULTIRUN else 1
 
 
 def _multirun_job(cfg: DictConfig) -> tuple[int, str] | None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ __all__ = [
     "JOB_RECORD",
     "StudiesTable",
     "format_table",
+    "jobs_at_once",
     "keep_summary_in_job_log",
     "name_suffix",
     "study_row",
@@ -63,6 +65,13 @@ def _excluded(key: str) -> bool:
     if key == "study.seed":  # a different seed samples other trials: its own study
         return False
     return key in _BASE_KEYS or key in _EXCLUDED_KEYS or key.startswith(_EXCLUDED_PREFIXES)
+
+
+def jobs_at_once(n_jobs: object) -> int:
+    """Jobs a Hydra launcher with ``hydra.launcher.n_jobs`` runs at the same time (joblib's -1: one per core)."""
+    if not isinstance(n_jobs, int) or n_jobs < 1:
+        return os.cpu_count() or 1
+    return n_jobs
 
 
 def name_suffix(overrides: list[str]) -> str | None:

@@ -31,7 +31,6 @@ batches of one (checked in hydra-core 1.3.8 and hydra-joblib-launcher 1.2.0).
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -49,7 +48,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from tuner.__main__ import to_container
 from tuner.config import ConfigError, RunConfig
 from tuner.handoff import TrialHandle
-from tuner.multirun import format_table, study_row
+from tuner.multirun import format_table, jobs_at_once, study_row
 from tuner.space import Param, describe, suggest
 from tuner.study import finished_trials, make_storage, mask_passwords_in_logs, open_study, safe_url
 from tuner.summary import count_states, trial_line
@@ -156,10 +155,7 @@ def _slots(config: DictConfig, requested: int | None) -> int:
         return 1  # runs jobs in this process, one at a time
     if requested is not None:
         return max(1, requested)
-    n_jobs = OmegaConf.select(config, "hydra.launcher.n_jobs", default=1)
-    if not isinstance(n_jobs, int) or n_jobs < 1:  # joblib's -1: one per core
-        return os.cpu_count() or 1
-    return n_jobs
+    return jobs_at_once(OmegaConf.select(config, "hydra.launcher.n_jobs", default=1))
 
 
 def run_sweep(plan: SweepPlan, launcher: Launcher, config: DictConfig, *, n_jobs: int | None) -> dict[str, int]:
