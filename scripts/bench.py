@@ -415,7 +415,12 @@ def bench_dataset(dataset: str, args: argparse.Namespace, workdir: Path) -> list
         else:
             objectives = tuner_objectives[variant]
             studies = [
-                optuna.load_study(study_name=study.study_name, storage=storage, sampler=PlanSampler(plan))
+                optuna.load_study(
+                    study_name=study.study_name,
+                    storage=storage,
+                    sampler=PlanSampler(plan),
+                    pruner=make_pruner(run.pruner),
+                )
                 for _ in objectives
             ]
             pids = [t.pid for t in trainers if t.pid is not None]

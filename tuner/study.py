@@ -22,6 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 
+from tuner.batched import BatchedTrialWrites
 from tuner.budget import BudgetGate, file_lock
 from tuner.config import ConfigError, PluginConfig, RunConfig
 from tuner.journal import HeartbeatJournalStorage, check_journal_file
@@ -232,9 +233,9 @@ def _check_optuna_schema(url: str, path: Path) -> None:
         ) from None
 
 
-class GatedRDBStorage(BudgetGate, RDBStorage):
-    """RDBStorage that creates no trial beyond ``trial_budget`` (see tuner.budget), and on SQLite hands a
-    queued trial to one worker only."""
+class GatedRDBStorage(BudgetGate, BatchedTrialWrites):
+    """RDBStorage that creates no trial beyond ``trial_budget`` (see tuner.budget), on SQLite hands a queued
+    trial to one worker only, and writes this process's running trials in batches (tuner.batched)."""
 
     def set_trial_state_values(self, trial_id: int, state: TrialState, values: Any = None) -> bool:
         """Optuna pops a queued trial by reading that it is WAITING and then writing RUNNING (optuna 5.0).

@@ -1,0 +1,134 @@
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.storages import RDBStorage
+from optuna.trial import TrialState
+
+from tuner import batched
+from tuner.batched import write_now
+from tuner.study import make_storage
+
+
+def _elsewhere(url: str, number: int) -> optuna.trial.FrozenTrial:
+    """The trial as another process reads it: a plain RDBStorage of its own, no cache, nothing shared."""
+    storage = RDBStorage(url)
+    try:
+        study_id = storage.get_study_id_from_name("s")
+        return storage.get_trial(storage.get_trial_id_from_study_id_trial_number(study_id, number))
+    finally:
+        storage.engine.dispose()
+
+
+@pytest.fixture
+def url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'b.db'}"
+
+
+def test_batched_trial_is_written_when_training_starts_and_stored_whole_when_told(url: str) -> None:
+    study = optuna.create_study(
+        storage=make_storage(url, heartbeat_interval=None), study_name="s", direction="maximize"
+    )
+
+    def suggest(trial: optuna.Trial) -> tuple[float, int]:
+        return trial.suggest_float("lr", 1e-4, 1.0, log=True), trial.suggest_int("layers", 1, 3)
+
+    # A param's first trial in a process is written at once: RDBStorage checks the study's stored distribution.
+    study.optimize(lambda t: suggest(t)[0], n_trials=1)
+    trial = study.ask()
+    lr, layers = suggest(trial)
+    trial.set_user_attr("seed", 7)
+    assert _elsewhere(url, 1).params == {}  # queued: one transaction instead of three
+    write_now(trial)
+    stored = _elsewhere(url, 1)
+    assert stored.params == {"lr": lr, "layers": layers}
+    assert stored.user_attrs == {"seed": 7}
+    assert stored.state == TrialState.RUNNING
+    for epoch, value in enumerate([0.5, 0.7, math.nan]):
+        trial.report(value, epoch)
+    trial.set_user_attr("train_loss", 0.25)
+    study.tell(trial, 0.7)
+    stored = _elsewhere(url, 1)
+    assert stored.state == TrialState.COMPLETE and stored.value == 0.7
+    values = stored.intermediate_values
+    assert (values[0], values[1], sorted(values)) == (0.5, 0.7, [0, 1, 2]) and math.isnan(values[2])
+    assert stored.user_attrs == {"seed": 7, "train_loss": 0.25}
+    assert stored.distributions["lr"] == optuna.distributions.FloatDistribution(1e-4, 1.0, log=True)
+
+
+def test_batched_reads_in_this_process_see_the_queued_writes(url: str) -> None:
+    study = optuna.create_study(storage=make_storage(url, heartbeat_interval=None), study_name="s")
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    trial = study.ask()
+    x = trial.suggest_float("x", 0, 1)
+    trial.set_user_attr("device", "cpu")
+    trial.report(0.3, 0)
+    (running,) = study.get_trials(states=(TrialState.RUNNING,))
+    assert (running.params, running.user_attrs, running.intermediate_values) == ({"x": x}, {"device": "cpu"}, {0: 0.3})
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 2
+    assert _elsewhere(url, 2).params == {}
+
+
+def test_batched_slow_trial_writes_each_value_as_it_comes(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(batched, "FLUSH_S", 0.05)
+    study = optuna.create_study(storage=make_storage(url, heartbeat_interval=None), study_name="s")
+    trial = study.ask()
+    trial.report(0.1, 0)  # within FLUSH_S of the ask: queued
+    assert _elsewhere(url, 0).intermediate_values == {}
+    time.sleep(0.06)
+    trial.report(0.2, 1)  # an epoch that took longer than FLUSH_S: written at once, with the queued one
+    assert _elsewhere(url, 0).intermediate_values == {0: 0.1, 1: 0.2}
+
+
+def test_batched_trial_failed_by_another_process_keeps_its_failure(url: str) -> None:
+    study = optuna.create_study(storage=make_storage(url, heartbeat_interval=None), study_name="s")
+    trial = study.ask()
+    other = make_storage(url, heartbeat_interval=None)  # another worker that gave this trial up for dead
+    other.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    trial.report(0.5, 0)
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        study.tell(trial, 0.5)
+    stored = _elsewhere(url, 0)
+    assert stored.state == TrialState.FAIL
+    assert stored.intermediate_values == {}  # nothing written after it failed
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)  # and this process goes on
+    assert _elsewhere(url, 1).state == TrialState.COMPLETE
+
+
+def test_batched_write_after_a_stall_is_refused_once_another_process_failed_the_trial(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(batched, "FLUSH_S", 0.05)
+    study = optuna.create_study(storage=make_storage(url, heartbeat_interval=None), study_name="s")
+    trial = study.ask()
+    make_storage(url, heartbeat_interval=None).set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    time.sleep(0.06)  # this worker stalled past its grace period; another one failed its trial
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        trial.report(0.5, 0)  # the objective stops here, as with RDBStorage's own writes
+    assert _elsewhere(url, 0).intermediate_values == {}
+
+
+def test_batched_popped_queued_trial_is_stored_whole(url: str) -> None:
+    study = optuna.create_study(storage=make_storage(url, heartbeat_interval=None), study_name="s")
+    study.enqueue_trial({"x": 0.25})
+    study.optimize(lambda t: t.suggest_float("x", 0, 1) + t.suggest_float("y", 0, 1), n_trials=1)
+    stored = _elsewhere(url, 0)
+    assert stored.state == TrialState.COMPLETE
+    assert stored.params["x"] == 0.25 and stored.value == pytest.approx(0.25 + stored.params["y"])
+
+
+def test_batched_queued_writes_are_written_when_the_process_exits(url: str) -> None:
+    code = (
+        "import optuna\nfrom tuner.study import make_storage\n"
+        f"study = optuna.create_study(storage=make_storage({url!r}), study_name='s')\n"
+        "trial = study.ask()\ntrial.suggest_float('x', 0, 1)\ntrial.report(0.5, 0)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    stored = _elsewhere(url, 0)
+    assert list(stored.params) == ["x"] and stored.intermediate_values == {0: 0.5}
