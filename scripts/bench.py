@@ -55,7 +55,6 @@ from tuner.__main__ import config_dir
 from tuner.budget import BudgetGate
 from tuner.config import OptimizerConfig, RunConfig, TrialConfig
 from tuner.data import Splits
-from tuner.faults import StopAtBudget
 from tuner.model import build_model
 from tuner.objective import Objective, trial_seed
 from tuner.space import Param, suggest
@@ -425,7 +424,7 @@ def bench_dataset(dataset: str, args: argparse.Namespace, workdir: Path) -> list
             ]
             pids = [t.pid for t in trainers if t.pid is not None]
             start, cpu_start = time.perf_counter(), _cpu_seconds(pids)
-            run_workers(studies, objectives, callbacks=[StopAtBudget(trials)])
+            run_workers(studies, objectives, callbacks=[])  # the storage's budget ends it, as in tune()
             wall = time.perf_counter() - start
             cpu_s = _cpu_seconds([t.pid for t in trainers if t.pid is not None]) - cpu_start
         return _result(dataset, variant, rnd, seed, wall, cpu_s, study)

@@ -4,7 +4,7 @@
 
 Each worker runs what ``python -m tuner`` runs around its objective: ``tuner.study.make_storage`` (WAL
 SQLite, journal file or PostgreSQL, with heartbeats and RetryHeartbeatStaleTrialCallback), the start-up
-recovery of dead workers' trials, and the ``StopAtBudget`` callback. The objective is synthetic (5
+recovery of dead workers' trials, and the storage's trial budget. The objective is synthetic (5
 reported steps of ~4 ms each) so the figures measure the storage and the coordination, not training.
 After the workers end, one more worker starts, as a user would rerun the command, to recover what the
 killed worker left. Printed per storage: trials/s, trials lost, left RUNNING, lock errors, extra trials
@@ -43,7 +43,6 @@ LOCK_STALLS = re.compile(r"Forcibly releasing the lock file")
 
 def worker(url: str, study_name: str, n_trials: int, plain: bool) -> None:
     from tuner.budget import BudgetReached, budget_used
-    from tuner.faults import StopAtBudget
     from tuner.study import FINISHED, make_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -65,12 +64,12 @@ def worker(url: str, study_name: str, n_trials: int, plain: bool) -> None:
             trial.report(x * x + step, step)
         return x * x
 
-    # Optuna's own recipe stops each worker once n_trials are finished; tuner's adds the storage's budget.
-    stop = MaxTrialsCallback(n_trials, states=FINISHED) if plain else StopAtBudget(n_trials)
+    # Optuna's own recipe stops each worker once n_trials are finished; tuner's relies on the storage's budget.
+    callbacks = [MaxTrialsCallback(n_trials, states=FINISHED)] if plain else []
     while True:
         try:
             with contextlib.suppress(BudgetReached):  # the other workers took the last trials
-                study.optimize(objective, callbacks=[stop])
+                study.optimize(objective, callbacks=callbacks)
             return
         except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
             # As tuner.tune does: another worker gave this worker's trial up for dead (a heartbeat came

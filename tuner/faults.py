@@ -12,14 +12,12 @@ from types import FrameType
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from tuner.budget import budget_used
 from tuner.study import FINISHED
 
 __all__ = [
     "FailureStreak",
     "FailureStreakError",
     "Interrupted",
-    "StopAtBudget",
     "StopWhen",
     "error_reason",
     "interruptible",
@@ -71,22 +69,6 @@ def interruptible() -> Iterator[None]:
         for sig, old in previous.items():
             signal.signal(sig, old)
         optuna_log.removeFilter(_not_an_interrupt)
-
-
-class StopAtBudget:
-    """Optuna callback: stop this worker once finished trials plus those running elsewhere reach ``n_trials``.
-
-    Optuna's ``MaxTrialsCallback`` counts finished trials only, so with W workers every worker that is
-    mid-trial when the total is reached still finishes its trial: up to W-1 extra. This callback stops
-    a worker early; the storage's ``BudgetGate`` makes the total exact.
-    """
-
-    def __init__(self, n_trials: int) -> None:
-        self.n_trials = n_trials
-
-    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        if budget_used(study.get_trials(deepcopy=False)) >= self.n_trials:
-            study.stop()
 
 
 class StopWhen:

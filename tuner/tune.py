@@ -21,7 +21,7 @@ from tuner.artifacts import artifact_dir, artifact_store, restore_checkpoint
 from tuner.budget import BudgetReached, budget_used
 from tuner.checkpoint import load_model
 from tuner.config import ConfigError, RunConfig, parse_run, parse_trial, set_path
-from tuner.faults import FailureStreak, FailureStreakError, Interrupted, StopAtBudget, StopWhen, interruptible
+from tuner.faults import FailureStreak, FailureStreakError, Interrupted, StopWhen, interruptible
 from tuner.notes import write_end_note, write_start_note
 from tuner.objective import Objective
 from tuner.plots import save_dashboard_plots
@@ -159,7 +159,7 @@ def _work(
                 study.optimize(
                     objective,
                     # No per-worker count: a dead worker's retry may fall to this one. The storage's budget
-                    # (BudgetReached) and StopAtBudget end the loop at study.n_trials for all.
+                    # (BudgetReached at the next ask) ends the loop at study.n_trials for all.
                     n_trials=None,
                     timeout=None if deadline is None else max(deadline - time.monotonic(), 0.0),
                     callbacks=callbacks,
@@ -295,7 +295,7 @@ def tune(run: RunConfig, params: list[Param], *, worker: int = 0, processes: int
                 run_workers(
                     studies,
                     objectives,
-                    callbacks=[StopAtBudget(run.study.n_trials), progress, streak],
+                    callbacks=[progress, streak],
                     deadline=deadline,
                     max_retry=run.study.max_retry,
                 )
