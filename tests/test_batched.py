@@ -12,7 +12,7 @@ from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from tuner import batched
-from tuner.batched import write_now
+from tuner.batched import hand_over, write_now
 from tuner.study import make_storage
 
 
@@ -132,3 +132,17 @@ def test_batched_queued_writes_are_written_when_the_process_exits(url: str) -> N
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
     stored = _elsewhere(url, 0)
     assert list(stored.params) == ["x"] and stored.intermediate_values == {0: 0.5}
+
+
+def test_batched_handed_over_trial_is_read_back_with_what_the_other_process_wrote(url: str) -> None:
+    study = optuna.create_study(storage=make_storage(url, heartbeat_interval=None), study_name="s")
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+    trial = study.ask()
+    x = trial.suggest_float("x", 0, 1)
+    hand_over(trial)  # as the tuner sweeper does before its job (python -m tuner.train) starts
+    assert _elsewhere(url, 1).params == {"x": x}
+    job = RDBStorage(url)  # the job's process reports into the trial
+    job.set_trial_intermediate_value(trial._trial_id, 0, 0.42)
+    job.engine.dispose()
+    study.tell(trial, state=TrialState.PRUNED)  # Optuna takes a pruned trial's value from its last report
+    assert _elsewhere(url, 1).value == 0.42

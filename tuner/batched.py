@@ -43,7 +43,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import orm
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
-__all__ = ["FLUSH_S", "BatchedTrialWrites", "write_now"]
+__all__ = ["FLUSH_S", "BatchedTrialWrites", "hand_over", "write_now"]
 
 # A running trial's queued writes wait at most this long for the next write to send them.
 FLUSH_S = 1.0
@@ -115,11 +115,14 @@ class BatchedTrialWrites(RDBStorage):
             if changed and self._batched and state == TrialState.RUNNING:  # this process popped a queued trial
                 self._own(self._study_id_of(trial_id), super().get_trial(trial_id))
             return changed
-        # The trial's queued writes first: a finished trial is stored whole.
+        self.release(trial_id)  # its queued writes first: a finished trial is stored whole
+        return super().set_trial_state_values(trial_id, state, values)
+
+    def release(self, trial_id: int) -> None:
+        """Write the trial's queued writes and stop keeping it in memory: reads go to the database again."""
         self.flush([trial_id])
         with self._owned_lock:
             self._owned.pop(trial_id, None)
-        return super().set_trial_state_values(trial_id, state, values)
 
     def _study_id_of(self, trial_id: int) -> int:
         with orm.Session(self.engine) as session:
@@ -328,6 +331,22 @@ class BatchedTrialWrites(RDBStorage):
         return sorted([*found, *wanted.values()], key=lambda t: t._trial_id)
 
 
+def _batching_backend(trial: optuna.Trial) -> BatchedTrialWrites | None:
+    storage: Any = trial.study._storage  # Optuna wraps an RDBStorage in its _CachedStorage (optuna 5.0)
+    backend = getattr(storage, "_backend", storage)
+    return backend if isinstance(backend, BatchedTrialWrites) else None
+
+
+def hand_over(trial: optuna.Trial) -> None:
+    """Write ``trial`` out and stop keeping it here: another process will report into it (tuner.handoff).
+
+    This process then reads the trial from the database, with what the other process wrote.
+    """
+    backend = _batching_backend(trial)
+    if backend is not None:
+        backend.release(trial._trial_id)
+
+
 def write_now(trial: optuna.Trial) -> None:
     """Write ``trial``'s queued writes now, if its storage batches them.
 
@@ -335,9 +354,8 @@ def write_now(trial: optuna.Trial) -> None:
     as each write to ``RDBStorage`` would, when another process has finished the trial meanwhile: Optuna
     handles that error from the objective, but not from its own ``tell`` after the objective succeeded.
     """
-    storage: Any = trial.study._storage  # Optuna wraps an RDBStorage in its _CachedStorage (optuna 5.0)
-    backend = getattr(storage, "_backend", storage)
-    if isinstance(backend, BatchedTrialWrites) and trial._trial_id in backend.flush([trial._trial_id]):
+    backend = _batching_backend(trial)
+    if backend is not None and trial._trial_id in backend.flush([trial._trial_id]):
         raise optuna.exceptions.UpdateFinishedTrialError(
             f"Trial#{trial.number} has already finished and can not be updated."
         )
