@@ -58,8 +58,9 @@ def test_pruning_cached_median_reads_storage_once_per_trial_not_per_epoch(tmp_pa
     sqlalchemy.event.listen(engine, "before_cursor_execute", count)
     per_pruner = {}
     for name, pruner in (
-        ("plain", optuna.pruners.MedianPruner(n_startup_trials=100)),  # never prunes: all epochs run on both
-        ("cached", make_pruner(PluginConfig("median", {"n_startup_trials": 100}))),
+        # Never prunes (every epoch is a warm-up step), so all epochs run on both; no startup trials to wait for.
+        ("plain", optuna.pruners.MedianPruner(n_startup_trials=0, n_warmup_steps=EPOCHS)),
+        ("cached", make_pruner(PluginConfig("median", {"n_startup_trials": 0, "n_warmup_steps": EPOCHS}))),
     ):
         selects["n"] = 0
         _run(storage, pruner, name)
@@ -81,3 +82,20 @@ def test_pruning_cache_sees_trials_another_worker_completed_after_refresh(tmp_pa
     other.tell(done, 0.9)  # another worker completes a better trial while this one runs
     frozen = next(t for t in mine.get_trials(deepcopy=False) if t.number == trial.number)
     assert pruner.prune(mine, frozen)  # 0.5 is below the median of the completed trials (0.9)
+
+
+def test_pruning_trial_started_before_the_startup_trials_completed_is_pruned_once_they_have(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'v.db'}"
+    mine = optuna.create_study(storage=make_storage(url, heartbeat_interval=None), study_name="s", direction="maximize")
+    other = optuna.load_study(storage=make_storage(url, heartbeat_interval=None), study_name="s")
+    pruner = CachedCompletedTrials(optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0), refresh_s=3600)
+    trial = mine.ask()
+    trial.report(0.5, 1)
+    assert not pruner.prune(mine, mine.trials[0])  # too few completed trials to prune by: Optuna waits
+    done = other.ask()
+    done.report(0.9, 1)
+    done.report(0.9, 2)
+    other.tell(done, 0.9)  # another worker completes the startup trial well within refresh_s
+    trial.report(0.5, 2)
+    frozen = next(t for t in mine.get_trials(deepcopy=False) if t.number == trial.number)
+    assert pruner.prune(mine, frozen)  # as Optuna's own MedianPruner decides at this epoch
