@@ -73,6 +73,19 @@ class _Owned:
         return taken
 
 
+def _copy(trial: FrozenTrial) -> FrozenTrial:
+    """A copy that later writes to ``trial`` leave alone: its dicts copied (a deepcopy cost 2 ms a digits trial).
+
+    Values inside them are not: params and distributions are immutable, attributes are JSON that nothing here
+    changes in place.
+    """
+    copied = copy.copy(trial)
+    copied.params, copied.distributions = dict(trial.params), dict(trial.distributions)
+    copied.user_attrs, copied.system_attrs = dict(trial.user_attrs), dict(trial.system_attrs)
+    copied.intermediate_values = dict(trial.intermediate_values)
+    return copied
+
+
 def _flush_at_exit(ref: weakref.ReferenceType[BatchedTrialWrites]) -> None:
     storage = ref()
     if storage is not None:
@@ -271,7 +284,7 @@ class BatchedTrialWrites(RDBStorage):
     def _mirror(self, trial_id: int) -> FrozenTrial | None:
         with self._owned_lock:
             owned = self._owned.get(trial_id)
-            return None if owned is None else copy.deepcopy(owned.trial)
+            return None if owned is None else _copy(owned.trial)
 
     def get_trial(self, trial_id: int) -> FrozenTrial:
         mirror = self._mirror(trial_id)
@@ -301,15 +314,15 @@ class BatchedTrialWrites(RDBStorage):
         """``RDBStorage._get_trials`` (optuna 5.0; what Optuna's cached storage refreshes with) without
         loading this process's running trials from the database: their in-memory copies take their place."""
         with self._owned_lock:
-            mine = {t: copy.deepcopy(o.trial) for t, o in self._owned.items() if o.study_id == study_id}
-        if not mine:
-            return super()._get_trials(study_id, states, included_trial_ids, trial_id_greater_than)
-        included = {t for t in included_trial_ids if t <= trial_id_greater_than}
-        wanted = {
-            t: trial
-            for t, trial in mine.items()
-            if (t in included or t > trial_id_greater_than) and (states is None or trial.state in states)
-        }
+            mine = {t: o.trial for t, o in self._owned.items() if o.study_id == study_id}
+            if not mine:
+                return super()._get_trials(study_id, states, included_trial_ids, trial_id_greater_than)
+            included = {t for t in included_trial_ids if t <= trial_id_greater_than}
+            wanted = {
+                t: _copy(trial)
+                for t, trial in mine.items()
+                if (t in included or t > trial_id_greater_than) and (states is None or trial.state in states)
+            }
         trial_ids = models.TrialModel.trial_id
         with orm.Session(self.engine) as session:
             models.StudyModel.find_or_raise_by_id(study_id, session)
