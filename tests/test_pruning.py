@@ -69,14 +69,24 @@ def test_pruning_cached_median_reads_storage_once_per_trial_not_per_epoch(tmp_pa
     assert per_pruner["cached"] < 0.6 * per_pruner["plain"], per_pruner
 
 
-def test_pruning_cache_sees_trials_another_worker_completed_after_refresh(tmp_path: Path) -> None:
+def _two_workers(
+    tmp_path: Path, *, refresh_s: float
+) -> tuple[optuna.Study, optuna.Study, CachedCompletedTrials, optuna.Trial]:
+    """This worker's study, pruner and running trial (one report of 0.5, not pruned: nothing completed yet),
+    and another worker's handle on the same study."""
     url = f"sqlite:///{tmp_path / 'w.db'}"
     mine = optuna.create_study(storage=make_storage(url, heartbeat_interval=None), study_name="s", direction="maximize")
     other = optuna.load_study(storage=make_storage(url, heartbeat_interval=None), study_name="s")
-    pruner = CachedCompletedTrials(optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0), refresh_s=0)
+    median = optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0)
+    pruner = CachedCompletedTrials(median, refresh_s=refresh_s)
     trial = mine.ask()
     trial.report(0.5, 1)
     assert not pruner.prune(mine, mine.trials[0])  # no completed trial yet: nothing to compare with
+    return mine, other, pruner, trial
+
+
+def test_pruning_cache_sees_trials_another_worker_completed_after_refresh(tmp_path: Path) -> None:
+    mine, other, pruner, trial = _two_workers(tmp_path, refresh_s=0)
     done = other.ask()
     done.report(0.9, 1)
     other.tell(done, 0.9)  # another worker completes a better trial while this one runs
@@ -85,13 +95,7 @@ def test_pruning_cache_sees_trials_another_worker_completed_after_refresh(tmp_pa
 
 
 def test_pruning_trial_started_before_the_startup_trials_completed_is_pruned_once_they_have(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'v.db'}"
-    mine = optuna.create_study(storage=make_storage(url, heartbeat_interval=None), study_name="s", direction="maximize")
-    other = optuna.load_study(storage=make_storage(url, heartbeat_interval=None), study_name="s")
-    pruner = CachedCompletedTrials(optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0), refresh_s=3600)
-    trial = mine.ask()
-    trial.report(0.5, 1)
-    assert not pruner.prune(mine, mine.trials[0])  # too few completed trials to prune by: Optuna waits
+    mine, other, pruner, trial = _two_workers(tmp_path, refresh_s=3600)  # too few completed: Optuna waits
     done = other.ask()
     done.report(0.9, 1)
     done.report(0.9, 2)

@@ -179,24 +179,23 @@ class BatchedTrialWrites(RDBStorage):
         owned.trial.distributions[name] = distribution
 
     def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
-        owned = self._owned.get(trial_id)
-        if owned is None:
+        if not self._queue_attr(trial_id, "user_attrs", key, value):
             super().set_trial_user_attr(trial_id, key, value)
-            return
-        with self._owned_lock:
-            owned.trial.user_attrs[key] = json.loads(json.dumps(value))  # what a read from the database gives
-            owned.user_attrs[key] = json.dumps(value)
-        self._maybe_flush(trial_id, owned)
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        if not self._queue_attr(trial_id, "system_attrs", key, value):
+            super().set_trial_system_attr(trial_id, key, value)
+
+    def _queue_attr(self, trial_id: int, kind: str, key: str, value: Any) -> bool:
+        """Queue a user or system attribute (``kind``) of an owned trial; False for a trial not ours."""
         owned = self._owned.get(trial_id)
         if owned is None:
-            super().set_trial_system_attr(trial_id, key, value)
-            return
+            return False
         with self._owned_lock:
-            owned.trial.system_attrs[key] = json.loads(json.dumps(value))
-            owned.system_attrs[key] = json.dumps(value)
+            getattr(owned.trial, kind)[key] = json.loads(json.dumps(value))  # what a read from the database gives
+            getattr(owned, kind)[key] = json.dumps(value)
         self._maybe_flush(trial_id, owned)
+        return True
 
     def set_trial_intermediate_value(self, trial_id: int, step: int, intermediate_value: float) -> None:
         owned = self._owned.get(trial_id)
