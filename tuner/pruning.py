@@ -61,7 +61,7 @@ class CachedCompletedTrials(BasePruner):
         # Too few completed trials to prune by yet (n_startup_trials): read again at every call, or a trial that
         # started before the other workers completed them would never be pruned (2 workers, 50 digits trials:
         # 31 pruned against Optuna's 36).
-        starting = len(self._completed) < self.pruner._n_startup_trials
+        starting = len(self._completed) < self.pruner._n_startup_trials  # PercentilePruner's own (optuna 5.0)
         if key != self._key or starting or now - self._read_at > self.refresh_s:
             self._completed = study.get_trials(deepcopy=False, states=_COMPLETE)
             self._key, self._read_at = key, now
