@@ -312,16 +312,16 @@ class BatchedTrialWrites(RDBStorage):
     ) -> list[FrozenTrial]:
         """``RDBStorage._get_trials`` (optuna 5.0; what Optuna's cached storage refreshes with) without
         loading this process's running trials from the database: their in-memory copies take their place."""
+        included = {t for t in included_trial_ids if t <= trial_id_greater_than}
         with self._owned_lock:
             mine = {t: o.trial for t, o in self._owned.items() if o.study_id == study_id}
-            if not mine:
-                return super()._get_trials(study_id, states, included_trial_ids, trial_id_greater_than)
-            included = {t for t in included_trial_ids if t <= trial_id_greater_than}
             wanted = {
                 t: _copy(trial)
                 for t, trial in mine.items()
                 if (t in included or t > trial_id_greater_than) and (states is None or trial.state in states)
             }
+        if not mine:  # read outside the lock: this process's writers need not wait for it
+            return super()._get_trials(study_id, states, included_trial_ids, trial_id_greater_than)
         trial_ids = models.TrialModel.trial_id
         with orm.Session(self.engine) as session:
             models.StudyModel.find_or_raise_by_id(study_id, session)
