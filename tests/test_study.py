@@ -9,6 +9,8 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy
+from optuna.storages._rdb import models
 
 from tests.conftest import compose_raw
 from tuner.config import ConfigError, PluginConfig, parse_run
@@ -33,6 +35,16 @@ def test_study_foreign_sqlite_file_is_refused_and_left_untouched(tmp_path: Path)
     with pytest.raises(ConfigError, match="without Optuna's tables; it was left untouched"):
         make_storage(f"sqlite:///{path}")
     assert path.read_bytes() == before
+
+
+def test_study_sqlite_file_whose_tables_another_worker_is_still_creating_is_opened(tmp_path: Path) -> None:
+    path = tmp_path / "new.db"
+    engine = sqlalchemy.create_engine(f"sqlite:///{path}")
+    models.BaseModel.metadata.tables["studies"].create(engine)  # the first table another worker has created
+    engine.dispose()
+    study = optuna.create_study(storage=make_storage(f"sqlite:///{path}"), study_name="s")
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    assert len(optuna.load_study(study_name="s", storage=f"sqlite:///{path}").trials) == 2
 
 
 def test_study_non_database_file_is_refused_and_left_untouched(tmp_path: Path) -> None:
