@@ -71,6 +71,9 @@ def test_batched_reads_in_this_process_see_the_queued_writes(url: str) -> None:
     trial.report(0.3, 0)
     (running,) = study.get_trials(states=(TrialState.RUNNING,))
     assert (running.params, running.user_attrs, running.intermediate_values) == ({"x": x}, {"device": "cpu"}, {0: 0.3})
+    storage = study._storage._backend  # type: ignore[attr-defined]  # the RDBStorage under Optuna's cache
+    assert storage.get_trial_user_attrs(trial._trial_id) == {"device": "cpu"}
+    assert storage.get_trial_param(trial._trial_id, "x") == x
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 2
     assert _elsewhere(url, 2).params == {}
 
