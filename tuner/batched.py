@@ -14,8 +14,16 @@ queues its params, attributes and intermediate values. They are written in one t
 - when training starts (``write_now``), so the dashboard shows a trial's params while it trains;
 - at a write that comes ``FLUSH_S`` or more after the trial's last one was written, so a slow trial's
   per-epoch values reach the database as they come, and a fast trial's in few transactions;
-- before the trial's state changes: a finished trial is always stored whole;
+- when the trial is told, together with its state and values: a finished trial is always stored whole;
 - when the process exits.
+
+The other per-trial round trips on SQLite go through SQLAlchemy Core instead of the ORM, measured on the same
+study: a new trial (2.9 -> 1.5 ms, the budget check included), its heartbeat (2.9 -> 1.3 ms), its tell (2.3 ->
+0.9 ms), and the refreshes of Optuna's cache (``_get_trials``, 4.0 -> 0.7 ms each, three a trial), which get
+the trials this process told from memory (kept as stored, ``FINISHED_KEPT`` of them) and load the others with
+one plain SELECT per table. Optuna's look for dead workers' trials, before every trial, runs at most every
+``STALE_CHECK_S``. Together: the tuner process's CPU per digits trial went from 25-30 ms to 10-22 ms, against
+10-12 ms with in-memory storage.
 
 A process killed in between loses at most ``FLUSH_S`` of a running trial's writes; that trial is failed for
 want of a heartbeat and trained again from the start (tuner.faults), so no finished trial is incomplete.
@@ -27,12 +35,16 @@ from __future__ import annotations
 import atexit
 import copy
 import dataclasses
+import functools
 import json
+import math
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import optuna
@@ -48,6 +60,12 @@ __all__ = ["FLUSH_S", "BatchedTrialWrites", "hand_over", "write_now"]
 
 # A running trial's queued writes wait at most this long for the next write to send them.
 FLUSH_S = 1.0
+# Trials this process finished, kept as stored so that its caches' next refresh need not read them back.
+FINISHED_KEPT = 256
+# A process looks for other workers' dead trials at most this often per study (Optuna looks before every trial).
+STALE_CHECK_S = 1.0
+# Trial ids per IN (...) list when loading trials (SQLite allows 32,766 variables since 3.32, 999 before).
+_CHUNK = 500
 
 
 @dataclass
@@ -106,17 +124,53 @@ class BatchedTrialWrites(RDBStorage):
     def _init_owned(self) -> None:
         self._batched = self.engine.dialect.name == "sqlite"
         self._owned: dict[int, _Owned] = {}
+        self._finished: OrderedDict[int, FrozenTrial] = OrderedDict()  # the last FINISHED_KEPT told here
         self._owned_lock = threading.RLock()
         self._flush_lock = threading.Lock()  # one flush at a time: a later value never lands before an earlier one
+        self._stale_checked: dict[int, float] = {}  # study id -> when this process last looked for dead trials
         atexit.register(_flush_at_exit, weakref.ref(self))
 
     # --- Owning a trial ---------------------------------------------------------------------------------
 
     def _create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> FrozenTrial:
-        frozen = super()._create_new_trial(study_id, template_trial)
+        if self._batched and template_trial is None:
+            frozen = self._insert_running_trial(study_id)
+        else:
+            frozen = super()._create_new_trial(study_id, template_trial)
         if self._batched and frozen.state == TrialState.RUNNING:
             self._own(study_id, _copy(frozen))
         return frozen
+
+    def _insert_running_trial(self, study_id: int) -> FrozenTrial:
+        """``RDBStorage._create_new_trial`` without a template (optuna 5.0) in three Core statements, not
+        the ORM's 2.9 ms: the insert, then the trial's number counted inside the same write transaction."""
+        trials = models.TrialModel.__table__
+        start = datetime.now()
+        with self.engine.begin() as conn:
+            _check_study(conn, study_id)
+            inserted = conn.execute(
+                sqlalchemy.insert(trials).values(study_id=study_id, state=TrialState.RUNNING, datetime_start=start)
+            )
+            trial_id = int(inserted.lastrowid)  # SQLite only (self._batched)
+            past = sqlalchemy.select(sqlalchemy.func.count(trials.c.trial_id)).where(
+                trials.c.study_id == study_id, trials.c.trial_id < trial_id
+            )
+            number = int(conn.execute(past).scalar_one())
+            conn.execute(sqlalchemy.update(trials).where(trials.c.trial_id == trial_id).values(number=number))
+        return FrozenTrial(
+            number=number,
+            state=TrialState.RUNNING,
+            value=None,
+            values=None,
+            datetime_start=start,
+            datetime_complete=None,
+            params={},
+            distributions={},
+            user_attrs={},
+            system_attrs={},
+            intermediate_values={},
+            trial_id=trial_id,
+        )
 
     def _own(self, study_id: int, trial: FrozenTrial) -> None:
         with self._owned_lock:
@@ -128,8 +182,37 @@ class BatchedTrialWrites(RDBStorage):
             if changed and self._batched and state == TrialState.RUNNING:  # this process popped a queued trial
                 self._own(self._study_id_of(trial_id), super().get_trial(trial_id))
             return changed
-        self.release(trial_id)  # its queued writes first: a finished trial is stored whole
+        if state.is_finished():
+            return self._finish(trial_id, state, values)
+        self.release(trial_id)  # its queued writes first
         return super().set_trial_state_values(trial_id, state, values)
+
+    def _finish(self, trial_id: int, state: TrialState, values: Sequence[float] | None) -> bool:
+        """Tell an owned trial: its queued writes, values and state in one transaction (``RDBStorage`` takes
+        2.3 ms of ORM for the state alone), and the trial kept as stored, for this process's next reads."""
+        with self._flush_lock:
+            with self._owned_lock:
+                owned = self._owned.get(trial_id)
+                if owned is None:  # finished by another thread meanwhile: RDBStorage refuses it
+                    return super().set_trial_state_values(trial_id, state, values)
+                taken = owned.take()
+            told = _Told(state, list(values) if values is not None else None, datetime.now())
+            try:
+                gone = self._write({trial_id: taken}, told={trial_id: told})
+            except sqlalchemy.exc.IntegrityError:
+                return False  # as RDBStorage.set_trial_state_values
+            with self._owned_lock:
+                self._owned.pop(trial_id, None)
+                if gone:
+                    raise optuna.exceptions.UpdateFinishedTrialError(
+                        f"Trial#{owned.trial.number} has already finished and can not be updated."
+                    )
+                final = owned.trial
+                final.state, final.values, final.datetime_complete = state, told.values, told.at
+                self._finished[trial_id] = final
+                while len(self._finished) > FINISHED_KEPT:
+                    self._finished.popitem(last=False)
+        return True
 
     def release(self, trial_id: int) -> None:
         """Write the trial's queued writes and stop keeping it in memory: reads go to the database again."""
@@ -140,6 +223,31 @@ class BatchedTrialWrites(RDBStorage):
     def _study_id_of(self, trial_id: int) -> int:
         with orm.Session(self.engine) as session:
             return int(models.TrialModel.find_or_raise_by_id(trial_id, session).study_id)
+
+    # --- Heartbeats -------------------------------------------------------------------------------------
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        """``RDBStorage.record_heartbeat`` (optuna 5.0: an ORM read, then an insert or an update; 2.9 ms at
+        every trial's start) as one upsert, with the database's own clock as Optuna uses."""
+        if not self._batched:
+            super().record_heartbeat(trial_id)
+            return
+        insert = sqlite_dialect.insert(models.TrialHeartbeatModel.__table__)
+        beat = insert.values(trial_id=trial_id, heartbeat=sqlalchemy.func.now())
+        with self.engine.begin() as conn:
+            conn.execute(
+                beat.on_conflict_do_update(index_elements=["trial_id"], set_={"heartbeat": sqlalchemy.func.now()})
+            )
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        """Optuna's ``fail_stale_trials`` runs before every trial; a trial is stale only after its grace period
+        (at least a second), so this process looks at most every ``STALE_CHECK_S`` (1.8 ms each on SQLite)."""
+        if self._batched:
+            now = time.monotonic()
+            if now - self._stale_checked.get(study_id, -math.inf) < STALE_CHECK_S:
+                return []
+            self._stale_checked[study_id] = now
+        return super()._get_stale_trial_ids(study_id)
 
     # --- Writes -----------------------------------------------------------------------------------------
 
@@ -235,13 +343,25 @@ class BatchedTrialWrites(RDBStorage):
                     self._owned.pop(t, None)
             return gone
 
-    def _write(self, batch: dict[int, _Owned]) -> set[int]:
+    def _write(self, batch: dict[int, _Owned], told: dict[int, _Told] | None = None) -> set[int]:
+        """Write ``batch``'s queued writes, and the state and values of the ``told`` trials, in one
+        transaction; returns the trials that were no longer RUNNING, which get none of it."""
         trials = models.TrialModel.__table__
+        told = told or {}
         with self.engine.begin() as conn:
-            rows = conn.execute(
-                sqlalchemy.select(trials.c.trial_id, trials.c.state).where(trials.c.trial_id.in_(batch))
-            )
-            running = {trial_id for trial_id, state in rows if state == TrialState.RUNNING}
+            running = set()
+            for trial_id, tell in told.items():  # an update first: it takes the write lock, then all is exact
+                finish = sqlalchemy.update(trials).where(
+                    trials.c.trial_id == trial_id, trials.c.state == TrialState.RUNNING
+                )
+                if conn.execute(finish.values(state=tell.state, datetime_complete=tell.at)).rowcount:
+                    running.add(trial_id)
+            others = [t for t in batch if t not in told]
+            if others:
+                rows = conn.execute(
+                    sqlalchemy.select(trials.c.trial_id, trials.c.state).where(trials.c.trial_id.in_(others))
+                )
+                running |= {trial_id for trial_id, state in rows if state == TrialState.RUNNING}
             params = [row for t in running for row in batch[t].params]
             if params:
                 table = models.TrialParamModel.__table__
@@ -256,38 +376,50 @@ class BatchedTrialWrites(RDBStorage):
                     for k, v in getattr(batch[t], attr).items()
                 ]
                 if attrs:
-                    insert = sqlite_dialect.insert(model.__table__)
-                    upsert = insert.on_conflict_do_update(
-                        index_elements=["trial_id", "key"], set_={"value_json": insert.excluded.value_json}
-                    )
-                    conn.execute(upsert, attrs)
-            values = [
+                    self._upsert(conn, model, ["trial_id", "key"], attrs)
+            steps = [
                 {"trial_id": t, "step": step, "intermediate_value": v, "intermediate_value_type": kind}
                 for t in running
                 for step, (v, kind) in batch[t].intermediate.items()
             ]
+            if steps:
+                self._upsert(conn, models.TrialIntermediateValueModel, ["trial_id", "step"], steps)
+            values = []
+            for t in running & told.keys():
+                for objective, v in enumerate(told[t].values or ()):
+                    stored, kind = models.TrialValueModel.value_to_stored_repr(v)
+                    values.append({"trial_id": t, "objective": objective, "value": stored, "value_type": kind})
             if values:
-                insert = sqlite_dialect.insert(models.TrialIntermediateValueModel.__table__)
-                upsert = insert.on_conflict_do_update(
-                    index_elements=["trial_id", "step"],
-                    set_={
-                        "intermediate_value": insert.excluded.intermediate_value,
-                        "intermediate_value_type": insert.excluded.intermediate_value_type,
-                    },
-                )
-                conn.execute(upsert, values)
+                self._upsert(conn, models.TrialValueModel, ["trial_id", "objective"], values)
         return set(batch) - running
 
-    # --- Reads: this process's running trials come from memory ----------------------------------------
+    @staticmethod
+    def _upsert(conn: sqlalchemy.Connection, model: Any, keys: list[str], rows: list[dict[str, Any]]) -> None:
+        insert = sqlite_dialect.insert(model.__table__)
+        changed = {c: insert.excluded[c] for c in rows[0] if c not in keys}
+        conn.execute(insert.on_conflict_do_update(index_elements=keys, set_=changed), rows)
+
+    # --- Reads: this process's running and just-told trials come from memory --------------------------
 
     def _mirror(self, trial_id: int) -> FrozenTrial | None:
         with self._owned_lock:
             owned = self._owned.get(trial_id)
-            return None if owned is None else _copy(owned.trial)
+            if owned is not None:
+                return _copy(owned.trial)
+            finished = self._finished.get(trial_id)
+            return None if finished is None else _copy(finished)
 
     def get_trial(self, trial_id: int) -> FrozenTrial:
         mirror = self._mirror(trial_id)
-        return mirror if mirror is not None else super().get_trial(trial_id)
+        if mirror is not None:
+            return mirror
+        if not self._batched:
+            return super().get_trial(trial_id)
+        with self.engine.connect() as conn:
+            found = _load_trials(conn, _TRIALS.c.trial_id == trial_id)
+        if not found:
+            raise KeyError(models.NOT_FOUND_MSG)
+        return found[0]
 
     def get_trial_user_attrs(self, trial_id: int) -> dict[str, Any]:
         mirror = self._mirror(trial_id)
@@ -310,37 +442,143 @@ class BatchedTrialWrites(RDBStorage):
         included_trial_ids: set[int],
         trial_id_greater_than: int,
     ) -> list[FrozenTrial]:
-        """``RDBStorage._get_trials`` (optuna 5.0; what Optuna's cached storage refreshes with) without
-        loading this process's running trials from the database: their in-memory copies take their place."""
-        included = {t for t in included_trial_ids if t <= trial_id_greater_than}
+        """``RDBStorage._get_trials`` (optuna 5.0; what Optuna's cached storage refreshes with) in Core:
+        this process's running trials and the trials it told last come from memory, the others are loaded
+        with six plain SELECTs instead of the ORM's (2.4 ms for one new trial, ~0.4 ms this way)."""
+        if not self._batched:
+            return super()._get_trials(study_id, states, included_trial_ids, trial_id_greater_than)
+        included = [t for t in included_trial_ids if t <= trial_id_greater_than]
         with self._owned_lock:
             mine = {t: o.trial for t, o in self._owned.items() if o.study_id == study_id}
-            wanted = {
-                t: _copy(trial)
+            wanted = [
+                _copy(trial)
                 for t, trial in mine.items()
-                if (t in included or t > trial_id_greater_than) and (states is None or trial.state in states)
-            }
-        if not mine:  # read outside the lock: this process's writers need not wait for it
-            return super()._get_trials(study_id, states, included_trial_ids, trial_id_greater_than)
-        trial_ids = models.TrialModel.trial_id
-        with orm.Session(self.engine) as session:
-            models.StudyModel.find_or_raise_by_id(study_id, session)
-            query = (
-                session.query(models.TrialModel)
-                .options(orm.selectinload(models.TrialModel.params))
-                .options(orm.selectinload(models.TrialModel.values))
-                .options(orm.selectinload(models.TrialModel.user_attributes))
-                .options(orm.selectinload(models.TrialModel.system_attributes))
-                .options(orm.selectinload(models.TrialModel.intermediate_values))
-                .filter(models.TrialModel.study_id == study_id, trial_ids.not_in(list(mine)))
-            )
-            if states is not None:
-                query = query.filter(models.TrialModel.state.in_(list(states)))  # type: ignore[call-overload]
-            if trial_id_greater_than > -1:
-                newer = trial_ids > trial_id_greater_than
-                query = query.filter(sqlalchemy.or_(trial_ids.in_(included), newer) if included else newer)
-            found = [self._build_frozen_trial_from_trial_model(t) for t in query.order_by(trial_ids).all()]
-        return sorted([*found, *wanted.values()], key=lambda t: t._trial_id)
+                if (t in included_trial_ids or t > trial_id_greater_than) and (states is None or trial.state in states)
+            ]
+        where = [_TRIALS.c.study_id == study_id]
+        if mine:
+            where.append(_TRIALS.c.trial_id.not_in(list(mine)))
+        if states is not None:
+            where.append(_TRIALS.c.state.in_(list(states)))  # type: ignore[call-overload]
+        if trial_id_greater_than > -1:
+            newer = _TRIALS.c.trial_id > trial_id_greater_than
+            where.append(sqlalchemy.or_(_TRIALS.c.trial_id.in_(included), newer) if included else newer)
+        with self.engine.connect() as conn:
+            found = _load_trials(conn, *where, known=self._finished_copies)
+            if not found and not mine:
+                _check_study(conn, study_id)
+        return sorted([*found, *wanted], key=lambda t: t._trial_id)
+
+    def _finished_copies(self, trial_ids: list[int]) -> dict[int, FrozenTrial]:
+        with self._owned_lock:
+            return {t: _copy(self._finished[t]) for t in trial_ids if t in self._finished}
+
+
+@dataclass(frozen=True)
+class _Told:
+    """The state and values a trial is told with, and the moment stored as its ``datetime_complete``."""
+
+    state: TrialState
+    values: list[float] | None
+    at: datetime
+
+
+_TRIALS = models.TrialModel.__table__
+
+
+def _check_study(conn: sqlalchemy.Connection, study_id: int) -> None:
+    """Raise ``KeyError`` for a study that does not exist, as ``RDBStorage`` does."""
+    studies = models.StudyModel.__table__
+    if conn.execute(sqlalchemy.select(studies.c.study_id).where(studies.c.study_id == study_id)).first() is None:
+        raise KeyError(models.NOT_FOUND_MSG)
+
+
+def _load_trials(conn: sqlalchemy.Connection, *where: Any, known: Any = lambda trial_ids: {}) -> list[FrozenTrial]:
+    """The trials matching ``where``, by trial id, built as ``RDBStorage._build_frozen_trial_from_trial_model``
+    builds them (optuna 5.0) from one SELECT of the trials and one of each child table; those that ``known``
+    (a function of the trial ids) already has are taken from it."""
+    rows = conn.execute(
+        sqlalchemy.select(
+            _TRIALS.c.trial_id,
+            _TRIALS.c.number,
+            _TRIALS.c.state,
+            _TRIALS.c.datetime_start,
+            _TRIALS.c.datetime_complete,
+        )
+        .where(*where)
+        .order_by(_TRIALS.c.trial_id)
+    ).all()
+    have = known([row.trial_id for row in rows])
+    trials = {
+        row.trial_id: FrozenTrial(
+            number=row.number,
+            state=row.state,
+            value=None,
+            values=None,
+            datetime_start=row.datetime_start,
+            datetime_complete=row.datetime_complete,
+            params={},
+            distributions={},
+            user_attrs={},
+            system_attrs={},
+            intermediate_values={},
+            trial_id=row.trial_id,
+        )
+        for row in rows
+        if row.trial_id not in have
+    }
+    ids = list(trials)
+    for i in range(0, len(ids), _CHUNK):
+        _fill(conn, trials, ids[i : i + _CHUNK])
+    return [have.get(row.trial_id) or trials[row.trial_id] for row in rows]
+
+
+def _fill(conn: sqlalchemy.Connection, trials: dict[int, FrozenTrial], ids: list[int]) -> None:
+    """Add the params, values, attributes and intermediate values of the trials ``ids``."""
+    params = models.TrialParamModel.__table__
+    for trial_id, name, value, distribution_json in conn.execute(
+        sqlalchemy.select(params.c.trial_id, params.c.param_name, params.c.param_value, params.c.distribution_json)
+        .where(params.c.trial_id.in_(ids))
+        .order_by(params.c.param_id)
+    ):
+        distribution = _distribution(distribution_json)
+        trials[trial_id].params[name] = distribution.to_external_repr(value)
+        trials[trial_id].distributions[name] = distribution
+    table = models.TrialValueModel.__table__
+    values: dict[int, dict[int, float]] = {}
+    for trial_id, objective, value, value_type in conn.execute(
+        sqlalchemy.select(table.c.trial_id, table.c.objective, table.c.value, table.c.value_type).where(
+            table.c.trial_id.in_(ids)
+        )
+    ):
+        values.setdefault(trial_id, {})[objective] = models.TrialValueModel.stored_repr_to_value(value, value_type)
+    for trial_id, by_objective in values.items():
+        trials[trial_id].values = [by_objective.get(i, 0) for i in range(len(by_objective))]
+    for model, kind in (
+        (models.TrialUserAttributeModel, "user_attrs"),
+        (models.TrialSystemAttributeModel, "system_attrs"),
+    ):
+        table = model.__table__
+        rows = conn.execute(
+            sqlalchemy.select(table.c.trial_id, table.c.key, table.c.value_json).where(table.c.trial_id.in_(ids))
+        )
+        for trial_id, key, value_json in rows:
+            getattr(trials[trial_id], kind)[key] = json.loads(value_json)
+    table = models.TrialIntermediateValueModel.__table__
+    stored_to_value = models.TrialIntermediateValueModel.stored_repr_to_intermediate_value
+    for trial_id, step, value, value_type in conn.execute(
+        sqlalchemy.select(
+            table.c.trial_id, table.c.step, table.c.intermediate_value, table.c.intermediate_value_type
+        ).where(table.c.trial_id.in_(ids))
+    ):
+        trials[trial_id].intermediate_values[step] = stored_to_value(value, value_type)
+
+
+@functools.lru_cache(maxsize=1024)
+def _distribution(distribution_json: str) -> distributions.BaseDistribution:
+    """A parsed distribution, shared by the trials that store the same JSON (distributions are not changed
+    after they are made)."""
+    return distributions.json_to_distribution(distribution_json)
 
 
 def _batching_backend(trial: optuna.Trial) -> BatchedTrialWrites | None:
