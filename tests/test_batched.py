@@ -12,7 +12,7 @@ from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from tuner import batched
-from tuner.batched import hand_over, write_now
+from tuner.batched import check_running, hand_over, write_now
 from tuner.study import make_storage
 
 
@@ -115,6 +115,21 @@ def test_batched_write_after_a_stall_is_refused_once_another_process_failed_the_
     with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
         trial.report(0.5, 0)  # the objective stops here, as with RDBStorage's own writes
     assert _elsewhere(url, 0).intermediate_values == {}
+
+
+def test_batched_check_running_refuses_a_trial_failed_elsewhere_and_drops_its_queued_writes(url: str) -> None:
+    study = optuna.create_study(storage=make_storage(url, heartbeat_interval=None), study_name="s")
+    trial = study.ask()
+    trial.report(0.5, 0)
+    check_running(trial)  # still running: no error, nothing written yet
+    assert _elsewhere(url, 0).intermediate_values == {}
+    make_storage(url, heartbeat_interval=None).set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        check_running(trial)
+    with pytest.raises(ValueError, match="Cannot tell a FAIL trial"):  # what tuner.tune's workers go on after
+        study.tell(trial, 0.5)
+    stored = _elsewhere(url, 0)
+    assert (stored.state, stored.intermediate_values) == (TrialState.FAIL, {})
 
 
 def test_batched_popped_queued_trial_is_stored_whole(url: str) -> None:

@@ -56,7 +56,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import orm
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
-__all__ = ["FLUSH_S", "BatchedTrialWrites", "hand_over", "write_now"]
+__all__ = ["FLUSH_S", "BatchedTrialWrites", "check_running", "hand_over", "write_now"]
 
 # A running trial's queued writes wait at most this long for the next write to send them.
 FLUSH_S = 1.0
@@ -204,9 +204,7 @@ class BatchedTrialWrites(RDBStorage):
             with self._owned_lock:
                 self._owned.pop(trial_id, None)
                 if gone:
-                    raise optuna.exceptions.UpdateFinishedTrialError(
-                        f"Trial#{owned.trial.number} has already finished and can not be updated."
-                    )
+                    raise _finished_error(owned.trial.number)
                 final = owned.trial
                 final.state, final.values, final.datetime_complete = state, told.values, told.at
                 self._finished[trial_id] = final
@@ -219,6 +217,18 @@ class BatchedTrialWrites(RDBStorage):
         self.flush([trial_id])
         with self._owned_lock:
             self._owned.pop(trial_id, None)
+
+    def still_running(self, trial_id: int) -> bool:
+        """Whether an owned trial is still RUNNING in the database; when not, this process stops owning it."""
+        if trial_id not in self._owned:
+            return True  # every write of a trial not owned here goes to RDBStorage, which refuses a finished one
+        with self.engine.connect() as conn:
+            state = conn.execute(sqlalchemy.select(_TRIALS.c.state).where(_TRIALS.c.trial_id == trial_id)).scalar()
+        if state == TrialState.RUNNING:
+            return True
+        with self._owned_lock:
+            self._owned.pop(trial_id, None)
+        return False
 
     def _study_id_of(self, trial_id: int) -> int:
         with orm.Session(self.engine) as session:
@@ -320,9 +330,7 @@ class BatchedTrialWrites(RDBStorage):
         if time.monotonic() - owned.written_at >= FLUSH_S and trial_id in self.flush([trial_id]):
             # Another process finished it (no heartbeat for its grace period, longer than FLUSH_S): refuse
             # this write as RDBStorage refuses each write to a finished trial, so the objective stops.
-            raise optuna.exceptions.UpdateFinishedTrialError(
-                f"Trial#{owned.trial.number} has already finished and can not be updated."
-            )
+            raise _finished_error(owned.trial.number)
 
     def flush(self, trial_ids: Sequence[int] | None = None) -> set[int]:
         """Write the queued writes of ``trial_ids`` (all owned trials when None) in one transaction.
@@ -598,14 +606,25 @@ def hand_over(trial: optuna.Trial) -> None:
 
 
 def write_now(trial: optuna.Trial) -> None:
-    """Write ``trial``'s queued writes now, if its storage batches them.
-
-    The objective calls it when training starts and when it ends. It raises ``UpdateFinishedTrialError``,
-    as each write to ``RDBStorage`` would, when another process has finished the trial meanwhile: Optuna
-    handles that error from the objective, but not from its own ``tell`` after the objective succeeded.
-    """
+    """Write ``trial``'s queued writes now, if its storage batches them: the objective calls it when training
+    starts. Raises ``UpdateFinishedTrialError`` when another process has finished the trial meanwhile."""
     backend = _batching_backend(trial)
     if backend is not None and trial._trial_id in backend.flush([trial._trial_id]):
-        raise optuna.exceptions.UpdateFinishedTrialError(
-            f"Trial#{trial.number} has already finished and can not be updated."
-        )
+        raise _finished_error(trial.number)
+
+
+def check_running(trial: optuna.Trial) -> None:
+    """Raise ``UpdateFinishedTrialError``, as ``RDBStorage``'s next write would, when another process has
+    finished ``trial`` (failed it for want of a heartbeat): its queued writes are then dropped.
+
+    The objective calls it when training ends, before it saves a best model: Optuna handles that error from
+    the objective, but not from its own ``tell`` after the objective succeeded (an ``AssertionError`` in
+    ``_run_trial``, optuna 5.0). One read, not a write: the tell writes everything a moment later.
+    """
+    backend = _batching_backend(trial)
+    if backend is not None and not backend.still_running(trial._trial_id):
+        raise _finished_error(trial.number)
+
+
+def _finished_error(number: int) -> optuna.exceptions.UpdateFinishedTrialError:
+    return optuna.exceptions.UpdateFinishedTrialError(f"Trial#{number} has already finished and can not be updated.")

@@ -11,7 +11,7 @@ import optuna
 import torch
 
 from tuner.artifacts import artifact_store, upload_best_artifacts
-from tuner.batched import write_now
+from tuner.batched import check_running, write_now
 from tuner.checkpoint import save_checkpoint
 from tuner.config import DataConfig, RunConfig, TrialConfig, parse_trial, set_path
 from tuner.data import Splits, SplitsCache
@@ -136,7 +136,7 @@ class Objective:
                 trial.set_user_attr("val_loss", last.val_loss)
                 trial.set_user_attr("epochs_run", last.epoch)
                 trial.set_user_attr("epoch_time_s", sum(m.seconds for m in history) / len(history))
-            write_now(trial)
+            check_running(trial)  # a trial another worker gave up for dead ends here, and saves no best model
         value = history[-1].val_accuracy
         with self._saved.lock:
             if model is not None and self._is_best(trial.study, value):
