@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import sqlite3
 import subprocess
 import sys
 import time
@@ -8,9 +9,11 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
+import tuner.study
 from tuner import batched
 from tuner.batched import check_running, hand_over, write_now
 from tuner.study import make_storage
@@ -130,6 +133,30 @@ def test_batched_check_running_refuses_a_trial_failed_elsewhere_and_drops_its_qu
         study.tell(trial, 0.5)
     stored = _elsewhere(url, 0)
     assert (stored.state, stored.intermediate_values) == (TrialState.FAIL, {})
+
+
+def test_batched_writes_refused_by_a_locked_database_are_written_with_the_next_ones(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tuner.study, "SQLITE_BUSY_TIMEOUT_S", 0.2)
+    study = optuna.create_study(storage=make_storage(url, heartbeat_interval=None), study_name="s")
+    trial = study.ask()
+    trial.report(0.5, 0)
+    trial.set_user_attr("seed", 3)
+    blocker = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock past the busy timeout
+    with pytest.raises(sqlalchemy.exc.OperationalError, match="locked"):
+        write_now(trial)
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    trial.report(0.6, 1)
+    study.tell(trial, 0.6)
+    stored = _elsewhere(url, 0)
+    assert (stored.state, stored.intermediate_values, stored.user_attrs) == (
+        TrialState.COMPLETE,
+        {0: 0.5, 1: 0.6},
+        {"seed": 3},
+    )
 
 
 def test_batched_popped_queued_trial_is_stored_whole(url: str) -> None:
