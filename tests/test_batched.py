@@ -264,3 +264,21 @@ def test_batched_trials_told_here_are_kept_exactly_as_stored(url: str) -> None:
     told = [t for t in stored if t.state.is_finished()]
     assert all(_as_compared(backend.get_trial(t._trial_id)) == _as_compared(t) for t in told)
     assert {t.state for t in told} == {TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL}
+
+
+def test_batched_trial_ids_used_again_after_a_study_is_deleted_read_as_the_new_trials(url: str) -> None:
+    storage = make_storage(url, heartbeat_interval=None)
+    ours = optuna.create_study(storage=storage, study_name="s")
+    ours.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    told_here = [t._trial_id for t in ours.trials]
+    elsewhere = RDBStorage(url)  # another process deletes the study and starts a new one
+    optuna.delete_study(study_name="s", storage=elsewhere)
+    again = optuna.create_study(storage=elsewhere, study_name="t")
+    again.optimize(lambda t: t.suggest_float("y", 0, 1), n_trials=2)
+    assert [t._trial_id for t in again.trials] == told_here  # SQLite gave the new trials the same ids
+    read_here = optuna.load_study(study_name="t", storage=storage).trials
+    assert [_as_compared(t) for t in read_here] == [_as_compared(t) for t in again.trials]
+    # Deleted in this process, its told trials are forgotten at once.
+    optuna.delete_study(study_name="t", storage=storage)
+    with pytest.raises(KeyError):
+        storage.get_trial(told_here[0])

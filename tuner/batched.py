@@ -42,7 +42,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Container, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -131,7 +131,7 @@ class BatchedTrialWrites(RDBStorage):
     def _init_owned(self) -> None:
         self._batched = self.engine.dialect.name == "sqlite"
         self._owned: dict[int, _Owned] = {}
-        self._finished: OrderedDict[int, FrozenTrial] = OrderedDict()  # the last FINISHED_KEPT told here
+        self._finished: OrderedDict[int, _Finished] = OrderedDict()  # the last FINISHED_KEPT told here
         self._owned_lock = threading.RLock()
         self._flush_lock = threading.Lock()  # one flush at a time: a later value never lands before an earlier one
         self._stale_checked: dict[int, float] = {}  # study id -> when this process last looked for dead trials
@@ -214,7 +214,7 @@ class BatchedTrialWrites(RDBStorage):
                     raise _finished_error(owned.trial.number)
                 final = owned.trial
                 final.state, final.values, final.datetime_complete = state, told.values, told.at
-                self._finished[trial_id] = final
+                self._finished[trial_id] = _Finished(owned.study_id, final)
                 while len(self._finished) > FINISHED_KEPT:
                     self._finished.popitem(last=False)
         return True
@@ -434,7 +434,7 @@ class BatchedTrialWrites(RDBStorage):
             if owned is not None:
                 return _copy(owned.trial)
             finished = self._finished.get(trial_id)
-            return None if finished is None else _copy(finished)
+            return None if finished is None else _copy(finished.trial)
 
     def get_trial(self, trial_id: int) -> FrozenTrial:
         mirror = self._mirror(trial_id)
@@ -496,9 +496,33 @@ class BatchedTrialWrites(RDBStorage):
                 _check_study(conn, study_id)
         return sorted([*found, *wanted], key=lambda t: t._trial_id)
 
-    def _finished_copies(self, trial_ids: list[int]) -> dict[int, FrozenTrial]:
+    def _finished_copies(self, rows: Sequence[Any]) -> dict[int, FrozenTrial]:
+        """Copies of the trials of ``rows`` (trial id, number, datetime_start) that this process told.
+
+        A row must match its kept trial: SQLite reuses the largest trial ids after a study is deleted."""
         with self._owned_lock:
-            return {t: _copy(self._finished[t]) for t in trial_ids if t in self._finished}
+            kept = [(row, self._finished.get(row.trial_id)) for row in rows]
+            return {
+                row.trial_id: _copy(finished.trial)
+                for row, finished in kept
+                if finished is not None
+                and (finished.trial.number, finished.trial.datetime_start) == (row.number, row.datetime_start)
+            }
+
+    def delete_study(self, study_id: int) -> None:
+        with self._owned_lock:  # its trials' ids may be used again (SQLite)
+            for trials in (self._owned, self._finished):
+                for trial_id in [t for t, kept in trials.items() if kept.study_id == study_id]:
+                    del trials[trial_id]
+        super().delete_study(study_id)
+
+
+@dataclass(frozen=True)
+class _Finished:
+    """A trial this process told, as stored."""
+
+    study_id: int
+    trial: FrozenTrial
 
 
 @dataclass(frozen=True)
@@ -520,10 +544,12 @@ def _check_study(conn: sqlalchemy.Connection, study_id: int) -> None:
         raise KeyError(models.NOT_FOUND_MSG)
 
 
-def _load_trials(conn: sqlalchemy.Connection, *where: Any, known: Any = lambda trial_ids: {}) -> list[FrozenTrial]:
+def _load_trials(
+    conn: sqlalchemy.Connection, *where: Any, known: Callable[[Sequence[Any]], dict[int, FrozenTrial]] | None = None
+) -> list[FrozenTrial]:
     """The trials matching ``where``, by trial id, built as ``RDBStorage._build_frozen_trial_from_trial_model``
     builds them (optuna 5.0) from one SELECT of the trials and one of each child table; those that ``known``
-    (a function of the trial ids) already has are taken from it."""
+    (a function of the trial rows) returns are taken from it."""
     rows = conn.execute(
         sqlalchemy.select(
             _TRIALS.c.trial_id,
@@ -535,7 +561,7 @@ def _load_trials(conn: sqlalchemy.Connection, *where: Any, known: Any = lambda t
         .where(*where)
         .order_by(_TRIALS.c.trial_id)
     ).all()
-    have = known([row.trial_id for row in rows])
+    have = known(rows) if known is not None else {}
     trials = {
         row.trial_id: FrozenTrial(
             number=row.number,
