@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import optuna
@@ -73,6 +74,7 @@ def test_tune_parallel_workers_write_every_trial_and_keep_the_best_trials_model(
         accuracy = (model(splits.x_val).argmax(1) == splits.y_val).float().mean().item()
     assert accuracy == pytest.approx(study.best_value, abs=1e-6)
     assert summary.test_accuracy is not None and summary.test_accuracy > 0.8
+    assert gc.get_freeze_count() == 0  # the objects frozen while the workers ran are collectable again
 
 
 def test_tune_prunes_a_trial(finished: tuple[Path, optuna.Study]) -> None:
