@@ -495,6 +495,14 @@ def summarize(dataset: str, results: list[Result]) -> dict[str, Any]:
         "wall": _rates(by, lambda r: r.per_minute),
         "cpu": _rates(by, lambda r: r.per_cpu_minute),
         "best_value": {v: best(rs) for v, rs in by.items()},
+        # Epochs trained per second, SQLite against memory, paired per round: what storage costs, apart from the
+        # pruning races of two workers, which can end the same trials at other epochs on the two sides.
+        "sqlite_overhead_per_epoch_pct": 100
+        * statistics.median(
+            (sum(m.epochs) / m.seconds) / (sum(s.epochs) / s.seconds) - 1
+            for s, m in zip(by["sqlite"], by["memory"], strict=True)
+        ),
+        "epochs_per_round": {v: [sum(r.epochs) for r in by[v]] for v in ("memory", "sqlite")},
         # Per round, each variant's best on the same sampled trials: a fairer view than one maximum.
         "best_per_round": {v: [r.best_value for r in rs] for v, rs in by.items()},
         # The check that makes the accuracy columns comparable: every variant tried the same parameters.
@@ -684,6 +692,12 @@ def main(argv: list[str] | None = None) -> int:
     print(tables["wall"])
     print("\nCPU time of this process and tuner's worker processes (trials per CPU-minute, all cores summed):")
     print(tables["cpu"])
+    print("\nSQLite over memory per epoch trained (median of rounds; epochs memory/SQLite per round, which pruning")
+    print("races between two workers can make differ):")
+    for row in rows:
+        epochs = row["epochs_per_round"]
+        pairs = " ".join(f"{m}/{q}" for m, q in zip(epochs["memory"], epochs["sqlite"], strict=True))
+        print(f"  {row['dataset']:14s} {row['sqlite_overhead_per_epoch_pct']:+.1f}%  ({pairs})")
     print("\nbest val accuracy per round (" + " / ".join(VARIANTS) + "):")
     for row in rows:
         per = row["best_per_round"]

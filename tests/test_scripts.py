@@ -26,6 +26,8 @@ def test_scripts_bench_quick_compares_the_same_trials_on_every_side(tmp_path: Pa
     # 2 rounds of 4 trials each, exactly, also where tuner's workers train side by side
     assert all(sum(states.values()) == 8 for states in row["states"].values())
     assert row["wall"]["memory_over_reference"] > 0 and len(row["by_cost"]) == 4
+    # every trial reports at least one epoch: 2 rounds of 4 trials on each side
+    assert all(len(epochs) == 2 and min(epochs) >= 4 for epochs in row["epochs_per_round"].values())
     paired = row["paired"]
     assert paired["n"] == paired["better"] + paired["same"] + paired["worse"] >= 1
     assert "same sampled parameters on all sides: True" in result.stdout
