@@ -42,6 +42,7 @@ LOCK_STALLS = re.compile(r"Forcibly releasing the lock file")
 
 
 def worker(url: str, study_name: str, n_trials: int, plain: bool) -> None:
+    from tuner.batched import write_now
     from tuner.budget import BudgetReached, budget_used
     from tuner.study import FINISHED, make_storage
 
@@ -58,6 +59,7 @@ def worker(url: str, study_name: str, n_trials: int, plain: bool) -> None:
 
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr("pid", os.getpid())
+        write_now(trial)  # as tuner's objective does when training starts: the watcher sees whose trial runs
         x = trial.suggest_float("x", -1.0, 1.0)
         for step in range(STEPS):
             time.sleep(STEP_S)
