@@ -47,3 +47,16 @@ def test_scripts_bench_workers_prints_one_row_per_shape(tmp_path: Path) -> None:
     rows = [line.split() for line in result.stdout.splitlines()[1:-1]]
     assert len(rows) == 6 and all(float(r[2]) > 0 and r[4].endswith("x") for r in rows)
     assert result.stdout.splitlines()[-1].startswith("speed-up over one after the other")
+
+
+def test_scripts_stress_kills_a_worker_mid_trial_and_loses_nothing(tmp_path: Path) -> None:
+    result = _script("stress.py", "--trials", "60", "--workers", "3", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = {line[:20].strip(): line[20:] for line in result.stdout.splitlines()[1:]}
+    assert sorted(rows) == ["SQLite WAL", "journal file"]  # PostgreSQL only with --postgres
+    for label, row in rows.items():
+        fields = dict(pair.rsplit(" ", 1) for pair in row.strip().split("  ") if " " in pair)
+        assert int(fields["killed after"]) >= 20, (label, row)  # a third of 60, with the victim's trial running
+        assert int(fields["retried"]) >= 1, (label, row)  # so its trial was failed and trained again
+        for kept in ("lost", "left RUNNING", "left WAITING", "extra", "worker crashes"):
+            assert fields[kept] == "0", (label, kept, row)
