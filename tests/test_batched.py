@@ -14,6 +14,7 @@ from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 import tuner.study
+from tests.test_trial_rows import as_compared, various_trials
 from tuner import batched
 from tuner.batched import check_running, hand_over, write_now
 from tuner.study import make_storage
@@ -193,39 +194,12 @@ def test_batched_handed_over_trial_is_read_back_with_what_the_other_process_wrot
     assert _elsewhere(url, 1).value == 0.42
 
 
-def _as_compared(trial: optuna.trial.FrozenTrial) -> str:
-    """Every field of a trial, NaN equal to NaN (FrozenTrial's own == says NaN != NaN)."""
-    return repr(sorted(vars(trial).items()))
-
-
-def _various_trials(study: optuna.Study) -> None:
-    """Trials in every state with every kind of stored value, written by Optuna's own RDBStorage."""
-
-    def objective(trial: optuna.Trial) -> float:
-        x = trial.suggest_float("x", 1e-4, 1.0, log=True)
-        trial.suggest_int("n", 2, 64, step=2)
-        trial.suggest_categorical("c", [None, True, "adam", 0.5])
-        trial.set_user_attr("nested", {"a": [1, 2.5, None], "b": "β"})
-        study._storage.set_trial_system_attr(trial._trial_id, "sys", [trial.number])
-        for step, value in enumerate([0.5, math.nan, math.inf, -math.inf]):
-            trial.report(value, step)
-        if trial.number % 4 == 1:
-            raise optuna.TrialPruned
-        if trial.number % 4 == 2:
-            raise RuntimeError("a failed trial")
-        return math.inf if trial.number == 3 else x
-
-    study.optimize(objective, n_trials=8, catch=(RuntimeError,))
-    study.enqueue_trial({"x": 0.5})  # WAITING
-    study.ask()  # RUNNING, with nothing written yet
-
-
 def test_batched_reads_build_every_trial_as_optuna_does(url: str) -> None:
     writer = RDBStorage(url)
     for name, directions in (("s", ["maximize"]), ("m", ["minimize", "maximize"])):
         study = optuna.create_study(storage=writer, study_name=name, directions=directions)
         if len(directions) == 1:
-            _various_trials(study)
+            various_trials(study)
         else:
             study.optimize(lambda t: (t.suggest_float("x", 0, 1), -math.inf), n_trials=3)
     plain, batched_storage = RDBStorage(url), make_storage(url, heartbeat_interval=None)
@@ -241,9 +215,9 @@ def test_batched_reads_build_every_trial_as_optuna_does(url: str) -> None:
         ):
             expected = plain._get_trials(study_id, states, included, greater)
             got = batched_storage._get_trials(study_id, states, included, greater)
-            assert [_as_compared(t) for t in got] == [_as_compared(t) for t in expected]
+            assert [as_compared(t) for t in got] == [as_compared(t) for t in expected]
         for trial in every:
-            assert _as_compared(batched_storage.get_trial(trial._trial_id)) == _as_compared(trial)
+            assert as_compared(batched_storage.get_trial(trial._trial_id)) == as_compared(trial)
     with pytest.raises(KeyError):
         batched_storage._get_trials(999, None, set(), -1)
     with pytest.raises(KeyError):
@@ -254,15 +228,15 @@ def test_batched_trials_told_here_are_kept_exactly_as_stored(url: str) -> None:
     """What this process reads from memory (its trials, created and told in Core) is what the file holds."""
     storage = make_storage(url, heartbeat_interval=None)
     study = optuna.create_study(storage=storage, study_name="s", direction="maximize")
-    _various_trials(study)
+    various_trials(study)
     study.optimize(lambda t: t.suggest_float("x", 1e-4, 1.0, log=True), n_trials=40, n_jobs=2)
     here = study.trials  # through Optuna's cache: told trials from memory, the others loaded in Core
     stored = RDBStorage(url).get_all_trials(study._study_id)
-    assert [_as_compared(t) for t in here] == [_as_compared(t) for t in stored]
+    assert [as_compared(t) for t in here] == [as_compared(t) for t in stored]
     assert [t.number for t in stored] == list(range(len(stored)))  # numbered 0..n-1 by two threads at once
     backend = storage
     told = [t for t in stored if t.state.is_finished()]
-    assert all(_as_compared(backend.get_trial(t._trial_id)) == _as_compared(t) for t in told)
+    assert all(as_compared(backend.get_trial(t._trial_id)) == as_compared(t) for t in told)
     assert {t.state for t in told} == {TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL}
 
 
@@ -277,7 +251,7 @@ def test_batched_trial_ids_used_again_after_a_study_is_deleted_read_as_the_new_t
     again.optimize(lambda t: t.suggest_float("y", 0, 1), n_trials=2)
     assert [t._trial_id for t in again.trials] == told_here  # SQLite gave the new trials the same ids
     read_here = optuna.load_study(study_name="t", storage=storage).trials
-    assert [_as_compared(t) for t in read_here] == [_as_compared(t) for t in again.trials]
+    assert [as_compared(t) for t in read_here] == [as_compared(t) for t in again.trials]
     # Deleted in this process, its told trials are forgotten at once.
     optuna.delete_study(study_name="t", storage=storage)
     with pytest.raises(KeyError):

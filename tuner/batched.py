@@ -21,7 +21,7 @@ The other per-trial round trips on SQLite go through SQLAlchemy Core instead of 
 study: a new trial (2.9 -> 1.5 ms, the budget check included), its heartbeat (2.9 -> 1.3 ms), its tell (2.3 ->
 0.9 ms), and the refreshes of Optuna's cache (``_get_trials``, 4.0 -> 0.7 ms each, three a trial), which get
 the trials this process told from memory (kept as stored, ``FINISHED_KEPT`` of them) and load the others with
-one plain SELECT per table. Optuna's look for dead workers' trials, before every trial, runs at most every
+one plain SELECT per table (tuner.trial_rows). Optuna's look for dead workers' trials, before every trial, runs at most every
 ``STALE_CHECK_S``. Together they took the tuner process's CPU per digits trial (two workers, a profiling harness
 around scripts/bench.py's study) from 25-30 ms to 10-22 ms, against 10-12 ms in memory; in rounds that render no
 new-best artifacts, ~12 ms against ~3 ms.
@@ -36,14 +36,13 @@ from __future__ import annotations
 import atexit
 import copy
 import dataclasses
-import functools
 import json
 import math
 import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -57,6 +56,8 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import orm
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
+from tuner.trial_rows import TRIALS, check_study, load_trials
+
 __all__ = ["FLUSH_S", "BatchedTrialWrites", "check_running", "hand_over", "write_now"]
 
 # A running trial's queued writes wait at most this long for the next write to send them.
@@ -65,8 +66,6 @@ FLUSH_S = 1.0
 FINISHED_KEPT = 256
 # A process looks for other workers' dead trials at most this often per study (Optuna looks before every trial).
 STALE_CHECK_S = 1.0
-# Trial ids per IN (...) list when loading trials (SQLite allows 32,766 variables since 3.32, 999 before).
-_CHUNK = 500
 
 
 @dataclass
@@ -155,7 +154,7 @@ class BatchedTrialWrites(RDBStorage):
         trials = models.TrialModel.__table__
         start = datetime.now()
         with self.engine.begin() as conn:
-            _check_study(conn, study_id)
+            check_study(conn, study_id)
             inserted = conn.execute(
                 sqlalchemy.insert(trials).values(study_id=study_id, state=TrialState.RUNNING, datetime_start=start)
             )
@@ -231,7 +230,7 @@ class BatchedTrialWrites(RDBStorage):
         if trial_id not in self._owned:
             return True  # every write of a trial not owned here goes to RDBStorage, which refuses a finished one
         with self.engine.connect() as conn:
-            state = conn.execute(sqlalchemy.select(_TRIALS.c.state).where(_TRIALS.c.trial_id == trial_id)).scalar()
+            state = conn.execute(sqlalchemy.select(TRIALS.c.state).where(TRIALS.c.trial_id == trial_id)).scalar()
         if state == TrialState.RUNNING:
             return True
         with self._owned_lock:
@@ -444,7 +443,7 @@ class BatchedTrialWrites(RDBStorage):
         if not self._batched:
             return super().get_trial(trial_id)
         with self.engine.connect() as conn:
-            found = _load_trials(conn, _TRIALS.c.trial_id == trial_id)
+            found = load_trials(conn, TRIALS.c.trial_id == trial_id)
         if not found:
             raise KeyError(models.NOT_FOUND_MSG)
         return found[0]
@@ -483,18 +482,18 @@ class BatchedTrialWrites(RDBStorage):
                 for t, trial in mine.items()
                 if (t in included_trial_ids or t > trial_id_greater_than) and (states is None or trial.state in states)
             ]
-        where = [_TRIALS.c.study_id == study_id]
+        where = [TRIALS.c.study_id == study_id]
         if mine:
-            where.append(_TRIALS.c.trial_id.not_in(list(mine)))
+            where.append(TRIALS.c.trial_id.not_in(list(mine)))
         if states is not None:
-            where.append(_TRIALS.c.state.in_(list(states)))  # type: ignore[call-overload]
+            where.append(TRIALS.c.state.in_(list(states)))  # type: ignore[call-overload]
         if trial_id_greater_than > -1:
-            newer = _TRIALS.c.trial_id > trial_id_greater_than
-            where.append(sqlalchemy.or_(_TRIALS.c.trial_id.in_(included), newer) if included else newer)
+            newer = TRIALS.c.trial_id > trial_id_greater_than
+            where.append(sqlalchemy.or_(TRIALS.c.trial_id.in_(included), newer) if included else newer)
         with self.engine.connect() as conn:
-            found = _load_trials(conn, *where, known=self._finished_copies)
+            found = load_trials(conn, *where, known=self._finished_copies)
             if not found and not mine:
-                _check_study(conn, study_id)
+                check_study(conn, study_id)
         return sorted([*found, *wanted], key=lambda t: t._trial_id)
 
     def _finished_copies(self, rows: Sequence[Any]) -> dict[int, FrozenTrial]:
@@ -533,106 +532,6 @@ class _Told:
     state: TrialState
     values: list[float] | None
     at: datetime
-
-
-_TRIALS = models.TrialModel.__table__
-
-
-def _check_study(conn: sqlalchemy.Connection, study_id: int) -> None:
-    """Raise ``KeyError`` for a study that does not exist, as ``RDBStorage`` does."""
-    studies = models.StudyModel.__table__
-    if conn.execute(sqlalchemy.select(studies.c.study_id).where(studies.c.study_id == study_id)).first() is None:
-        raise KeyError(models.NOT_FOUND_MSG)
-
-
-def _load_trials(
-    conn: sqlalchemy.Connection, *where: Any, known: Callable[[Sequence[Any]], dict[int, FrozenTrial]] | None = None
-) -> list[FrozenTrial]:
-    """The trials matching ``where``, by trial id, built as ``RDBStorage._build_frozen_trial_from_trial_model``
-    builds them (optuna 5.0) from one SELECT of the trials and one of each child table; those that ``known``
-    (a function of the trial rows) returns are taken from it."""
-    rows = conn.execute(
-        sqlalchemy.select(
-            _TRIALS.c.trial_id,
-            _TRIALS.c.number,
-            _TRIALS.c.state,
-            _TRIALS.c.datetime_start,
-            _TRIALS.c.datetime_complete,
-        )
-        .where(*where)
-        .order_by(_TRIALS.c.trial_id)
-    ).all()
-    have = known(rows) if known is not None else {}
-    trials = {
-        row.trial_id: FrozenTrial(
-            number=row.number,
-            state=row.state,
-            value=None,
-            values=None,
-            datetime_start=row.datetime_start,
-            datetime_complete=row.datetime_complete,
-            params={},
-            distributions={},
-            user_attrs={},
-            system_attrs={},
-            intermediate_values={},
-            trial_id=row.trial_id,
-        )
-        for row in rows
-        if row.trial_id not in have
-    }
-    ids = list(trials)
-    for i in range(0, len(ids), _CHUNK):
-        _fill(conn, trials, ids[i : i + _CHUNK])
-    return [have.get(row.trial_id) or trials[row.trial_id] for row in rows]
-
-
-def _fill(conn: sqlalchemy.Connection, trials: dict[int, FrozenTrial], ids: list[int]) -> None:
-    """Add the params, values, attributes and intermediate values of the trials ``ids``."""
-    params = models.TrialParamModel.__table__
-    for trial_id, name, value, distribution_json in conn.execute(
-        sqlalchemy.select(params.c.trial_id, params.c.param_name, params.c.param_value, params.c.distribution_json)
-        .where(params.c.trial_id.in_(ids))
-        .order_by(params.c.param_id)
-    ):
-        distribution = _distribution(distribution_json)
-        trials[trial_id].params[name] = distribution.to_external_repr(value)
-        trials[trial_id].distributions[name] = distribution
-    table = models.TrialValueModel.__table__
-    values: dict[int, dict[int, float]] = {}
-    for trial_id, objective, value, value_type in conn.execute(
-        sqlalchemy.select(table.c.trial_id, table.c.objective, table.c.value, table.c.value_type).where(
-            table.c.trial_id.in_(ids)
-        )
-    ):
-        values.setdefault(trial_id, {})[objective] = models.TrialValueModel.stored_repr_to_value(value, value_type)
-    for trial_id, by_objective in values.items():
-        trials[trial_id].values = [by_objective.get(i, 0) for i in range(len(by_objective))]
-    for model, kind in (
-        (models.TrialUserAttributeModel, "user_attrs"),
-        (models.TrialSystemAttributeModel, "system_attrs"),
-    ):
-        table = model.__table__
-        rows = conn.execute(
-            sqlalchemy.select(table.c.trial_id, table.c.key, table.c.value_json).where(table.c.trial_id.in_(ids))
-        )
-        for trial_id, key, value_json in rows:
-            getattr(trials[trial_id], kind)[key] = json.loads(value_json)
-    table = models.TrialIntermediateValueModel.__table__
-    stored_to_value = models.TrialIntermediateValueModel.stored_repr_to_intermediate_value
-    for trial_id, step, value, value_type in conn.execute(
-        sqlalchemy.select(
-            table.c.trial_id, table.c.step, table.c.intermediate_value, table.c.intermediate_value_type
-        ).where(table.c.trial_id.in_(ids))
-    ):
-        trials[trial_id].intermediate_values[step] = stored_to_value(value, value_type)
-
-
-@functools.lru_cache(maxsize=1024)
-def _distribution(distribution_json: str) -> distributions.BaseDistribution:
-    """A parsed distribution, shared by the trials that store the same JSON (distributions are not changed
-    after they are made)."""
-    return distributions.json_to_distribution(distribution_json)
 
 
 def _batching_backend(trial: optuna.Trial) -> BatchedTrialWrites | None:
