@@ -17,14 +17,14 @@ queues its params, attributes and intermediate values. They are written in one t
 - when the trial is told, together with its state and values: a finished trial is always stored whole;
 - when the process exits.
 
-The other per-trial round trips on SQLite go through SQLAlchemy Core instead of the ORM, measured on the same
-study: a new trial (2.9 -> 1.5 ms, the budget check included), its heartbeat (2.9 -> 1.3 ms), its tell (2.3 ->
-0.9 ms), and the refreshes of Optuna's cache (``_get_trials``, 4.0 -> 0.7 ms each, three a trial), which get
-the trials this process told from memory (kept as stored, ``FINISHED_KEPT`` of them) and load the others with
-one plain SELECT per table (tuner.trial_rows). Optuna's look for dead workers' trials, before every trial, runs at most every
-``STALE_CHECK_S``. Together they took the tuner process's CPU per digits trial (two workers, a profiling harness
-around scripts/bench.py's study) from 25-30 ms to 10-22 ms, against 10-12 ms in memory; in rounds that render no
-new-best artifacts, ~12 ms against ~3 ms.
+The other per-trial round trips on SQLite go through SQLAlchemy Core instead of the ORM, measured on the
+same study: a new trial (2.9 -> 1.5 ms, the budget check included), its heartbeat (2.9 -> 1.3 ms), its tell
+(2.3 -> 0.9 ms), and the refreshes of Optuna's cache (``_get_trials``, 4.0 -> 0.7 ms each, three a trial),
+which get the trials this process told from memory (kept as stored, ``FINISHED_KEPT`` of them) and load the
+others with one plain SELECT per table (tuner.trial_rows). Optuna's look for dead workers' trials, before
+every trial, runs at most every ``STALE_CHECK_S``. Together they took the tuner process's CPU per digits
+trial (two workers, a profiling harness around scripts/bench.py's study) from 25-30 ms to 10-22 ms, against
+10-12 ms in memory; in rounds that render no new-best artifacts, ~12 ms against ~3 ms.
 
 A process killed in between loses at most ``FLUSH_S`` of a running trial's writes; that trial is failed for
 want of a heartbeat and trained again from the start (tuner.faults), so no finished trial is incomplete.
