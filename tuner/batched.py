@@ -56,7 +56,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import orm
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
-from tuner.trial_rows import TRIALS, check_study, load_trials
+from tuner.trial_rows import TRIALS, bare_trial, check_study, load_trials
 
 __all__ = ["FLUSH_S", "BatchedTrialWrites", "check_running", "hand_over", "write_now"]
 
@@ -151,33 +151,19 @@ class BatchedTrialWrites(RDBStorage):
     def _insert_running_trial(self, study_id: int) -> FrozenTrial:
         """``RDBStorage._create_new_trial`` without a template (optuna 5.0) in three Core statements, not
         the ORM's 2.9 ms: the insert, then the trial's number counted inside the same write transaction."""
-        trials = models.TrialModel.__table__
         start = datetime.now()
         with self.engine.begin() as conn:
             check_study(conn, study_id)
             inserted = conn.execute(
-                sqlalchemy.insert(trials).values(study_id=study_id, state=TrialState.RUNNING, datetime_start=start)
+                sqlalchemy.insert(TRIALS).values(study_id=study_id, state=TrialState.RUNNING, datetime_start=start)
             )
             trial_id = int(inserted.lastrowid)  # SQLite only (self._batched)
-            past = sqlalchemy.select(sqlalchemy.func.count(trials.c.trial_id)).where(
-                trials.c.study_id == study_id, trials.c.trial_id < trial_id
+            past = sqlalchemy.select(sqlalchemy.func.count(TRIALS.c.trial_id)).where(
+                TRIALS.c.study_id == study_id, TRIALS.c.trial_id < trial_id
             )
             number = int(conn.execute(past).scalar_one())
-            conn.execute(sqlalchemy.update(trials).where(trials.c.trial_id == trial_id).values(number=number))
-        return FrozenTrial(
-            number=number,
-            state=TrialState.RUNNING,
-            value=None,
-            values=None,
-            datetime_start=start,
-            datetime_complete=None,
-            params={},
-            distributions={},
-            user_attrs={},
-            system_attrs={},
-            intermediate_values={},
-            trial_id=trial_id,
-        )
+            conn.execute(sqlalchemy.update(TRIALS).where(TRIALS.c.trial_id == trial_id).values(number=number))
+        return bare_trial(trial_id, number, TrialState.RUNNING, start, None)
 
     def _own(self, study_id: int, trial: FrozenTrial) -> None:
         with self._owned_lock:
@@ -373,20 +359,19 @@ class BatchedTrialWrites(RDBStorage):
     def _write(self, batch: dict[int, _Owned], told: dict[int, _Told] | None = None) -> set[int]:
         """Write ``batch``'s queued writes, and the state and values of the ``told`` trials, in one
         transaction; returns the trials that were no longer RUNNING, which get none of it."""
-        trials = models.TrialModel.__table__
         told = told or {}
         with self.engine.begin() as conn:
             running = set()
             for trial_id, tell in told.items():  # an update first: it takes the write lock, then all is exact
-                finish = sqlalchemy.update(trials).where(
-                    trials.c.trial_id == trial_id, trials.c.state == TrialState.RUNNING
+                finish = sqlalchemy.update(TRIALS).where(
+                    TRIALS.c.trial_id == trial_id, TRIALS.c.state == TrialState.RUNNING
                 )
                 if conn.execute(finish.values(state=tell.state, datetime_complete=tell.at)).rowcount:
                     running.add(trial_id)
             others = [t for t in batch if t not in told]
             if others:
                 rows = conn.execute(
-                    sqlalchemy.select(trials.c.trial_id, trials.c.state).where(trials.c.trial_id.in_(others))
+                    sqlalchemy.select(TRIALS.c.trial_id, TRIALS.c.state).where(TRIALS.c.trial_id.in_(others))
                 )
                 running |= {trial_id for trial_id, state in rows if state == TrialState.RUNNING}
             params = [row for t in running for row in batch[t].params]

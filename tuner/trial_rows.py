@@ -11,19 +11,40 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy
 from optuna import distributions
 from optuna.storages._rdb import models
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 
-__all__ = ["TRIALS", "check_study", "load_trials"]
+__all__ = ["TRIALS", "bare_trial", "check_study", "load_trials"]
 
 # Trial ids per IN (...) list when loading trials (SQLite allows 32,766 variables since 3.32, 999 before).
 _CHUNK = 500
 
 TRIALS = models.TrialModel.__table__
+
+
+def bare_trial(
+    trial_id: int, number: int, state: TrialState, start: datetime | None, complete: datetime | None
+) -> FrozenTrial:
+    """A trial as its row in ``trials`` gives it: no params, values, attributes or intermediate values yet."""
+    return FrozenTrial(
+        number=number,
+        state=state,
+        value=None,
+        values=None,
+        datetime_start=start,
+        datetime_complete=complete,
+        params={},
+        distributions={},
+        user_attrs={},
+        system_attrs={},
+        intermediate_values={},
+        trial_id=trial_id,
+    )
 
 
 def check_study(conn: sqlalchemy.Connection, study_id: int) -> None:
@@ -52,20 +73,7 @@ def load_trials(
     ).all()
     have = known(rows) if known is not None else {}
     trials = {
-        row.trial_id: FrozenTrial(
-            number=row.number,
-            state=row.state,
-            value=None,
-            values=None,
-            datetime_start=row.datetime_start,
-            datetime_complete=row.datetime_complete,
-            params={},
-            distributions={},
-            user_attrs={},
-            system_attrs={},
-            intermediate_values={},
-            trial_id=row.trial_id,
-        )
+        row.trial_id: bare_trial(row.trial_id, row.number, row.state, row.datetime_start, row.datetime_complete)
         for row in rows
         if row.trial_id not in have
     }
