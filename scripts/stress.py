@@ -85,6 +85,11 @@ def spawn(url: str, name: str, n_trials: int, log: Path, plain: bool) -> subproc
         return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
 
 
+def _runs_a_trial(study: optuna.Study, pid: int) -> bool:
+    trials = study.get_trials(deepcopy=False)
+    return any(t.state == TrialState.RUNNING and t.user_attrs.get("pid") == pid for t in trials)
+
+
 def run_storage(label: str, url: str, n_trials: int, n_workers: int, tmp: Path, plain: bool) -> dict[str, float]:
     from tuner.budget import budget_used
     from tuner.study import make_storage
@@ -98,12 +103,15 @@ def run_storage(label: str, url: str, n_trials: int, n_workers: int, tmp: Path, 
     killed_at = None
     while any(p.poll() is None for p in procs):
         if killed_at is None and victim.poll() is None:
-            trials = study.get_trials(deepcopy=False)
-            done = sum(t.state == TrialState.COMPLETE for t in trials)
-            mid_trial = any(t.state == TrialState.RUNNING and t.user_attrs.get("pid") == victim.pid for t in trials)
-            if done >= n_trials // 3 and mid_trial:
-                victim.send_signal(signal.SIGKILL)  # mid-trial: the workers are never idle
-                killed_at = done
+            done = sum(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
+            if done >= n_trials // 3 and _runs_a_trial(study, victim.pid):
+                # Stopped, the victim cannot finish that trial before the kill: look again, then kill or go on.
+                victim.send_signal(signal.SIGSTOP)
+                if _runs_a_trial(study, victim.pid):
+                    victim.send_signal(signal.SIGKILL)  # mid-trial: the workers are never idle
+                    killed_at = done
+                else:
+                    victim.send_signal(signal.SIGCONT)
         time.sleep(0.1)
     # The rerun: a worker started after the grace period fails the dead trial and runs its retry.
     time.sleep(GRACE_S + 0.5)
