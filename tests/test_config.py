@@ -11,9 +11,9 @@ from tuner.config import ConfigError, get_path, parse_run, parse_trial, set_path
 def test_config_defaults_parse_to_typed_settings() -> None:
     run = parse_run(compose_raw())
     assert run.study.n_trials >= 1 and run.study.storage == "sqlite:///tuner.db"
-    assert run.study.name == "fashion_mnist-mlp"
+    assert run.study.name == "mnist1d-mlp"
     assert run.trial.model.batch_norm is True
-    assert run.trial.data.name == "fashion_mnist"
+    assert run.trial.data.name == "mnist1d"
     assert run.sampler.name == "random" and run.pruner.name == "median"
 
 
