@@ -286,7 +286,7 @@ class PlanSampler(optuna.samplers.BaseSampler):
     """Gives trial k the plan's k-th parameters, whichever worker runs it.
 
     Not ``enqueue_trial``: a queue of 50 WAITING trials makes Optuna's cached SQLite storage read every
-    one of them back at each ``ask`` (about 9 ms a trial), a cost no real study has.
+    one of them back at each ``ask``, a cost no real study has.
     """
 
     def __init__(self, plan: list[dict[str, Any]]) -> None:
@@ -642,8 +642,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--rounds", type=int, default=None, help=f"rounds per data set (default {FULL['rounds']})")
     parser.add_argument("--epochs", type=int, default=None, help="epochs per trial (default: trainer.epochs in conf/)")
-    # 1: on the shared 2-core box (load 4-6 from other jobs), tuner with 2 threads ran the same 8 trials 8x
-    # (digits) to 30x (Fashion-MNIST) slower than with 1: OpenMP workers wait for a descheduled peer.
+    # 1: on a loaded machine, torch threads of one small model wait for a descheduled peer (OpenMP), so more
+    # threads per model are slower, not faster.
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads, the same for both sides")
     parser.add_argument(
         "--reference",

@@ -76,7 +76,7 @@ def side_by_side(kind: str, width: int, batch: int, steps: int) -> float:
     start = time.perf_counter()
     go.set()
     for _ in procs:
-        done.get()  # until both finished training; a spawned interpreter's exit (~0.7 s) is not training
+        done.get()  # until both finished training; a spawned interpreter's exit is not training
     elapsed = time.perf_counter() - start
     for p in procs:
         p.join()

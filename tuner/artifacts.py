@@ -77,7 +77,7 @@ def plot_learning_curve(history: Sequence[EpochMetrics], path: Path, *, title: s
     lines = ax.get_lines() + acc.get_lines()
     ax.legend(lines, [str(line.get_label()) for line in lines], loc="center right", fontsize="small")
     ax.set_title(title)
-    fig.subplots_adjust(left=0.12, right=0.86, bottom=0.14, top=0.9)  # fixed: tight_layout doubles the cost
+    fig.subplots_adjust(left=0.12, right=0.86, bottom=0.14, top=0.9)  # fixed: tight_layout draws the figure again
     fig.savefig(path, format="png")
 
 

@@ -1,34 +1,11 @@
 """This process's running trials kept in memory, and their writes sent to the database in batches.
 
-Every ``trial.suggest_*``, ``set_user_attr`` and ``report`` is a transaction of its own in Optuna's
-``RDBStorage`` (optuna 5.0), about 1.3 ms of this process's CPU each through the ORM, and Optuna's cached
-storage reads a running trial back from the database at every ``study.get_trials``. With two workers on
-scripts/bench.py's digits study that was ~26 writes and ~6 reads of running trials per 36 ms trial: the
-tuner process used 55-60 ms of CPU a trial against 12 ms with in-memory storage, and the workers waited for it.
-Optuna has no batching for trial writes (checked: ``RDBStorage``, ``_CachedStorage``, ``JournalStorage``).
-
-``BatchedTrialWrites`` (a subclass of ``RDBStorage``) owns each trial this process created or popped while it
-runs: it keeps the trial as a ``FrozenTrial`` in memory (every read in this process gets it from there) and
-queues its params, attributes and intermediate values. They are written in one transaction:
-
-- when training starts (``write_now``), so the dashboard shows a trial's params while it trains;
-- at a write that comes ``FLUSH_S`` or more after the trial's last one was written, so a slow trial's
-  per-epoch values reach the database as they come, and a fast trial's in few transactions;
-- when the trial is told, together with its state and values: a finished trial is always stored whole;
-- when the process exits.
-
-The other per-trial round trips on SQLite go through SQLAlchemy Core instead of the ORM, measured on the
-same study: a new trial (2.9 -> 1.5 ms, the budget check included), its heartbeat (2.9 -> 1.3 ms), its tell
-(2.3 -> 0.9 ms), and the refreshes of Optuna's cache (``_get_trials``, 4.0 -> 0.7 ms each, three a trial),
-which get the trials this process told from memory (kept as stored, ``FINISHED_KEPT`` of them) and load the
-others with one plain SELECT per table (tuner.trial_rows). Optuna's look for dead workers' trials, before
-every trial, runs at most every ``STALE_CHECK_S``. Together they took the tuner process's CPU per digits
-trial (two workers, a profiling harness around scripts/bench.py's study) from 25-30 ms to 10-22 ms, against
-10-12 ms in memory; in rounds that render no new-best artifacts, ~12 ms against ~3 ms.
-
-A process killed in between loses at most ``FLUSH_S`` of a running trial's writes; that trial is failed for
-want of a heartbeat and trained again from the start (tuner.faults), so no finished trial is incomplete.
-Other processes see a running trial's values up to ``FLUSH_S`` late.
+Optuna's ``RDBStorage`` (optuna 5.0) makes every ``suggest_*``, ``set_user_attr`` and ``report`` a transaction of
+its own and has no batching (checked: ``RDBStorage``, ``_CachedStorage``, ``JournalStorage``): on SQLite those ORM
+round trips dominated the tuner process's CPU on short trials (docs/benchmarks.md). ``BatchedTrialWrites`` writes
+a trial's queued writes in one transaction when training starts, ``FLUSH_S`` after its last write, and at the
+tell, and runs its other per-trial statements in SQLAlchemy Core (tuner.trial_rows). A killed process loses at
+most ``FLUSH_S`` of a running trial's writes, and that trial is retried (tuner.faults).
 """
 
 from __future__ import annotations
@@ -99,7 +76,7 @@ class _Owned:
 
 
 def _copy(trial: FrozenTrial) -> FrozenTrial:
-    """A copy that later writes to ``trial`` leave alone: its dicts copied (a deepcopy cost 2 ms a digits trial).
+    """A copy that later writes to ``trial`` leave alone: its dicts copied, not a deepcopy (called on every read).
 
     Values inside them are not: params and distributions are immutable, attributes are JSON that nothing here
     changes in place.
@@ -149,8 +126,8 @@ class BatchedTrialWrites(RDBStorage):
         return frozen
 
     def _insert_running_trial(self, study_id: int) -> FrozenTrial:
-        """``RDBStorage._create_new_trial`` without a template (optuna 5.0) in three Core statements, not
-        the ORM's 2.9 ms: the insert, then the trial's number counted inside the same write transaction."""
+        """``RDBStorage._create_new_trial`` without a template (optuna 5.0) in three Core statements instead of
+        the ORM: the insert, then the trial's number counted inside the same write transaction."""
         start = datetime.now()
         with self.engine.begin() as conn:
             check_study(conn, study_id)
@@ -181,8 +158,8 @@ class BatchedTrialWrites(RDBStorage):
         return super().set_trial_state_values(trial_id, state, values)
 
     def _finish(self, trial_id: int, state: TrialState, values: Sequence[float] | None) -> bool:
-        """Tell an owned trial: its queued writes, values and state in one transaction (``RDBStorage`` takes
-        2.3 ms of ORM for the state alone), and the trial kept as stored, for this process's next reads."""
+        """Tell an owned trial: its queued writes, values and state in one transaction (``RDBStorage`` spends an
+        ORM session on the state alone), and the trial kept as stored, for this process's next reads."""
         with self._flush_lock:
             with self._owned_lock:
                 owned = self._owned.get(trial_id)
@@ -230,8 +207,8 @@ class BatchedTrialWrites(RDBStorage):
     # --- Heartbeats -------------------------------------------------------------------------------------
 
     def record_heartbeat(self, trial_id: int) -> None:
-        """``RDBStorage.record_heartbeat`` (optuna 5.0: an ORM read, then an insert or an update; 2.9 ms at
-        every trial's start) as one upsert, with the database's own clock as Optuna uses."""
+        """``RDBStorage.record_heartbeat`` (optuna 5.0: an ORM read, then an insert or an update, at every
+        trial's start) as one upsert, with the database's own clock as Optuna uses."""
         if not self._batched:
             super().record_heartbeat(trial_id)
             return
@@ -244,7 +221,7 @@ class BatchedTrialWrites(RDBStorage):
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         """Optuna's ``fail_stale_trials`` runs before every trial; a trial is stale only after its grace period
-        (at least a second), so this process looks at most every ``STALE_CHECK_S`` (1.8 ms each on SQLite)."""
+        (at least a second), so this process looks at most every ``STALE_CHECK_S``: a query saved per trial."""
         if self._batched:
             now = time.monotonic()
             if now - self._stale_checked.get(study_id, -math.inf) < STALE_CHECK_S:
@@ -456,7 +433,7 @@ class BatchedTrialWrites(RDBStorage):
     ) -> list[FrozenTrial]:
         """``RDBStorage._get_trials`` (optuna 5.0; what Optuna's cached storage refreshes with) in Core:
         this process's running trials and the trials it told last come from memory, the others are loaded
-        with six plain SELECTs instead of the ORM's (2.4 ms for one new trial, ~0.4 ms this way)."""
+        with six plain SELECTs instead of the ORM's session and object per row."""
         if not self._batched:
             return super()._get_trials(study_id, states, included_trial_ids, trial_id_greater_than)
         included = [t for t in included_trial_ids if t <= trial_id_greater_than]

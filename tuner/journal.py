@@ -71,8 +71,8 @@ class HeartbeatJournalStorage(BudgetGate, JournalStorage, BaseHeartbeat):
         stale = []
         for trial in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
             start = trial.datetime_start.timestamp() if trial.datetime_start else now
-            # A retry copies the dead trial's system attrs, old heartbeat included: its start counts as a beat.
-            # (Without this, stress.py saw each retry failed again at once by another worker.)
+            # A retry copies the dead trial's system attrs, old heartbeat included: its start counts as a beat,
+            # or other workers would find each retry stale at once.
             if now - max(float(trial.system_attrs.get(HEARTBEAT_ATTR, 0.0)), start) > grace:
                 stale.append(trial._trial_id)
         return stale

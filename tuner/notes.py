@@ -176,7 +176,7 @@ def write_start_note(study: optuna.Study, run: RunConfig, params: list[Param]) -
         command=mask_password(command_line(), run.study.storage),
         refined_from=refined if isinstance(refined, dict) else None,
     )
-    import optuna_dashboard  # 1.7 s to import here: only when a study is open, not on every start-up
+    import optuna_dashboard  # slow to import: only when a study is open, not on every start-up
 
     earlier = optuna_dashboard.get_note(study)
     if earlier.strip() and not earlier.startswith(NOTE_HEADING):

@@ -95,7 +95,7 @@ def learning_curves(study: optuna.Study) -> go.Figure:
 
 def save_dashboard_plots(study: optuna.Study, params: list[Param]) -> list[str]:
     """Store the custom figures on the study, where optuna-dashboard shows them; returns their ids."""
-    import optuna_dashboard  # slow to import (1.7 s here): only once a study has run
+    import optuna_dashboard  # slow to import: only once a study has run
 
     figures = {"learning-curves-by-state": learning_curves(study)}
     for param in params:

@@ -1,14 +1,11 @@
 """Median and percentile pruning without re-reading the study from storage at every epoch.
 
 Optuna's ``PercentilePruner`` (and ``MedianPruner``, its subclass) calls
-``study.get_trials(states=(COMPLETE,))`` at every ``should_prune``. On SQLite that query loads the running
-trial and every new trial through the ORM: 3 ms a call, 21 ms of a ~95 ms digits trial, the largest single
-storage cost (measured with scripts/bench.py's digits study; Optuna 5.0 has no option to cache it).
-Completed trials never change, so ``CachedCompletedTrials`` reads them once per trial and again only when
-they may have grown: at the next trial, or after ``refresh_s`` for trials that other workers complete
-meanwhile, and at every call while fewer than ``n_startup_trials`` have completed (Optuna does not prune
-yet). In one worker the pruner's decisions are exactly Optuna's; with several workers a decision may
-miss trials completed in the last ``refresh_s`` seconds, as it may anyway while they race.
+``study.get_trials(states=(COMPLETE,))`` at every ``should_prune``; on SQLite that query loads the running
+trial and every new trial through the ORM each epoch (Optuna 5.0 has no option to cache it). Completed
+trials never change, so ``CachedCompletedTrials`` reads them at each new trial, after ``refresh_s`` (other
+workers' trials), and at every call while fewer than ``n_startup_trials`` have completed. In one worker its
+decisions are exactly Optuna's; with several, a decision may miss trials completed in the last ``refresh_s``.
 """
 
 from __future__ import annotations
@@ -59,8 +56,7 @@ class CachedCompletedTrials(BasePruner):
         key = (study._study_id, trial.number)
         now = time.monotonic()
         # Too few completed trials to prune by yet (n_startup_trials): read again at every call, or a trial that
-        # started before the other workers completed them would never be pruned (2 workers, 50 digits trials:
-        # 31 pruned against Optuna's 36).
+        # started before the other workers completed them would never be pruned.
         starting = len(self._completed) < self.pruner._n_startup_trials  # PercentilePruner's own (optuna 5.0)
         if key != self._key or starting or now - self._read_at > self.refresh_s:
             self._completed = study.get_trials(deepcopy=False, states=_COMPLETE)

@@ -1,8 +1,8 @@
 """A plain PyTorch training loop. It knows nothing of Optuna or Hydra: it calls ``on_epoch``.
 
 Data sets that fit in memory live as tensors on the training device and are shuffled by index
-each epoch: a per-sample DataLoader costs ~440 us of a ~1.4 ms step on a small model, index
-slicing ~47 us (LIBRARY-NOTES).
+each epoch: a per-sample DataLoader's indexing and collation would cost a small model a large share of
+each step; a slice of one gathered tensor costs almost nothing (docs/benchmarks.md).
 """
 
 from __future__ import annotations

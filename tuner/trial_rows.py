@@ -1,8 +1,8 @@
 """Optuna's trial tables (optuna 5.0's RDB schema, unchanged since 3.2) read with SQLAlchemy Core.
 
 ``RDBStorage`` builds each trial through the ORM: a session, then one SELECT per child table with
-``selectinload`` and an ORM object per row, 2.4 ms to load one new trial on SQLite. ``load_trials`` runs the
-same SELECTs in Core and builds the ``FrozenTrial`` as ``RDBStorage._build_frozen_trial_from_trial_model``
+``selectinload`` and an ORM object per row, the costly part of loading a trial on SQLite. ``load_trials`` runs
+the same SELECTs in Core and builds the ``FrozenTrial`` as ``RDBStorage._build_frozen_trial_from_trial_model``
 does (tests/test_batched.py compares the two on trials of every kind). Used by tuner.batched.
 """
 

@@ -6,13 +6,13 @@
 reports and prunes exactly as in-process, and only the tuner process touches Optuna's storage.
 
 Why processes: a small model is per-op bound, so one torch thread leaves the other cores idle, and
-threads of one process share the GIL. Optuna's ``study.optimize(n_jobs=...)`` runs trials in threads (and
-reseeds the sampler every trial, so ``study.seed`` no longer fixes the draws); its multi-process recipe is
-several processes on one RDB storage, with no in-memory storage and one output per process.
-``torch.multiprocessing`` shares tensors but runs no training loop. On this 2-core CPU two models trained
-side by side ran 0.82-1.80x the speed of one after the other in two threads, 1.77-2.04x in two processes
-(``scripts/bench_workers.py``). So the protocol below is ours: a pipe per worker, a job in, one message per
-epoch out, the answer "go on" or "stop" back, and the weights only when the trial is the study's new best.
+threads of one process share the GIL, so two models in two threads barely overlap while two processes do
+(docs/benchmarks.md, "Workers: processes against threads"). Optuna's ``study.optimize(n_jobs=...)`` runs
+trials in threads (and reseeds the sampler every trial, so ``study.seed`` no longer fixes the draws); its
+multi-process recipe is several processes on one RDB storage, with no in-memory storage and one output per
+process; ``torch.multiprocessing`` shares tensors but runs no training loop. So the protocol below is ours: a
+pipe per worker, a job in, one message per epoch out, the answer "go on" or "stop" back, and the weights only
+when the trial is the study's new best.
 """
 
 from __future__ import annotations
@@ -277,7 +277,7 @@ class ProcessTrainer:
         return None if self._process is None else self._process.pid
 
     def start(self) -> None:
-        """Start the worker process now, not at the first job (its start-up costs about 2 s: torch's import)."""
+        """Start the worker process now, not at the first job (its start-up is slow: torch's import)."""
         self._start()
 
     def _start(self) -> _Pipe:
