@@ -28,6 +28,8 @@ from tuner.tune import prepare, tune
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 
 # trainer.workers=1: the tests that replace tuner.workers.train need the training in this process.
+# The reruns train 1 epoch where the first run was stopped during 1000: a change the study must be told of.
+RERUN_SHORTER = "study.accept_changes=true"
 SMALL = ["data=digits", "trainer.epochs=1", "study.name=faults", "pruner=none", "trainer.threads=1"]
 SMALL.append("trainer.workers=1")
 # Short heartbeats so that a dead worker is noticed within seconds, not minutes.
@@ -223,7 +225,7 @@ def test_faults_sigkilled_worker_trial_becomes_fail_and_is_retried_by_the_next_w
     killed = _trials(url)
     assert [t.state for t in killed] == [TrialState.RUNNING] * workers  # nobody told the storage
     time.sleep(2.5)  # the grace period passes without a heartbeat
-    result = _run(tmp_path, url, *run)
+    result = _run(tmp_path, url, *run, RERUN_SHORTER)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "trial(s) of a dead worker marked FAIL and queued again" in result.stdout + result.stderr
     trials = _trials(url)
@@ -258,7 +260,7 @@ def test_faults_interrupt_ends_the_trial_with_a_reason_and_the_same_command_resu
     assert sorted(str(t.params) for t in queued) == sorted(str(t.params) for t in interrupted)
     if sig == signal.SIGTERM:
         return  # the same path as SIGINT from here on
-    result = _run(tmp_path, url, *run)  # the same command, again
+    result = _run(tmp_path, url, *run, RERUN_SHORTER)  # the same command, again
     assert result.returncode == 0, result.stdout + result.stderr
     trials = _trials(url)
     assert [t.state for t in trials] == [TrialState.FAIL] * workers + [TrialState.COMPLETE] * 2

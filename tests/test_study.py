@@ -115,7 +115,7 @@ def test_study_parallel_workers_starting_together_propose_different_params(tmp_p
     run = parse_run(raw)
     storage = make_storage(run.study.storage)
     # Both open the study before either has a trial, as parallel workers started together do.
-    workers = [open_study(run, storage, worker=w) for w in (0, 1)]
+    workers = [open_study(run, storage) for _ in (0, 1)]
     for study in workers:
         study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
     xs = [t.params["x"] for t in workers[0].trials]

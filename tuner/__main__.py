@@ -65,9 +65,8 @@ def main(cfg: DictConfig) -> float | None:
     mask_saved_password(cfg)
     try:
         run, params = prepare(to_container(cfg))
-        # Parallel workers on one study are jobs of one multirun: the job number seeds each one's sampler apart,
-        # and the jobs that run at once share the cores (trainer.workers=auto).
-        summary = tune(run, params, worker=job[0] if job else 0, processes=_jobs_at_once())
+        # The jobs of a multirun that run at once share the cores (trainer.workers=auto).
+        summary = tune(run, params, processes=_jobs_at_once())
     except ConfigError as err:
         # One clear line and a non-zero exit; no traceback for bad input.
         log.error("%s", err)

@@ -103,6 +103,10 @@ class Splits:
     mean: float
     std: float
 
+    def arrays(self) -> tuple[torch.Tensor, ...]:
+        """The six tensors, in a fixed order (``tuner.definition.data_content`` fingerprints them)."""
+        return (self.x_train, self.y_train, self.x_val, self.y_val, self.x_test, self.y_test)
+
     def to(self, device: torch.device | str) -> Splits:
         """Return a copy with every tensor on ``device``."""
         return replace(

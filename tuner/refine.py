@@ -196,8 +196,10 @@ def _child_output_dir(output_dir: str, parent: str, child: str) -> str:
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def main(cfg: DictConfig) -> None:
     from tuner.config import parse_run
+    from tuner.data import load_splits
+    from tuner.definition import data_content
     from tuner.notes import REFINED_FROM_ATTR, write_start_note
-    from tuner.stored import load_existing_study, open_existing_storage, study_names
+    from tuner.stored import check_experiment, load_existing_study, open_existing_storage, study_names
     from tuner.study import open_study, safe_url
     from tuner.tune import prepare, tune
 
@@ -208,6 +210,7 @@ def main(cfg: DictConfig) -> None:
         opts = parse_refine(raw.get("refine"))
         storage = open_existing_storage(run.study.storage)
         parent = load_existing_study(run, storage)
+        check_experiment(parent, run, content=data_content(load_splits(run.trial.data).arrays()))
         stored = parent.user_attrs.get("config")
         if not isinstance(stored, dict) or not isinstance(stored.get("space"), dict) or not stored["space"]:
             raise ConfigError(
@@ -246,13 +249,6 @@ def main(cfg: DictConfig) -> None:
         log.warning(
             "study %r still has %d running trial(s): refining from its completed ones", parent.study_name, running
         )
-    for section in ("model", "data"):
-        if stored.get(section) != raw.get(section):
-            log.warning(
-                "the %s settings differ from the parent study's (stored with it); the refined study uses this "
-                "command's. Pass the parent's overrides to compare like with like.",
-                section,
-            )
 
     space_dir = opts.space_dir.resolve()
     space_file = space_dir / "space" / f"{opts.name}.yaml"

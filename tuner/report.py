@@ -152,7 +152,7 @@ def write_report(study: optuna.Study, params: list[Param], folder: Path, *, stor
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def main(cfg: DictConfig) -> None:
     from tuner.config import parse_run
-    from tuner.stored import load_existing_study, study_params
+    from tuner.stored import check_experiment, load_existing_study, study_params
     from tuner.study import safe_url
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -161,6 +161,7 @@ def main(cfg: DictConfig) -> None:
         run = parse_run(raw)
         folder, evaluator = parse_report(raw.get("report"))
         study = load_existing_study(run)
+        check_experiment(study, run)
         report = write_report(
             study, study_params(study), folder, storage=safe_url(run.study.storage), evaluator=evaluator
         )

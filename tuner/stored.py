@@ -13,10 +13,11 @@ from optuna.distributions import BaseDistribution
 from optuna.storages import BaseStorage
 
 from tuner.config import ConfigError, RunConfig
+from tuner.definition import CONTENT_KEY, check_definition, definition
 from tuner.space import Param, parse_space
 from tuner.study import check_storage_url, make_pruner, make_sampler, make_storage, safe_url
 
-__all__ = ["load_existing_study", "open_existing_storage", "study_names", "study_params"]
+__all__ = ["check_experiment", "load_existing_study", "open_existing_storage", "study_names", "study_params"]
 
 
 def open_existing_storage(url: str) -> BaseStorage:
@@ -47,6 +48,15 @@ def load_existing_study(run: RunConfig, storage: BaseStorage | None = None) -> o
         sampler=make_sampler(run.sampler, seed=run.study.seed),
         pruner=make_pruner(run.pruner),
     )
+
+
+def check_experiment(study: optuna.Study, run: RunConfig, *, content: str | None = None) -> None:
+    """Stop, as ``python -m tuner`` would, when this command's config defines another experiment than the study's
+    (``tuner.definition``); without ``content`` the data's fingerprint is not compared. Writes nothing."""
+    params = parse_space(run.raw.get("space"), run.raw)
+    ignore = () if content is not None else (CONTENT_KEY,)
+    now = definition(run.raw, params, content)
+    check_definition(study, now, url=safe_url(run.study.storage), ignore=ignore, record=False)
 
 
 def study_params(study: optuna.Study) -> list[Param]:

@@ -26,6 +26,7 @@ from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 from tuner.batched import BatchedTrialWrites
 from tuner.budget import BudgetGate, file_lock
 from tuner.config import ConfigError, PluginConfig, RunConfig
+from tuner.definition import check_definition
 from tuner.journal import HeartbeatJournalStorage, check_journal_file
 from tuner.pruning import CachedCompletedTrials
 
@@ -47,10 +48,11 @@ __all__ = [
 # The states that count toward study.n_trials: every trial that ran to an end.
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 _COUNTED = (TrialState.RUNNING, *FINISHED)  # what the budget counts (tuner.budget.budget_used)
-# SQLite waits this long for a lock before failing; 5 s or more gave 0 lock errors with 16 processes.
+# SQLite waits this long for a lock before failing: long, so that many workers queue for the write lock instead.
 SQLITE_BUSY_TIMEOUT_S = 60.0
-# Parallel workers' sampler seeds lie this far apart: no worker reaches another's seed by resuming.
+# Sampler streams' seeds lie this far apart, so that no stream reaches another's seed.
 WORKER_SEED_STRIDE = 1_000_003
+STREAMS_ATTR = "sampler_streams"  # how many sampler streams the study has handed out
 SCHEMA_ATTEMPTS = 5  # tries at a new SQLite file that parallel workers are creating: 2 s of waits in all
 # study.storage=journal:///study.log (relative) or journal:////abs/study.log: Optuna's JournalStorage on a file.
 JOURNAL_SCHEME = "journal"
@@ -195,8 +197,8 @@ def _check_optuna_sqlite(url: str, path: Path) -> None:
         raise ConfigError(f"study.storage={url!r} is not an Optuna database ({err}); it was left untouched.") from None
     if not {"studies", "trials", "version_info"} <= tables:
         # None or some of Optuna's tables and nothing else: a new file another worker is creating them in, one
-        # by one (SQLAlchemy's create_all on pysqlite commits each CREATE TABLE; 1 joblib job in ~30 was
-        # refused in tests/test_multirun.py); RDBStorage adds the rest. No version is stamped yet to check.
+        # by one (SQLAlchemy's create_all on pysqlite commits each CREATE TABLE); RDBStorage adds the rest.
+        # No version is stamped yet to check.
         if tables <= {*models.BaseModel.metadata.tables, "alembic_version"}:
             return
         raise ConfigError(
@@ -221,9 +223,9 @@ def _check_optuna_schema(url: str, path: Path) -> None:
             storage = RDBStorage(url, engine_kwargs={"creator": read_only})
         except (OperationalError, optuna.exceptions.StorageInternalError) as err:
             # A half-made file: another worker that started at the same moment has created the tables but
-            # not yet stamped their version ("attempt to write a readonly database": 1 job in 3 once, in
-            # tests/test_multirun.py; once more as Optuna's StorageInternalError, which wraps it when the
-            # write is a commit). It finishes within milliseconds; a file that stays so is refused.
+            # not yet stamped their version ("attempt to write a readonly database", or Optuna's
+            # StorageInternalError wrapping it when the write is a commit). The other worker finishes
+            # soon; a file that stays so is refused.
             if attempt < SCHEMA_ATTEMPTS - 1:
                 time.sleep(0.2 * (attempt + 1))
                 continue
@@ -248,8 +250,8 @@ class GatedRDBStorage(BudgetGate, BatchedTrialWrites):
 
         PostgreSQL locks the row between the two (``SELECT ... FOR UPDATE``); SQLite ignores FOR UPDATE, and
         pysqlite starts no transaction before a SELECT, so two workers could both read WAITING and both train
-        the trial: the second one's tell then fails ("Cannot tell a COMPLETE trial"; two threads popped the
-        same trial in 1 of 3 short runs). On SQLite the pop holds the lock file of ``budget_lock``.
+        the trial: the second one's tell then fails ("Cannot tell a COMPLETE trial"). On SQLite the pop holds
+        the lock file of ``budget_lock``.
         """
         if state != TrialState.RUNNING or self.engine.dialect.name != "sqlite":
             return super().set_trial_state_values(trial_id, state, values)
@@ -265,8 +267,8 @@ class GatedRDBStorage(BudgetGate, BatchedTrialWrites):
         return self.gate(study_id, template_trial, lambda: insert(study_id, template_trial))
 
     def budget_count(self, study_id: int) -> int:
-        """``budget_used`` in SQL. Loading every trial through the ORM, as ``get_all_trials`` does, made each
-        new trial cost O(trials): 0.45 s a trial at 1,200 trials on SQLite. Reads Optuna 5.0's tables
+        """``budget_used`` in SQL: loading every trial through the ORM, as ``get_all_trials`` does, would make
+        each new trial cost O(trials) (docs/benchmarks.md, "Budget check cost"). Reads Optuna 5.0's tables
         (``trials``, ``trial_system_attributes``; schema unchanged since Optuna 3.2); ``state`` is an enum
         type on PostgreSQL, so it is compared as text."""
         counted: sqlalchemy.BindParameter[list[str]] = sqlalchemy.bindparam(
@@ -340,8 +342,8 @@ def make_storage(
 
         def connect() -> sqlite3.Connection:
             conn = sqlite3.connect(database, timeout=SQLITE_BUSY_TIMEOUT_S, check_same_thread=False)
-            # WAL lets readers (the dashboard) run beside the writer and doubles throughput with
-            # several workers; synchronous=NORMAL is safe with WAL (28 vs 36 ms a trial, LIBRARY-NOTES).
+            # WAL lets readers (the dashboard, other workers) run beside the writer; synchronous=NORMAL is
+            # safe with WAL and saves an fsync at every commit.
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             return conn
@@ -409,8 +411,8 @@ def _check_optuna_server(rdb_url: URL, url: str) -> None:
 def _rdb_storage(open_storage: Callable[[], GatedRDBStorage], *, retry: bool) -> GatedRDBStorage:
     """``RDBStorage``, tried again when parallel workers create a new SQLite file's tables at the same moment.
 
-    Measured: 4 processes opening one new file together, 1 start in 12 failed on alembic_version's UNIQUE
-    constraint (optuna 5.0.0); the tables are there when it tries again.
+    Processes opening one new file together can fail on alembic_version's UNIQUE constraint (optuna 5.0.0);
+    the tables are there when it tries again.
     """
     for attempt in range(SCHEMA_ATTEMPTS):
         try:
@@ -426,9 +428,9 @@ def _rdb_storage(open_storage: Callable[[], GatedRDBStorage], *, retry: bool) ->
 def _schema_lock(url: URL) -> Iterator[None]:
     """On PostgreSQL, one worker at a time creates Optuna's tables.
 
-    RDBStorage creates missing tables at start; three workers starting together on an empty database
-    collided on PostgreSQL's catalog (UniqueViolation on pg_type_typname_nsp_index, seen in
-    tests/test_faults.py). A session-level advisory lock around the first open serializes them.
+    RDBStorage creates missing tables at start; workers starting together on an empty database collide on
+    PostgreSQL's catalog (UniqueViolation on pg_type_typname_nsp_index). A session-level advisory lock
+    around the first open serializes them.
     """
     if url.get_backend_name() != "postgresql":
         yield
@@ -457,22 +459,29 @@ def finished_trials(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
-def open_study(cfg: RunConfig, storage: BaseStorage, *, worker: int = 0) -> optuna.Study:
+def _claim_stream(study: optuna.Study, storage: BaseStorage) -> int:
+    """A sampler stream of its own for this study handle: 0 for the study's first, then 1, 2, ... under the
+    storage's budget lock, so that handles opened at the same moment, in any process on any machine, differ."""
+    lock = getattr(storage, "budget_lock", None)  # tuner's storages; an in-memory one has one process only
+    held = lock(storage.get_study_id_from_name(study.study_name)) if lock else contextlib.nullcontext()
+    with held:
+        stream = int(study.user_attrs.get(STREAMS_ATTR, 0))
+        study.set_user_attr(STREAMS_ATTR, stream + 1)
+    return stream
+
+
+def open_study(cfg: RunConfig, storage: BaseStorage, *, defined: dict[str, str] | None = None) -> optuna.Study:
     """Create the study or load it to continue toward ``study.n_trials``.
 
-    A resumed study's sampler is seeded with ``study.seed + trials so far``: a seeded sampler that
-    restarted from ``study.seed`` would propose the parameters it already tried. Parallel workers
-    that start together see the same trials, so each adds its own ``worker`` index (times a prime).
+    ``defined`` (``tuner.definition.definition``) is checked against the stored study's definition first, and
+    stored with a new study. Each handle's sampler is seeded with ``study.seed`` plus its own stream (times a
+    prime): a study's first run draws as ``study.seed`` says, and no rerun or parallel worker repeats another's.
     """
     name = cfg.study.name
-    try:
-        existing = storage.get_all_trials(storage.get_study_id_from_name(name), deepcopy=False)
-    except KeyError:
-        existing = []
     study = optuna.create_study(
         study_name=name,
         storage=storage,
-        sampler=make_sampler(cfg.sampler, seed=cfg.study.seed + len(existing) + worker * WORKER_SEED_STRIDE),
+        sampler=optuna.samplers.RandomSampler(),  # replaced below, once this handle's stream is known
         pruner=make_pruner(cfg.pruner),
         direction=optuna.study.StudyDirection[cfg.study.direction.upper()],
         load_if_exists=True,
@@ -482,11 +491,14 @@ def open_study(cfg: RunConfig, storage: BaseStorage, *, worker: int = 0) -> optu
             f"study.direction={cfg.study.direction!r}, but the stored study {name!r} was created "
             f"to {study.direction.name.lower()}; use another study.name."
         )
-    if not existing:
+    if defined is not None:
+        check_definition(study, defined, url=safe_url(cfg.study.storage), accept=cfg.study.accept_changes)
+    if "config" not in study.user_attrs:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(["val_accuracy"])
         stored = json.loads(json.dumps(cfg.raw, default=str))
         stored["study"]["storage"] = safe_url(cfg.study.storage)  # never store a password
         study.set_user_attr("config", stored)
+    study.sampler = make_sampler(cfg.sampler, seed=cfg.study.seed + _claim_stream(study, storage) * WORKER_SEED_STRIDE)
     return study

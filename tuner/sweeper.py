@@ -48,6 +48,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from tuner.__main__ import to_container
 from tuner.batched import hand_over
 from tuner.config import ConfigError, RunConfig
+from tuner.data import load_splits
+from tuner.definition import data_content, definition
 from tuner.handoff import TrialHandle
 from tuner.multirun import format_table, jobs_at_once, study_row
 from tuner.space import Param, describe, suggest
@@ -163,7 +165,9 @@ def run_sweep(plan: SweepPlan, launcher: Launcher, config: DictConfig, *, n_jobs
     """Ask, launch and tell until the study holds ``study.n_trials`` finished trials; return the state counts."""
     run = plan.run
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = open_study(run, make_storage(run.study.storage))
+    # The same check as python -m tuner: a stored study is one experiment (tuner.definition).
+    defined = definition(plan.raw, plan.params, data_content(load_splits(run.trial.data).arrays()))
+    study = open_study(run, make_storage(run.study.storage), defined=defined)
     remaining = max(run.study.n_trials - finished_trials(study), 0)
     slots = min(_slots(config, n_jobs), max(remaining, 1))
     log.info(
@@ -245,10 +249,10 @@ def sweep_or_exit(
     mask_passwords_in_logs()  # the launcher logs each job's overrides, the storage URL among them
     try:
         plan = plan_sweep(hydra_context, config, arguments)
+        states = run_sweep(plan, launcher, config, n_jobs=n_jobs)
     except ConfigError as err:
         log.error("%s", err)
         sys.exit(2)
-    states = run_sweep(plan, launcher, config, n_jobs=n_jobs)
     score_sweep(plan)
     # The same table as python -m tuner -m prints.
     log.info("%s", format_table([study_row(plan.run.study.name, plan.run.study.storage)]))

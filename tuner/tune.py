@@ -23,6 +23,7 @@ from tuner.artifacts import artifact_dir, artifact_store, restore_checkpoint
 from tuner.budget import BudgetReached, budget_used
 from tuner.checkpoint import load_model
 from tuner.config import ConfigError, RunConfig, parse_run, parse_trial, set_path
+from tuner.definition import data_content, definition
 from tuner.faults import FailureStreak, FailureStreakError, Interrupted, StopWhen, interruptible
 from tuner.notes import write_end_note, write_start_note
 from tuner.objective import Objective
@@ -181,9 +182,9 @@ def _heap_frozen() -> Iterator[None]:
     """Keep the objects alive when the workers start out of Python's full garbage collections until they end.
 
     This process holds torch, SQLAlchemy, Optuna, Hydra and matplotlib; a full collection walks all of it with
-    the GIL held and stalls every worker thread meanwhile (0.28 s, mid-round, in a 2.9 s digits round of
-    scripts/bench.py). ``gc.freeze`` moves those objects to a permanent generation that collections skip;
-    ``gc.unfreeze`` hands them back afterwards, so garbage among them is still collected then.
+    the GIL held and stalls every worker thread meanwhile. ``gc.freeze`` moves those objects to a permanent
+    generation that collections skip; ``gc.unfreeze`` hands them back afterwards, so garbage among them is
+    still collected then.
     """
     gc.freeze()
     try:
@@ -269,12 +270,11 @@ def _run_workers(
         raise failures[0]
 
 
-def tune(run: RunConfig, params: list[Param], *, worker: int = 0, processes: int = 1) -> Summary:
+def tune(run: RunConfig, params: list[Param], *, processes: int = 1) -> Summary:
     """Run (or continue) the study until it has ``study.n_trials`` finished trials.
 
-    ``worker`` tells parallel workers on one study apart (their samplers' seeds, see ``open_study``);
-    ``trainer.workers`` more of them run in this process, each training in a process of its own.
-    ``processes``: how many tuner processes share this machine's cores (``trainer.workers=auto``).
+    ``trainer.workers`` workers run in this process, each training in a process of its own; ``processes``:
+    how many tuner processes share this machine's cores (``trainer.workers=auto``).
     """
     _quiet_libraries()
     start = time.monotonic()
@@ -286,7 +286,8 @@ def tune(run: RunConfig, params: list[Param], *, worker: int = 0, processes: int
     model_path = Path(run.study.output_dir) / "best_model.pt"
     objective = Objective(run, params, best_model_path=model_path)
     # Load the data before the storage is touched: a missing data set must not leave a study behind.
-    objective.splits(run.trial.data, device)
+    splits = objective.splits(run.trial.data, device)
+    defined = definition(run.raw, params, data_content(splits.arrays()))
     storage = make_storage(
         run.study.storage,
         heartbeat_interval=run.study.heartbeat_interval,
@@ -294,7 +295,7 @@ def tune(run: RunConfig, params: list[Param], *, worker: int = 0, processes: int
         max_retry=run.study.max_retry,
         trial_budget=run.study.n_trials,
     )
-    study = open_study(run, storage, worker=worker * workers)
+    study = open_study(run, storage, defined=defined)
     url = safe_url(run.study.storage)
     write_start_note(study, run, params)  # the dashboard's study note; its Results are written at the end
     _recover_stale_trials(study)
@@ -315,7 +316,7 @@ def tune(run: RunConfig, params: list[Param], *, worker: int = 0, processes: int
     if remaining > 0:
         studies, objectives = [study], [objective]
         if workers > 1:
-            studies += [open_study(run, storage, worker=worker * workers + i) for i in range(1, workers)]
+            studies += [open_study(run, storage) for _ in range(1, workers)]
             objectives = [objective.for_worker(ProcessTrainer(trainer_cfg.threads)) for _ in range(workers)]
         progress = Progress(remaining)
         streak = FailureStreak(run.study.max_failure_streak)
