@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import threading
 from collections.abc import Callable, Iterator
 from types import FrameType
 
@@ -14,13 +15,19 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tuner.study import FINISHED
 
+log = logging.getLogger("tuner")
+
 __all__ = [
     "FailureStreak",
     "FailureStreakError",
     "Interrupted",
+    "RaiseWaitingInterrupt",
     "StopWhen",
+    "check_interrupt",
     "error_reason",
     "interruptible",
+    "interrupts_allowed",
+    "interrupts_deferred",
 ]
 
 
@@ -38,37 +45,105 @@ class Interrupted(KeyboardInterrupt):
         self.signal_name = signal_name
 
 
-def _not_an_interrupt(record: logging.LogRecord) -> bool:
-    # Optuna logs the trial a KeyboardInterrupt ended as a failure, with a traceback; the user pressed
-    # Ctrl-C and gets tuner's one-line message instead (the trial's fail_reason keeps the signal).
-    return not (record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt)) and not (
-        record.getMessage().endswith("failed with value None.") and _interrupting
-    )
+def _one_line_failures(record: logging.LogRecord) -> bool:
+    """Optuna logs each failed trial twice, once with its traceback. The console gets tuner's one line per trial
+    (tuner.summary) and the trial keeps its ``fail_reason``; the traceback goes to tuner's debug log."""
+    if record.exc_info:
+        if not isinstance(record.exc_info[1], KeyboardInterrupt):
+            log.debug("%s", record.getMessage(), exc_info=record.exc_info)
+        return False
+    return not record.getMessage().endswith("failed with value None.")
 
 
-_interrupting = False
+class _SignalState:
+    """May a signal interrupt the main thread now (``allowed``), or is one waiting (``pending``)?"""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.allowed = False
+        self.pending: str | None = None
+
+
+_state = _SignalState()
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 
 @contextlib.contextmanager
 def interruptible() -> Iterator[None]:
-    """Turn SIGINT and SIGTERM into ``Interrupted`` (naming the signal) while the study runs."""
+    """Turn SIGINT and SIGTERM into ``Interrupted`` (naming the signal) while the study runs.
+
+    A signal interrupts at once only inside ``interrupts_allowed`` (training, loading data). Elsewhere (Optuna's
+    ask and tell, sampling, storage writes, saving the best model) it waits for the next safe point
+    (``check_interrupt``), so that no trial is left half-told: each one it stops ends FAIL and is queued again.
+    A second signal while one waits interrupts at once: the user insists.
+    """
 
     def handler(signum: int, frame: FrameType | None) -> None:
-        global _interrupting
-        _interrupting = True
-        raise Interrupted(signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if _state.allowed or _state.pending is not None:
+            _state.allowed, _state.pending = False, None
+            raise Interrupted(name)
+        _state.pending = name
 
-    global _interrupting
-    _interrupting = False
+    _state.reset()
     optuna_log = logging.getLogger("optuna.study._optimize")  # the logger of Optuna's "Trial N failed" lines
-    optuna_log.addFilter(_not_an_interrupt)
+    optuna_log.addFilter(_one_line_failures)
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
-        optuna_log.removeFilter(_not_an_interrupt)
+        optuna_log.removeFilter(_one_line_failures)
+        _state.reset()
+
+
+def check_interrupt() -> None:
+    """A safe point: raise the signal that came while it could not interrupt (main thread only)."""
+    if _in_main_thread() and _state.pending is not None:
+        name, _state.pending = _state.pending, None
+        raise Interrupted(name)
+
+
+@contextlib.contextmanager
+def interrupts_allowed() -> Iterator[None]:
+    """Let a signal interrupt this block at once (after raising one that waits). A no-op off the main thread."""
+    if not _in_main_thread():
+        yield
+        return
+    check_interrupt()
+    previous, _state.allowed = _state.allowed, True
+    try:
+        yield
+    finally:
+        _state.allowed = previous and _state.allowed
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Inside ``interrupts_allowed``: a block a signal must not cut short (a storage write); raises it after."""
+    if not _in_main_thread():
+        yield
+        return
+    previous, _state.allowed = _state.allowed, False
+    try:
+        yield
+    finally:
+        _state.allowed = previous
+    if previous:
+        check_interrupt()
+
+
+class RaiseWaitingInterrupt:
+    """Optuna callback, after each told trial: a safe point for a signal that came meanwhile."""
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        check_interrupt()
 
 
 class StopWhen:

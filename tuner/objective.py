@@ -15,7 +15,7 @@ from tuner.batched import check_running, write_now
 from tuner.checkpoint import save_checkpoint
 from tuner.config import DataConfig, RunConfig, TrialConfig, parse_trial, set_path
 from tuner.data import Splits, SplitsCache
-from tuner.faults import Interrupted, error_reason
+from tuner.faults import Interrupted, error_reason, interrupts_allowed, interrupts_deferred
 from tuner.space import Param, suggest
 from tuner.trainer import EpochMetrics, TrainingDiverged, resolve_device
 from tuner.workers import LocalTrainer, Setup, Trainer, TrainJob
@@ -107,25 +107,35 @@ class Objective:
         splits = self.splits(cfg.data, device)
         history: list[EpochMetrics] = []
 
+        # Training may be interrupted at once; the storage writes inside it are not cut short (tuner.faults).
         def on_setup(setup: Setup) -> None:
-            trial.set_user_attr("seed", seed)
-            trial.set_user_attr("device", setup.device)
-            trial.set_user_attr("param_count", setup.param_count)
-            write_now(trial)  # its params and these, while it trains (tuner.batched)
+            with interrupts_deferred():
+                trial.set_user_attr("seed", seed)
+                trial.set_user_attr("device", setup.device)
+                trial.set_user_attr("param_count", setup.param_count)
+                write_now(trial)  # its params and these, while it trains (tuner.batched)
 
         def on_epoch(metrics: EpochMetrics) -> None:
             history.append(metrics)
-            trial.report(metrics.val_accuracy, metrics.epoch)
-            if trial.should_prune():
+            with interrupts_deferred():
+                trial.report(metrics.val_accuracy, metrics.epoch)
+                prune = trial.should_prune()
+            if prune:
                 raise optuna.TrialPruned(f"pruned at epoch {metrics.epoch} with {METRIC}={metrics.val_accuracy:.4f}")
 
         def keep_model() -> bool:
-            return self._is_best(trial.study, history[-1].val_accuracy)
+            with interrupts_deferred():
+                return self._is_best(trial.study, history[-1].val_accuracy)
 
         try:
-            model = self.trainer.fit(
-                TrainJob(cfg, seed, str(device)), splits, on_setup=on_setup, on_epoch=on_epoch, keep_model=keep_model
-            )
+            with interrupts_allowed():
+                model = self.trainer.fit(
+                    TrainJob(cfg, seed, str(device)),
+                    splits,
+                    on_setup=on_setup,
+                    on_epoch=on_epoch,
+                    keep_model=keep_model,
+                )
         except TrainingDiverged as err:
             trial.set_user_attr("fail_reason", f"TrainingDiverged: {err}")
             raise

@@ -24,7 +24,16 @@ from tuner.budget import BudgetReached, budget_used
 from tuner.checkpoint import load_model
 from tuner.config import ConfigError, RunConfig, parse_run, parse_trial, set_path
 from tuner.definition import data_content, definition
-from tuner.faults import FailureStreak, FailureStreakError, Interrupted, StopWhen, interruptible
+from tuner.faults import (
+    FailureStreak,
+    FailureStreakError,
+    Interrupted,
+    RaiseWaitingInterrupt,
+    StopWhen,
+    check_interrupt,
+    interruptible,
+    interrupts_allowed,
+)
 from tuner.notes import write_end_note, write_start_note
 from tuner.objective import Objective
 from tuner.plots import save_dashboard_plots
@@ -220,9 +229,11 @@ def _run_workers(
     deadline: float | None,
     max_retry: int | None,
 ) -> None:
+    callbacks = [*callbacks, RaiseWaitingInterrupt()]  # a safe point after each told trial
     if len(studies) == 1:
         try:
             _work(studies[0], objectives[0], callbacks=callbacks, deadline=deadline)
+            check_interrupt()
         except KeyboardInterrupt:
             _requeue_interrupted(studies[0], objectives[0], max_retry)
             raise
@@ -254,7 +265,9 @@ def _run_workers(
     for i, pair in enumerate(zip(studies, objectives, strict=True)):
         threading.Thread(target=work, args=pair, name=f"tuner-worker-{i}", daemon=True).start()
     try:
-        wait_for_all()
+        with interrupts_allowed():  # this thread only waits: nothing of a trial's is cut short here
+            wait_for_all()
+        check_interrupt()
     except KeyboardInterrupt as err:
         stop.set()
         name = err.signal_name if isinstance(err, Interrupted) else "SIGINT"
@@ -275,7 +288,15 @@ def tune(run: RunConfig, params: list[Param], *, processes: int = 1) -> Summary:
 
     ``trainer.workers`` workers run in this process, each training in a process of its own; ``processes``:
     how many tuner processes share this machine's cores (``trainer.workers=auto``).
+
+    Ctrl-C and SIGTERM raise ``tuner.faults.Interrupted``; they stop loading data and training at once and wait
+    for the next safe point anywhere else, so every trial they stop is queued again and none is half-written.
     """
+    with interruptible():
+        return _tune(run, params, processes=processes)
+
+
+def _tune(run: RunConfig, params: list[Param], *, processes: int) -> Summary:
     _quiet_libraries()
     start = time.monotonic()
     trainer_cfg = run.trial.trainer
@@ -286,7 +307,8 @@ def tune(run: RunConfig, params: list[Param], *, processes: int = 1) -> Summary:
     model_path = Path(run.study.output_dir) / "best_model.pt"
     objective = Objective(run, params, best_model_path=model_path)
     # Load the data before the storage is touched: a missing data set must not leave a study behind.
-    splits = objective.splits(run.trial.data, device)
+    with interrupts_allowed():
+        splits = objective.splits(run.trial.data, device)
     defined = definition(run.raw, params, data_content(splits.arrays()))
     storage = make_storage(
         run.study.storage,
@@ -321,8 +343,9 @@ def tune(run: RunConfig, params: list[Param], *, processes: int = 1) -> Summary:
         progress = Progress(remaining)
         streak = FailureStreak(run.study.max_failure_streak)
         deadline = None if run.study.timeout is None else time.monotonic() + run.study.timeout
+        check_interrupt()  # one that came during start-up: before any trial is asked
         try:
-            with logging_redirect_tqdm(), interruptible():
+            with logging_redirect_tqdm():
                 run_workers(
                     studies,
                     objectives,
@@ -357,5 +380,6 @@ def tune(run: RunConfig, params: list[Param], *, processes: int = 1) -> Summary:
     summary.artifact_dir = str(artifact_dir(run.study))
     summary.hints.append("what mattered, as HTML: python -m tuner.report <the same overrides>")
     summary.hints.append("zoom in on the best region: python -m tuner.refine <the same overrides>")
+    check_interrupt()  # one that came while the best model was scored: the study is complete
     log.info("study finished\n%s", format_summary(summary))
     return summary
