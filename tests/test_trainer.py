@@ -6,7 +6,7 @@ import torch
 from tuner.config import ModelConfig, OptimizerConfig
 from tuner.model import build_model
 from tuner.optim import build_optimizer
-from tuner.trainer import EpochMetrics, TrainingDiverged, evaluate, train
+from tuner.trainer import EpochMetrics, TrainingDiverged, evaluate, resolve_device, train
 
 
 def _problem(n: int = 400) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,3 +111,12 @@ def test_trainer_cuda_bf16_learns_on_device() -> None:
     history = train(model, opt, sched, x[:300], y[:300], x[300:], y[300:], epochs=5, batch_size=32, seed=0, bf16=True)
     assert history[-1].val_accuracy > 0.9
     assert next(model.parameters()).device.type == "cuda"
+
+
+@pytest.mark.parametrize("name", ["mps", "cuda", "cuda:7"])
+def test_trainer_unavailable_device_is_one_message_naming_it(name: str) -> None:
+    available = torch.backends.mps.is_available() if name == "mps" else torch.cuda.device_count() > 7
+    if available:
+        pytest.skip(f"{name} exists on this machine")
+    with pytest.raises(ValueError, match=rf"trainer\.device='{name}' but "):
+        resolve_device(name)
