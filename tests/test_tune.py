@@ -141,3 +141,20 @@ def test_tune_nan_trial_fails_with_reason_and_study_goes_on(tmp_path: Path) -> N
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL]
     assert all(t.user_attrs["fail_reason"].startswith("TrainingDiverged: training loss became") for t in study.trials)
     assert summary.best_number is None
+
+
+def test_tune_says_when_trials_still_running_at_the_end_come_back(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    base = _overrides(tmp_path, "study.n_trials=1", "trainer.epochs=1", "study.heartbeat_interval=30")
+    tune(*prepare(compose_raw(*base)))
+    # A worker that was killed mid-trial (SIGKILL: nothing told the storage) left one trial RUNNING.
+    optuna.load_study(study_name="digits-mlp", storage=f"sqlite:///{tmp_path / 'study.db'}").ask()
+
+    with caplog.at_level("WARNING", logger="tuner"):
+        summary = tune(*prepare(compose_raw(*base, "study.n_trials=2")))
+
+    assert summary.states == {"COMPLETE": 1, "RUNNING": 1}
+    (note,) = [r.getMessage() for r in caplog.records if "still RUNNING" in r.getMessage()]
+    assert "1 trial(s) still RUNNING count toward study.n_trials ([1])" in note
+    assert "60 s after its last heartbeat" in note and "run the same command again" in note

@@ -128,6 +128,23 @@ def _recover_stale_trials(study: optuna.Study) -> None:
         )
 
 
+def _note_running(study: optuna.Study, run: RunConfig) -> None:
+    """Trials still RUNNING at the end belong to other workers, or to a dead one: say when the latter come back."""
+    running = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+    if not running:
+        return
+    interval = run.study.heartbeat_interval
+    if interval is None:
+        when = "heartbeats are off (study.heartbeat_interval=null): a dead worker's trial stays RUNNING"
+    else:
+        grace = run.study.grace_period or 2 * interval
+        when = (
+            f"a dead worker's trial is failed and queued again {grace} s after its last heartbeat "
+            "(study.grace_period): run the same command again then to train it"
+        )
+    log.warning("%d trial(s) still RUNNING count toward study.n_trials (%s); %s", len(running), running, when)
+
+
 def _trial(study: optuna.Study, number: int | None) -> FrozenTrial | None:
     return next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
 
@@ -381,5 +398,6 @@ def _tune(run: RunConfig, params: list[Param], *, processes: int) -> Summary:
     summary.hints.append("what mattered, as HTML: python -m tuner.report <the same overrides>")
     summary.hints.append("zoom in on the best region: python -m tuner.refine <the same overrides>")
     check_interrupt()  # one that came while the best model was scored: the study is complete
+    _note_running(study, run)
     log.info("study finished\n%s", format_summary(summary))
     return summary
