@@ -1,11 +1,15 @@
 from __future__ import annotations
 
+from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import compose_raw
-from tuner.config import ConfigError, get_path, parse_run, parse_trial, set_path
+from tuner.config import SETTINGS, ConfigError, get_path, parse_run, parse_trial, set_path
+from tuner.refine import RefineConfig
+from tuner.space import parse_space
 
 
 def test_config_defaults_parse_to_typed_settings() -> None:
@@ -59,3 +63,51 @@ def test_config_set_path_copies_and_get_path_reads() -> None:
 def test_config_trial_sections_parse_alone() -> None:
     trial = parse_trial(set_path(compose_raw("model=cnn"), {"model.channels": 8}))
     assert trial.model.name == "cnn" and trial.model.channels == 8
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "+trainer.epoch=3",
+            "trainer.epoch is not a tuner setting (did you mean trainer.epochs?), but got trainer.epoch=3.",
+        ),
+        ("+study.n_trial=9", "study.n_trial is not a tuner setting (did you mean study.n_trials?)"),
+        ("+model.chanels=8", "model.chanels is not a tuner setting (did you mean model.channels?)"),
+        ("+refine.topk=3", "refine.topk is not a tuner setting (did you mean refine.top_k?)"),
+        ("+tuner.trail=3", "tuner.trail is not a tuner setting (did you mean tuner.trial?)"),
+        ("+foo=1", "foo is not a tuner setting (tuner reads study, optimizer, trainer, model, data, space, "),
+        ("+optimiser.lr=0.1", "optimiser is not a tuner setting (did you mean optimizer?)"),
+        ("+data.zzz=1", "data.zzz is not a tuner setting (data reads name, root, path, download, batch_size, "),
+    ],
+)
+def test_config_unknown_key_is_an_error_naming_it_and_the_closest_setting(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_run(compose_raw(override))
+    assert message in str(info.value)
+
+
+def test_config_trial_sections_refuse_unknown_keys_too() -> None:
+    raw = set_path(compose_raw(), {"trainer.epoch": 3})
+    with pytest.raises(ConfigError, match=r"trainer\.epoch is not a tuner setting \(did you mean trainer\.epochs\?\)"):
+        parse_trial(raw)
+
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+@pytest.mark.parametrize(
+    "override", sorted(f"{p.parent.name}={p.stem}" for p in CONF.glob("*/*.yaml")), ids=lambda o: o
+)
+def test_config_every_shipped_option_is_read_whole(override: str) -> None:
+    extra = ["data.path=my.npz"] if override == "data=npz" else []
+    raw = compose_raw(override, *extra, "+tuner.trial=3", "+worker=2")  # the sweeper's and joblib's keys
+    run = parse_run(raw)
+    assert parse_space(raw["space"], raw) and run.raw["tuner"] == {"trial": 3}
+
+
+def test_config_settings_list_the_keys_each_command_reads() -> None:
+    assert SETTINGS["refine"] == tuple(f.name for f in fields(RefineConfig))
+    defaults = compose_raw()
+    for section in ("study", "dashboard", "report", "refine"):
+        assert set(defaults[section]) == set(SETTINGS[section] or ()), section

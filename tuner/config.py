@@ -5,8 +5,9 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "StudyConfig",
     "TrainerConfig",
     "TrialConfig",
+    "check_known_keys",
     "get_path",
     "parse_run",
     "parse_trial",
@@ -127,6 +129,52 @@ class RunConfig:
     pruner: PluginConfig
     trial: TrialConfig
     raw: dict[str, Any]
+
+
+def _names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(cls))
+
+
+# Every key some part of tuner reads, by section; anything else in the composed config is a typo (``+trainer.epoch``)
+# that would otherwise be ignored. ``None``: checked where it is read: space by tuner.space, sampler and pruner as
+# the keyword arguments of their Optuna class (tuner.study), hydra by Hydra; worker is free (a joblib multirun's
+# ``+worker=range(4)`` only makes the jobs differ).
+SETTINGS: dict[str, tuple[str, ...] | None] = {
+    "study": _names(StudyConfig),
+    "optimizer": _names(OptimizerConfig),
+    "trainer": _names(TrainerConfig),
+    "model": _names(ModelConfig),
+    "data": _names(DataConfig),
+    "space": None,
+    "sampler": None,
+    "pruner": None,
+    "dashboard": ("host", "port"),  # tuner.dashboard.parse_dashboard
+    "report": ("dir", "evaluator"),  # tuner.report.parse_report
+    "refine": ("top_k", "margin", "name", "space_dir", "enqueue", "n_trials", "run"),  # tuner.refine.RefineConfig
+    "tuner": ("trial",),  # the tuner sweeper's +tuner.trial=N (tuner.handoff)
+    "worker": None,
+    "hydra": None,
+}
+
+
+def _unknown(key: str, value: Any, known: tuple[str, ...], prefix: str) -> str:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"did you mean {prefix}{close[0]}?" if close else f"{prefix.rstrip('.') or 'tuner'} reads {', '.join(known)}"
+    return f"{prefix}{key} is not a tuner setting ({hint}), but got {prefix}{key}={value!r}."
+
+
+def check_known_keys(raw: Mapping[str, Any]) -> None:
+    """Refuse any key that no part of tuner reads, naming it and the closest known key."""
+    problems: list[str] = []
+    for name, value in raw.items():
+        if name not in SETTINGS:
+            problems.append(_unknown(str(name), value, tuple(SETTINGS), ""))
+            continue
+        known = SETTINGS[name]
+        if known is not None and isinstance(value, Mapping):
+            problems += [_unknown(str(k), v, known, f"{name}.") for k, v in value.items() if k not in known]
+    if problems:
+        raise ConfigError(" ".join(problems))
 
 
 _MISSING = object()
@@ -259,7 +307,8 @@ def _workers(section: _Section) -> int | None:
 
 
 def parse_trial(raw: Mapping[str, Any]) -> TrialConfig:
-    """Check the sections a trial trains with and return them typed."""
+    """Check the sections a trial trains with and return them typed; a key tuner does not read is an error."""
+    check_known_keys(raw)
     m = _Section(raw, "model")
     model = ModelConfig(
         name=m.text("name", choices=MODELS),
