@@ -87,6 +87,50 @@ def test_space_condition_on_fixed_config_value_never_samples() -> None:
     assert all("optimizer.beta1" not in v for v in _sample(raw["space"], raw, 20))
 
 
+@pytest.mark.parametrize(
+    ("when", "message"),
+    [
+        (
+            {"optimizer.name": ["sgdd"]},
+            "space.optimizer.momentum.when gives optimizer.name the value 'sgdd', which it can never take "
+            "(optimizer.name must be one of sgd, adam, rmsprop, but got 'sgdd'); here it takes 'sgd' (its config "
+            "value) or one of ['sgd', 'adam'] (space.optimizer.name.choices).",
+        ),
+        ({"optimizer.name": ["sgd", "sggd"]}, "gives optimizer.name the value 'sggd', which it can never take"),
+        ({"model.batch_norm": "yes"}, "the value 'yes', which it can never take (model.batch_norm must be true or"),
+        ({"model.num_layers": 0}, "here it takes 2 (its config value) or a value in [1, 3] (space.model.num_layers)."),
+        ({"study.seed": 7}, "(study.seed is not a setting that a trial changes); here it takes 0 (its config value)."),
+    ],
+)
+def test_space_condition_on_a_value_its_key_never_takes_is_an_error(
+    raw: dict[str, Any], when: dict[str, Any], message: str
+) -> None:
+    space = {**raw["space"], "optimizer": {**raw["space"]["optimizer"]}}
+    space["optimizer"]["momentum"] = {**space["optimizer"]["momentum"], "when": when}
+    with pytest.raises(ConfigError) as info:
+        parse_space(space, raw)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "when",
+    [
+        {"optimizer.name": ["sgd", "rmsprop"]},  # the shipped space: rmsprop needs only a wider choices list
+        {"optimizer.name": "adam"},  # a choice of the space
+        {"model.batch_norm": False},  # a flag takes either value
+        {"model.num_layers": 3},  # in the range of an int entry
+        {"data.batch_size": 100},  # fixed in this run, a valid batch size in another
+    ],
+)
+def test_space_condition_on_a_value_some_run_gives_its_key_is_accepted(
+    raw: dict[str, Any], when: dict[str, Any]
+) -> None:
+    space = {**raw["space"], "optimizer": {**raw["space"]["optimizer"]}}
+    space["optimizer"]["momentum"] = {**space["optimizer"]["momentum"], "when": when}
+    params = {p.path: p for p in parse_space(space, raw)}
+    assert params["optimizer.momentum"].when == {k: tuple(v) if isinstance(v, list) else (v,) for k, v in when.items()}
+
+
 def test_space_int_log_and_categorical_distributions(raw: dict[str, Any]) -> None:
     params = {p.path: p for p in parse_space(raw["space"], raw)}
     assert params["model.hidden_units"].distribution == IntDistribution(32, 512, log=True)

@@ -195,7 +195,53 @@ def parse_space(space: Mapping[str, Any] | None, raw: Mapping[str, Any]) -> list
         param = Param(path=path, distribution=distribution, reverse_log=reverse, when=when)
         _check_values(key, param, raw)
         params.append(param)
+    for param in params:
+        _check_condition(param, params, raw)
     return sorted(params, key=lambda p: bool(p.when))
+
+
+def _range_words(param: Param) -> str:
+    dist = param.distribution
+    if isinstance(dist, CategoricalDistribution):
+        return f"one of {list(dist.choices)!r} (space.{param.path}.choices)"
+    assert isinstance(dist, (FloatDistribution, IntDistribution))
+    low, high = sorted((param.value(dist.low), param.value(dist.high)))
+    return f"a value in [{low:g}, {high:g}] (space.{param.path})"
+
+
+def _refusal(raw: Mapping[str, Any], path: str, value: Any) -> str | None:
+    """Why no run could give ``path`` the value ``value``; ``None`` when some run could."""
+    current = get_path(raw, path)
+    if isinstance(current, bool) == isinstance(value, bool) and value == current:  # a flag's true is not 1
+        return None
+    if path.split(".")[0] not in TRIAL_SECTIONS:
+        return f"{path} is not a setting that a trial changes"
+    try:
+        parse_trial(set_path(raw, {path: value}))
+    except ConfigError as err:
+        return str(err).rstrip(".")
+    return None
+
+
+def _check_condition(param: Param, params: list[Param], raw: Mapping[str, Any]) -> None:
+    """A ``when`` value that its key can never take (a typo such as ``sgdd``) would leave the entry unsampled.
+
+    The key can take any value the config accepts for it. A value that only this run never gives it is fine:
+    one space file serves runs that fix ``optimizer.name`` differently, the shipped space lists ``rmsprop``
+    beside choices without it, and ``tuner.refine`` keeps Adam's entries when its top trials all used SGD.
+    """
+    for path, allowed in param.when.items():
+        for value in allowed:
+            refusal = _refusal(raw, path, value)
+            if refusal is None:
+                continue
+            current = get_path(raw, path)
+            now = "true or false" if isinstance(current, bool) else f"{current!r} (its config value)"
+            takes = [now, *(_range_words(p) for p in params if p.path == path)]
+            raise ConfigError(
+                f"space.{param.path}.when gives {path} the value {value!r}, which it can never take ({refusal}); "
+                f"here it takes {' or '.join(takes)}."
+            )
 
 
 def _suggest_one(trial: optuna.Trial, name: str, dist: BaseDistribution) -> Any:
