@@ -350,7 +350,7 @@ def test_download_checksum_mismatch_leaves_no_file(
     with pytest.raises(ConfigError, match=r"has MD5 [0-9a-f]{32}, not 0{32}, so it was deleted"):
         load_splits(_cfg("mnist", root=str(root), download=True))
 
-    assert list(root.iterdir()) == []  # train-images is fetched first: nothing, not even a .part file
+    assert not root.exists()  # train-images is fetched first: nothing, not even a .part file or the folder
 
 
 def _refused_port() -> int:
@@ -378,6 +378,20 @@ def test_unreachable_mirror_error_names_root_and_every_folder(tmp_path: Path, mo
     assert "data.download=true" in message
     assert not list(root.glob("*.gz"))
     assert not list(root.glob(".*.part"))
+
+
+@pytest.mark.parametrize("root", ["new/root", "existing"])
+def test_failed_download_leaves_no_folder_it_made(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, root: str) -> None:
+    monkeypatch.setitem(data.SYSTEM_DIRS, "fashion_mnist", ())
+    monkeypatch.setitem(data.MIRRORS, "fashion_mnist", f"http://127.0.0.1:{_refused_port()}/")
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    (tmp_path / "existing").mkdir()
+    before = sorted(tmp_path.rglob("*"))
+
+    with pytest.raises(ConfigError, match="failed"):
+        load_splits(_cfg("fashion_mnist", root=str(tmp_path / root), download=True))
+
+    assert sorted(tmp_path.rglob("*")) == before  # the folders it made are gone, the user's own folder stays
 
 
 def test_download_disabled_and_files_missing_does_not_touch_the_network(tmp_path: Path, mirror: _Mirror) -> None:

@@ -30,6 +30,7 @@ __all__ = [
     "SYSTEM_DIRS",
     "Splits",
     "SplitsCache",
+    "download_folder",
     "load_splits",
     "source_key",
 ]
@@ -292,24 +293,42 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 
-def _find_or_download(cfg: DataConfig) -> Path:
-    """The first folder holding all four IDX files, downloading them into data.root when allowed."""
+def _folders(cfg: DataConfig) -> tuple[Path, list[Path]]:
+    """Where a download goes (data.root, else the user cache) and the folders searched, in order."""
     default = Path("~/.cache/tuner").expanduser() / cfg.name
     target = Path(cfg.root).expanduser() if cfg.root is not None else default
     searched = [target] if cfg.root is not None else []
     searched += [Path(d) for d in SYSTEM_DIRS.get(cfg.name, ())]
     if cfg.root is None:
         searched.append(default)  # where an earlier run with data.root=null downloaded them
+    return target, searched
+
+
+def download_folder(cfg: DataConfig) -> Path | None:
+    """The folder a run would download ``cfg``'s files into, or ``None`` when it downloads nothing."""
+    if cfg.name not in MIRRORS or not cfg.download:
+        return None
+    target, searched = _folders(cfg)
+    return None if any(not _missing(folder) for folder in searched) else target
+
+
+def _find_or_download(cfg: DataConfig) -> Path:
+    """The first folder holding all four IDX files, downloading them into data.root when allowed."""
+    target, searched = _folders(cfg)
     for folder in searched:
         if not _missing(folder):
             return folder
     problem = "data.download is false, so nothing was downloaded."
     if cfg.download:
+        made = _created_by(target)
         try:
             _download(cfg.name, target, _missing(target))
             return target
         except OSError as error:  # offline, refused, DNS failure, HTTP error, unwritable folder
             problem = f"Downloading from {MIRRORS[cfg.name]} into {target} failed: {error}."
+        finally:
+            if _missing(target):
+                _remove_empty(made)
     title = _TITLES[cfg.name]
     how = "apt-get install dataset-fashion-mnist, or " if cfg.name == "fashion_mnist" else ""
     raise ConfigError(
@@ -318,6 +337,25 @@ def _find_or_download(cfg: DataConfig) -> Path:
         f"{', '.join(str(p) for p in searched)}. {problem} To get them: {how}run once with network access "
         f"and data.download=true, or put the four files in data.root."
     )
+
+
+def _created_by(target: Path) -> list[Path]:
+    """The folders that making ``target`` would create, deepest first."""
+    made: list[Path] = []
+    folder = target.absolute()
+    while not folder.exists() and folder != folder.parent:
+        made.append(folder)
+        folder = folder.parent
+    return made
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders a failed download created, deepest first, as long as they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (a file that did arrive), or never made
+            return
 
 
 def _download(name: str, target: Path, files: list[str]) -> None:
