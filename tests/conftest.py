@@ -1,16 +1,21 @@
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from sqlalchemy.engine import URL, make_url
 
 from tuner.__main__ import config_dir
 
@@ -98,3 +103,77 @@ def postgres_url() -> Iterator[str]:
     yield url.set(database=name).render_as_string(hide_password=False)
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+@dataclass(frozen=True)
+class Secret:
+    """A storage password, as the PostgreSQL server gets it and as it is written in ``study.storage``."""
+
+    password: str
+    written: str  # in the URL: as it is, or percent-encoded
+    quoting: str = ""  # how the override holds the URL: "" bare, "'" in quotes, "\\" with Hydra's escapes
+
+    def url(self, base: str) -> str:
+        """``base`` (a URL without password: postgresql://tuner@host/db) with this password in it."""
+        return base.replace("://tuner@", f"://tuner:{self.written}@", 1)
+
+    def override(self, base: str) -> str:
+        """The value of ``study.storage=`` on a command line, quoted or escaped as Hydra reads it."""
+        if self.quoting == "\\":
+            return base.replace("://tuner@", f"://tuner:{_hydra_escaped(self.written)}@", 1)
+        return f"'{self.url(base)}'" if self.quoting == "'" else self.url(base)
+
+    def spellings(self) -> set[str]:
+        """The password as the URL has it, decoded, encoded (urllib, SQLAlchemy), in Hydra's override grammar,
+        and as JSON and a Python repr write each of those."""
+        rendered = URL.create("x", username="u", password=self.password).render_as_string(hide_password=False)
+        forms = {self.password, self.written, quote(self.password, safe=""), quote_plus(self.password)}
+        forms |= {quote(self.password), rendered[len("x://u:") : -1]}
+        forms |= {_hydra_escaped(f) for f in forms}
+        forms |= {json.dumps(f)[1:-1] for f in forms} | {repr(f)[1:-1] for f in forms}
+        return forms
+
+    def leaks(self, text: str) -> list[str]:
+        """The spellings of the password in ``text``, also where YAML folded a long line at a space."""
+        unfolded = re.sub(r"\n *", " ", text)
+        return sorted(f for f in self.spellings() if f in text or f in unfolded)
+
+
+def _hydra_escaped(text: str) -> str:
+    # The characters that Hydra's override grammar escapes with a backslash (hydra-core 1.3.8: OverrideLexer.g4 ESC).
+    return re.sub(r"([\\()\[\]{}:=, \t])", r"\\\1", text)
+
+
+# Passwords that need encoding in a URL or quoting in an override, and a plain one. Each is accepted by the test
+# server (it trusts loopback) and parsed by SQLAlchemy as ``password``.
+SECRETS = {
+    "plain": Secret("Pw-4f9c2e71", "Pw-4f9c2e71"),
+    "percent-encoded": Secret("p@ss:w/rd%1", "p%40ss%3Aw%2Frd%251"),
+    "unicode-space-quoted": Secret("späß wört", "späß wört", quoting="'"),
+    "unicode-space-encoded": Secret("späß wört", "sp%C3%A4%C3%9F%20w%C3%B6rt"),
+    "plus-hash-question-encoded": Secret("a+b#c?d", "a+b%23c%3Fd"),
+    "plus-hash-question-quoted": Secret("x+y#z?w=1", "x+y#z?w=1", quoting="'"),
+    "hydra-escaped": Secret("k:e y,(1)", "k:e y,(1)", quoting="\\"),
+}
+
+
+def leaks_in_files(folder: Path, secret: Secret) -> dict[str, list[str]]:
+    """Each file under ``folder`` that holds a spelling of the password, with the spellings found."""
+    found = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            hits = secret.leaks(path.read_bytes().decode("utf-8", errors="replace"))
+            if hits:
+                found[str(path.relative_to(folder))] = hits
+    return found
+
+
+def postgres_dump(url: str) -> str:
+    """Every value of every row of every table in the database, one per line (JSON texts as they are stored)."""
+    import psycopg
+
+    plain = make_url(url).set(drivername="postgresql", password=None).render_as_string(hide_password=False)
+    with psycopg.connect(plain) as conn:
+        tables = [r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")]
+        assert "study_system_attributes" in tables and "study_user_attributes" in tables, tables
+        return "\n".join(str(v) for t in tables for row in conn.execute(f'SELECT * FROM "{t}"') for v in row)

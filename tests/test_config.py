@@ -21,6 +21,9 @@ def test_config_defaults_parse_to_typed_settings() -> None:
     assert run.sampler.name == "random" and run.pruner.name == "median"
 
 
+ONE_FOLDER = "a name without '/' or '\\' that does not start with '.'"
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
@@ -35,6 +38,13 @@ def test_config_defaults_parse_to_typed_settings() -> None:
         ("optimizer.name=lbfgs", "optimizer.name must be one of sgd, adam, rmsprop, but got 'lbfgs'."),
         ("data.batch_size=1", "data.batch_size must be an integer >= 2, but got 1."),
         ("model.batch_norm=maybe", "model.batch_norm must be true or false, but got 'maybe'."),
+        ("data.seed=-1", "data.seed must be an integer >= 0, but got -1."),
+        ("study.name=../x", f"study.name must be {ONE_FOLDER}, but got '../x'."),
+        ("study.name=a/b", f"study.name must be {ONE_FOLDER}, but got 'a/b'."),
+        (
+            "study.name=" + "x" * 300,
+            f"study.name must be at most 200 characters, but got '{'x' * 40}... (300 characters)'.",
+        ),
     ],
 )
 def test_config_bad_value_names_key_and_value(override: str, message: str) -> None:

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from tuner.config import ConfigError
-from tuner.multirun import jobs_at_once, keep_summary_in_job_log, name_suffix, write_job_record
+from tuner.multirun import jobs_at_once, keep_summary_in_job_log, name_suffix, storage_url, write_job_record
+from tuner.secrets import mask_password_in_files, mask_passwords_in_logs, mask_streams, remember
 
 log = logging.getLogger("tuner")
 
@@ -41,11 +45,9 @@ def to_container(cfg: DictConfig) -> dict[str, Any]:
 def mask_saved_password(cfg: DictConfig) -> None:
     """Hydra saved the command line, storage password included: under <run dir>/.hydra, and in a multirun
     also as <sweep dir>/multirun.yaml. Mask it there, first thing in every job."""
-    from tuner.study import mask_password_in_files, mask_passwords_in_logs
-
-    mask_passwords_in_logs()  # Hydra set up this job's logging afresh
-    url = OmegaConf.select(cfg, "study.storage")
-    if not isinstance(url, str):
+    url = storage_url(cfg)  # resolved: a password from ${oc.env:...} is masked too
+    mask_passwords_in_logs(url)  # Hydra set up this job's logging afresh
+    if url is None:
         return
     hydra_cfg = HydraConfig.get()
     saved: list[Path] = []
@@ -56,6 +58,50 @@ def mask_saved_password(cfg: DictConfig) -> None:
     mask_password_in_files(url, [p for p in saved if p.is_file()])
 
 
+def urls_on_command_line(args: list[str]) -> list[str]:
+    """The URLs among the values of Hydra overrides (``key=value``), as typed and as Hydra reads them
+    (quotes and escapes undone, each value of a sweep, ``${oc.env:...}`` resolved)."""
+    parser = OverridesParser.create()
+    urls: list[str] = []
+    for arg in args:
+        if "://" not in arg or "=" not in arg:
+            continue
+        urls.append(arg.partition("=")[2])
+        try:
+            override = parser.parse_override(arg)
+            values = list(override.sweep_iterator()) if override.is_discrete_sweep() else [override.value()]
+        except Exception:  # not an override Hydra can read: Hydra says so itself, through the masked stderr
+            continue
+        for value in values:
+            text = str(getattr(value, "text", value))  # a QuotedString's text
+            if "${" in text:
+                try:
+                    text = str(OmegaConf.create({"value": text}).value)
+                except Exception:  # an interpolation of another key: the job resolves and masks it
+                    continue
+            urls.append(text)
+    return urls
+
+
+_Entry = TypeVar("_Entry")
+
+
+def masks_passwords(entry: Callable[[], _Entry]) -> Callable[[], _Entry]:
+    """``entry`` (a ``hydra.main`` function) that prints no storage password from its command line, from
+    Hydra's first line on: ``--cfg job``, ``--cfg hydra`` and Hydra's errors are printed before tuner's code
+    runs. The job itself masks the composed config's password (``mask_saved_password``)."""
+
+    @functools.wraps(entry)
+    def masked() -> _Entry:
+        for url in urls_on_command_line(sys.argv[1:]):
+            remember(url)
+        mask_streams()
+        return entry()
+
+    return masked
+
+
+@masks_passwords
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from tuner.faults import FailureStreakError

@@ -329,7 +329,7 @@ def parse_trial(raw: Mapping[str, Any]) -> TrialConfig:
         val_fraction=d.number("val_fraction", low=0.0, high=1.0, open_low=True, open_high=True),
         train_subset=d.integer("train_subset", minimum=2, optional=True),
         num_samples=d.integer("num_samples", minimum=10),
-        seed=d.integer("seed"),
+        seed=d.integer("seed", minimum=0),  # NumPy's generators take no negative seed
     )
     if data.name == "npz" and data.path is None:
         raise d.fail("path", "the path of an .npz file when data.name is npz", None)
@@ -363,12 +363,26 @@ def _plugin(raw: Mapping[str, Any], group: str) -> PluginConfig:
     return PluginConfig(name=section.text("name"), options=options)
 
 
+# A study's name is also a folder name (study.output_dir, report.dir): one path component, short enough for any
+# file system once tuner adds its suffixes (-fine, -big).
+MAX_STUDY_NAME = 200
+
+
+def _study_name(section: _Section) -> str:
+    name: str = section.text("name")
+    if len(name) > MAX_STUDY_NAME:
+        raise section.fail("name", f"at most {MAX_STUDY_NAME} characters", f"{name[:40]}... ({len(name)} characters)")
+    if "/" in name or "\\" in name or name in (".", "..") or name.startswith("."):
+        raise section.fail("name", "a name without '/' or '\\' that does not start with '.'", name)
+    return name
+
+
 def parse_run(raw: Mapping[str, Any]) -> RunConfig:
     """Check the whole composed config (without the search space, see ``tuner.space``)."""
     s = _Section(raw, "study")
     storage = s.text("storage")
     study = StudyConfig(
-        name=s.text("name"),
+        name=_study_name(s),
         n_trials=s.integer("n_trials", minimum=1),
         timeout=s.number("timeout", low=0.0, open_low=True, optional=True),
         direction=s.text("direction", choices=DIRECTIONS),

@@ -13,9 +13,9 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from tuner.__main__ import config_dir, to_container
+from tuner.__main__ import config_dir, mask_saved_password, masks_passwords, to_container
 from tuner.config import ConfigError, parse_run
-from tuner.study import safe_url
+from tuner.secrets import safe_url
 
 __all__ = ["exposure_warning", "main", "parse_dashboard"]
 
@@ -49,6 +49,7 @@ def exposure_warning(host: str) -> str | None:
     )
 
 
+@masks_passwords
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def main(cfg: DictConfig) -> None:
     import optuna_dashboard
@@ -57,6 +58,7 @@ def main(cfg: DictConfig) -> None:
     from tuner.artifacts import artifact_dir
     from tuner.stored import open_existing_storage, study_names
 
+    mask_saved_password(cfg)
     try:
         raw = to_container(cfg)
         run = parse_run(raw)

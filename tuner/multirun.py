@@ -31,7 +31,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from tuner.study import mask_passwords_in_logs, safe_url
+from tuner.secrets import mask_passwords_in_logs, safe_url
 from tuner.summary import count_states
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "jobs_at_once",
     "keep_summary_in_job_log",
     "name_suffix",
+    "storage_url",
     "study_row",
     "write_job_record",
 ]
@@ -147,11 +148,20 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in table)
 
 
+def storage_url(config: DictConfig) -> str | None:
+    """``study.storage`` resolved (``${oc.env:...}``), or ``None`` where it does not resolve to a string."""
+    try:
+        url = OmegaConf.select(config, "study.storage")
+    except Exception:  # an interpolation that fails here fails again later, with its own message
+        return None
+    return url if isinstance(url, str) else None
+
+
 class StudiesTable(Callback):
     """Hydra callback: after a multirun, one table across its jobs' studies, read back from storage."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        mask_passwords_in_logs()  # the launcher logs each job's overrides, the storage URL among them
+        mask_passwords_in_logs(storage_url(config))  # the launcher logs each job's overrides, the storage URL too
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))

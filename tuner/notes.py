@@ -14,8 +14,8 @@ from optuna.trial import TrialState
 
 from tuner.config import RunConfig
 from tuner.importance import EVALUATOR_TITLES, LESSON_ORDER, param_importances, tier_of
+from tuner.secrets import mask_password, safe_url
 from tuner.space import Param, values_from_params
-from tuner.study import mask_password, safe_url
 
 __all__ = ["REFINED_FROM_ATTR", "command_line", "end_note", "start_note", "write_end_note", "write_start_note"]
 
@@ -173,7 +173,8 @@ def write_start_note(study: optuna.Study, run: RunConfig, params: list[Param]) -
     note = start_note(
         run,
         params,
-        command=mask_password(command_line(), run.study.storage),
+        # Each argument masked before shlex quotes it, which can split a password that holds a quote.
+        command=command_line([mask_password(arg, run.study.storage) for arg in sys.argv]),
         refined_from=refined if isinstance(refined, dict) else None,
     )
     import optuna_dashboard  # slow to import: only when a study is open, not on every start-up

@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from tuner.__main__ import config_dir, to_container
+from tuner.__main__ import config_dir, mask_saved_password, masks_passwords, to_container
 from tuner.config import ConfigError, get_path, set_path
 from tuner.space import Param, parse_space
 
@@ -193,16 +193,19 @@ def _child_output_dir(output_dir: str, parent: str, child: str) -> str:
     return str(path.with_name(child) if path.name == parent else path / child)
 
 
+@masks_passwords
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def main(cfg: DictConfig) -> None:
     from tuner.config import parse_run
     from tuner.data import load_splits
     from tuner.definition import data_content
     from tuner.notes import REFINED_FROM_ATTR, write_start_note
+    from tuner.secrets import safe_url
     from tuner.stored import check_experiment, load_existing_study, open_existing_storage, study_names
-    from tuner.study import open_study, safe_url
+    from tuner.study import open_study
     from tuner.tune import prepare, tune
 
+    mask_saved_password(cfg)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         raw = to_container(cfg)

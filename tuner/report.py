@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from optuna.trial import TrialState
 from plotly.offline import get_plotlyjs
 
-from tuner.__main__ import config_dir, to_container
+from tuner.__main__ import config_dir, mask_saved_password, masks_passwords, to_container
 from tuner.config import ConfigError
 from tuner.importance import EVALUATOR_TITLES, EVALUATORS, LESSON_ORDER, make_evaluator, param_importances, tier_of
 from tuner.plots import learning_curves, value_vs_param
@@ -149,12 +149,14 @@ def write_report(study: optuna.Study, params: list[Param], folder: Path, *, stor
     return Report(folder=folder, summary=summary, importances=importances)
 
 
+@masks_passwords
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def main(cfg: DictConfig) -> None:
     from tuner.config import parse_run
+    from tuner.secrets import safe_url
     from tuner.stored import check_experiment, load_existing_study, study_params
-    from tuner.study import safe_url
 
+    mask_saved_password(cfg)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         raw = to_container(cfg)

@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
-import os
-import re
 import sqlite3
-import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,20 +25,17 @@ from tuner.config import ConfigError, PluginConfig, RunConfig
 from tuner.definition import check_definition
 from tuner.journal import HeartbeatJournalStorage, check_journal_file
 from tuner.pruning import CachedCompletedTrials
+from tuner.secrets import mask_password, safe_url
 
 __all__ = [
     "FINISHED",
-    "MaskPasswords",
     "check_storage_url",
     "finished_trials",
     "make_pruner",
     "make_sampler",
     "make_storage",
-    "mask_password",
-    "mask_password_in_files",
-    "mask_passwords_in_logs",
     "open_study",
-    "safe_url",
+    "safe_url",  # tuner.secrets' own, still imported from here by tuner.tune and tuner.stored
 ]
 
 # The states that count toward study.n_trials: every trial that ran to an end.
@@ -96,68 +89,6 @@ def make_pruner(cfg: PluginConfig) -> optuna.pruners.BasePruner:
     if isinstance(pruner, optuna.pruners.PercentilePruner):  # median and percentile: see tuner.pruning
         return CachedCompletedTrials(pruner)
     return pruner
-
-
-def safe_url(url: str) -> str:
-    """The storage URL with any password masked, for logs and messages."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return "<unparseable storage URL>"
-
-
-def mask_password(text: str, url: str) -> str:
-    """``text`` with the storage URL's password replaced by ***."""
-    try:
-        password = make_url(url).password
-    except ArgumentError:
-        return text
-    return text.replace(str(password), "***") if password else text
-
-
-# scheme://user:password@ in a log line; Hydra writes the ':' of an override value as '\:'.
-_URL_PASSWORD = re.compile(r"(://[^\s:/@\\]+\\?:)[^\s@]+@")
-
-
-class MaskPasswords(logging.Filter):
-    """Mask each ``scheme://user:password@`` in a log record: Hydra's launchers log every job's overrides,
-    ``study.storage`` included, before tuner's code runs."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        masked = _URL_PASSWORD.sub(r"\1***@", message)
-        if masked != message:
-            record.msg, record.args = masked, None
-        return True
-
-
-# The loggers that print each job's overrides: Hydra's basic launcher and the joblib launcher (hydra-core 1.3.8,
-# hydra-joblib-launcher 1.2.0). A filter on the logger itself survives the launchers reconfiguring logging.
-_OVERRIDE_LOGGERS = ("hydra._internal.core_plugins.basic_launcher", "hydra_plugins.hydra_joblib_launcher._core")
-
-
-def mask_passwords_in_logs() -> None:
-    """Put ``MaskPasswords`` on the root logger's handlers and on the loggers that print job overrides."""
-    targets: list[logging.Filterer] = [*logging.getLogger().handlers]
-    targets += [logging.getLogger(name) for name in _OVERRIDE_LOGGERS]
-    for target in targets:
-        if not any(isinstance(f, MaskPasswords) for f in target.filters):
-            target.addFilter(MaskPasswords())
-
-
-def mask_password_in_files(url: str, paths: Iterable[Path]) -> None:
-    """Replace the storage URL's password with *** in files that copied the command line (Hydra's .hydra/).
-
-    Each file is replaced whole (temp file + rename): parallel jobs mask one multirun.yaml at once.
-    """
-    for path in paths:
-        text = path.read_text(encoding="utf-8")
-        masked = mask_password(text, url)
-        if masked != text:
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(masked)
-            os.replace(tmp, path)
 
 
 def check_storage_url(url: str) -> URL:
@@ -369,7 +300,7 @@ def make_storage(
     except ConfigError:
         raise
     except Exception as err:  # driver and schema errors come in many types; all mean "cannot use it"
-        message = _hide_password(str(err), parsed).splitlines()[0]
+        message = mask_password(str(err), url).splitlines()[0]
         raise ConfigError(f"study.storage={safe_url(url)!r} cannot be opened: {message}") from None
 
 
@@ -402,7 +333,7 @@ def _check_optuna_server(rdb_url: URL, url: str) -> None:
     try:
         RDBStorage(rdb_url.render_as_string(hide_password=False), engine_kwargs=read_only).engine.dispose()
     except Exception as err:  # RuntimeError for a schema mismatch; a read-only error if it tried to create a table
-        message = _hide_password(str(err), rdb_url).splitlines()[0]
+        message = mask_password(str(err), url).splitlines()[0]
         raise ConfigError(
             f"study.storage={shown!r} is an Optuna database this Optuna cannot use; it was left untouched: {message}"
         ) from None
@@ -447,12 +378,14 @@ def _schema_lock(url: URL) -> Iterator[None]:
         engine.dispose()
 
 
-def _hide_password(text: str, parsed: URL) -> str:
-    for shown in (parsed, parsed.set(drivername="postgresql+psycopg")):
-        text = text.replace(shown.render_as_string(hide_password=False), shown.render_as_string(hide_password=True))
-    if parsed.password:
-        text = text.replace(str(parsed.password), "***")
-    return text
+def _without_password(value: Any, url: str) -> Any:
+    """``value`` (the config as JSON data) with the storage password masked in every string, wherever it was
+    copied (an interpolation of ``${study.storage}``, a URL in another key)."""
+    if isinstance(value, dict):
+        return {k: _without_password(v, url) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_password(v, url) for v in value]
+    return mask_password(value, url) if isinstance(value, str) else value
 
 
 def finished_trials(study: optuna.Study) -> int:
@@ -497,7 +430,7 @@ def open_study(cfg: RunConfig, storage: BaseStorage, *, defined: dict[str, str] 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(["val_accuracy"])
-        stored = json.loads(json.dumps(cfg.raw, default=str))
+        stored = _without_password(json.loads(json.dumps(cfg.raw, default=str)), cfg.study.storage)
         stored["study"]["storage"] = safe_url(cfg.study.storage)  # never store a password
         study.set_user_attr("config", stored)
     study.sampler = make_sampler(cfg.sampler, seed=cfg.study.seed + _claim_stream(study, storage) * WORKER_SEED_STRIDE)

@@ -51,9 +51,10 @@ from tuner.config import ConfigError, RunConfig
 from tuner.data import load_splits
 from tuner.definition import data_content, definition
 from tuner.handoff import TrialHandle
-from tuner.multirun import format_table, jobs_at_once, study_row
+from tuner.multirun import format_table, jobs_at_once, storage_url, study_row
+from tuner.secrets import mask_passwords_in_logs, safe_url
 from tuner.space import Param, describe, suggest
-from tuner.study import finished_trials, make_storage, mask_passwords_in_logs, open_study, safe_url
+from tuner.study import finished_trials, make_storage, open_study
 from tuner.summary import count_states, trial_line
 from tuner.trainer import TrainingDiverged
 
@@ -246,7 +247,8 @@ def sweep_or_exit(
     hydra_context: HydraContext, config: DictConfig, launcher: Launcher, arguments: list[str], *, n_jobs: int | None
 ) -> dict[str, int]:
     """The sweeper's body: one clear line and exit 2 on bad input, nothing written to storage."""
-    mask_passwords_in_logs()  # the launcher logs each job's overrides, the storage URL among them
+    # The launcher logs each job's overrides, the storage URL among them.
+    mask_passwords_in_logs(storage_url(config))
     try:
         plan = plan_sweep(hydra_context, config, arguments)
         states = run_sweep(plan, launcher, config, n_jobs=n_jobs)

@@ -17,7 +17,7 @@ from hydra.core.plugins import Plugins
 from omegaconf import DictConfig
 
 from hydra_plugins.tuner_sweeper.tuner_sweeper import TunerSweeper
-from tuner.__main__ import config_dir, mask_saved_password, to_container
+from tuner.__main__ import config_dir, mask_saved_password, masks_passwords, to_container
 from tuner.config import ConfigError
 from tuner.handoff import TrialHandle, rebuild_trial
 
@@ -61,6 +61,7 @@ def train_trial(raw: dict[str, object]) -> float | optuna.TrialPruned:
         return pruned
 
 
+@masks_passwords
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def main(cfg: DictConfig) -> float | optuna.TrialPruned:
     mask_saved_password(cfg)
