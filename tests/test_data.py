@@ -455,6 +455,12 @@ def test_npz_errors_name_data_path_and_the_problem(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=rf"data\.path must be an existing \.npz file, but got '{missing}'"):
         load_splits(_cfg("npz", path=missing))
 
+    for not_an_archive in (b"x_train,y_train\n1,2\n", np.zeros(3).tobytes(), b""):  # text, a raw .npy body, empty
+        path.write_bytes(not_an_archive)
+        with pytest.raises(ConfigError) as info:
+            load_splits(_cfg("npz", path=str(path)))
+        assert "is not one" in str(info.value) and "pickled" not in str(info.value)
+
 
 # --- conf/data -------------------------------------------------------------------------------------------
 

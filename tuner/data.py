@@ -437,6 +437,12 @@ def _load_npz(cfg: DataConfig) -> _Source:
     path = Path(cfg.path).expanduser()
     if not path.is_file():
         raise ConfigError(f"data.path must be an existing .npz file, but got {cfg.path!r}.")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04":  # an .npz is a zip archive; NumPy calls anything else "pickled data"
+        raise ConfigError(
+            f"data.path must be an .npz file (a zip archive that numpy.savez writes), but {cfg.path!r} is not one."
+        )
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {key: np.asarray(archive[key]) for key in archive.files}
