@@ -11,14 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import psycopg
+import optuna_dashboard
 import pytest
 import torch
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
+from sqlalchemy.engine import make_url
 
 import tuner.workers
-from tests.conftest import compose_raw
+from tests.conftest import SECRETS, Secret, compose_raw, leaks_in_files, postgres_dump
 from tuner.config import ConfigError, parse_run
 from tuner.faults import FailureStreakError
 from tuner.study import make_storage
@@ -284,20 +285,29 @@ def test_faults_three_workers_share_one_postgresql_study(tmp_path: Path, postgre
     assert ran == len(trials)  # every trial was run by one of the three workers and reported once
 
 
+# A plain password, one percent-encoded in the URL, one as it is in a quoted override, one in Hydra's escapes.
+RUN_SECRETS = ["plain", "percent-encoded", "unicode-space-quoted", "hydra-escaped"]
+
+
 @pytest.mark.slow
-def test_faults_storage_password_never_appears_in_any_output(tmp_path: Path, postgres_url: str) -> None:
-    password = "Pw-4f9c2e71"  # the test server trusts loopback, so any password connects
-    url = postgres_url.replace("postgresql://tuner@", f"postgresql://tuner:{password}@")
-    result = _run(tmp_path, url, "study.n_trials=2")
-    assert result.returncode == 0, result.stderr
-    assert "study.storage" not in result.stderr or "***" in result.stdout + result.stderr
-    leaks = [str(p) for p in tmp_path.rglob("*") if p.is_file() and password.encode() in p.read_bytes()]
-    assert leaks == [] and password not in result.stdout + result.stderr
-    assert "postgresql://tuner:***@" in result.stdout + result.stderr  # the summary names the masked URL
-    with psycopg.connect(postgres_url) as conn:  # every row of every table tuner wrote
-        tables = [r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")]
-        dump = "".join(str(conn.execute(f'SELECT * FROM "{t}"').fetchall()) for t in tables)
-    assert "trial_user_attributes" in tables and password not in dump
-    bad = _run(tmp_path, url.replace("/tuner_", "/missing_"), "study.n_trials=1")  # an error message
-    assert bad.returncode == 2 and "cannot be opened" in bad.stdout + bad.stderr
-    assert password not in bad.stdout + bad.stderr
+@pytest.mark.parametrize("secret", [SECRETS[k] for k in RUN_SECRETS], ids=RUN_SECRETS)
+def test_faults_storage_password_never_appears_in_any_output(tmp_path: Path, postgres_url: str, secret: Secret) -> None:
+    result = _run(tmp_path, secret.override(postgres_url), "study.n_trials=2")
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    assert leaks_in_files(tmp_path, secret) == {} and secret.leaks(out) == []
+    assert "storage               postgresql://tuner:***@127.0.0.1:" in out  # the summary names the masked URL
+    # Every row of every table tuner wrote: the config, the dashboard's note (study system attrs), the trials.
+    assert secret.leaks(postgres_dump(postgres_url)) == []
+    study = optuna.load_study(study_name="faults", storage=postgres_url)
+    note = optuna_dashboard.get_note(study)
+    assert secret.leaks(note) == [] and "postgresql://tuner:***@127.0.0.1:" in note
+    assert study.user_attrs["config"]["study"]["storage"].startswith("postgresql://tuner:***@127.0.0.1:")
+    # Error messages: a database that is not there, and a server that refuses the connection.
+    missing = secret.override(postgres_url.replace("/tuner_", "/missing_"))
+    refused = secret.override(make_url(postgres_url).set(port=1).render_as_string(hide_password=False))
+    for storage, shown in ((missing, "/missing_"), (refused, "postgresql://tuner:***@127.0.0.1:1/tuner_")):
+        bad = _run(tmp_path, storage, "study.n_trials=1")
+        out = bad.stdout + bad.stderr
+        assert bad.returncode == 2 and "cannot be opened" in out and shown in out, out
+        assert secret.leaks(out) == [] and leaks_in_files(tmp_path, secret) == {}

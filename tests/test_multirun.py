@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import optuna
 import pytest
 
+from tests.conftest import SECRETS, Secret, leaks_in_files, postgres_dump
 from tuner.multirun import JOB_RECORD, format_table, name_suffix, write_job_record
 from tuner.workers import MAX_AUTO_WORKERS
 
@@ -71,16 +73,18 @@ def test_multirun_job_record_keeps_no_password(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("secret", [SECRETS["percent-encoded"], SECRETS["hydra-escaped"]], ids=["encoded", "escaped"])
 def test_multirun_on_postgresql_leaves_no_password_on_disk_and_still_tables_its_studies(
-    tmp_path: Path, postgres_url: str
+    tmp_path: Path, postgres_url: str, secret: Secret
 ) -> None:
-    password = "Pw-7a3b5c9d"  # the test server trusts loopback, so any password connects
-    url = postgres_url.replace("postgresql://tuner@", f"postgresql://tuner:{password}@")
-    result = run_multirun(tmp_path, *SMALL, "model=mlp,softmax", storage=url)
+    result = run_multirun(tmp_path, *SMALL, "model=mlp,softmax", storage=secret.override(postgres_url))
     out = result.stdout + result.stderr
     assert result.returncode == 0, out
-    leaks = [str(p) for p in tmp_path.rglob("*") if p.is_file() and password.encode() in p.read_bytes()]
-    assert leaks == [] and password not in out
+    # multirun.yaml, each job's .hydra/*.yaml, tuner.log and study.json; the launcher's "#0 : ..." lines.
+    assert leaks_in_files(tmp_path, secret) == {} and secret.leaks(out) == []
+    assert secret.leaks(postgres_dump(postgres_url)) == []
+    # The launcher writes the ':' of an override value as '\:'.
+    assert re.search(r"#0 : .*study\.storage=postgresql\\?://tuner\\?:\*\*\*@127\.0\.0\.1", out), out
     table = out[out.index("2 studies in postgresql://tuner:***@") :]
     for name in ("digits-mlp", "digits-softmax"):
         (line,) = [line for line in table.splitlines() if line.startswith(name + " ")]

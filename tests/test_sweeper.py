@@ -16,7 +16,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from tests.conftest import compose_raw
+from tests.conftest import SECRETS, Secret, compose_raw, leaks_in_files, postgres_dump
 from tuner.config import ConfigError
 from tuner.space import parse_space
 from tuner.sweeper import encode_value, space_from_overrides
@@ -111,16 +111,23 @@ PRUNE_EARLY = ["pruner.n_startup_trials=1", "pruner.n_warmup_steps=0", "trainer.
 
 
 @pytest.mark.slow
-def test_sweeper_on_postgresql_leaves_no_password_on_disk(tmp_path: Path, postgres_url: str) -> None:
-    password = "Pw-2e8f6a1b"  # the test server trusts loopback, so any password connects
-    url = postgres_url.replace("postgresql://tuner@", f"postgresql://tuner:{password}@")
+@pytest.mark.parametrize(
+    "secret", [SECRETS["unicode-space-quoted"], SECRETS["hydra-escaped"]], ids=["quoted", "escaped"]
+)
+def test_sweeper_on_postgresql_leaves_no_password_on_disk(tmp_path: Path, postgres_url: str, secret: Secret) -> None:
     result = run_sweep(
-        tmp_path, "study.n_trials=2", "trainer.epochs=1", "optimizer.lr=tag(log, interval(1e-3, 1e-1))", storage=url
+        tmp_path,
+        "study.n_trials=2",
+        "trainer.epochs=1",
+        "optimizer.lr=tag(log, interval(1e-3, 1e-1))",
+        storage=secret.override(postgres_url),
     )
     out = result.stdout + result.stderr
     assert result.returncode == 0, out
-    leaks = [str(p) for p in tmp_path.rglob("*") if p.is_file() and password.encode() in p.read_bytes()]
-    assert leaks == [] and password not in out
+    # multirun.yaml, each job's .hydra/*.yaml and log; the sweeper's and the launcher's log lines.
+    assert leaks_in_files(tmp_path, secret) == {} and secret.leaks(out) == []
+    assert secret.leaks(postgres_dump(postgres_url)) == []
+    assert "in postgresql://tuner:***@127.0.0.1:" in out
     assert len(optuna.load_study(study_name="digits-mlp", storage=postgres_url).trials) == 2
 
 
