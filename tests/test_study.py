@@ -6,6 +6,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -256,3 +257,48 @@ def test_study_each_queued_trial_goes_to_one_worker_only(
         t.join()
     everything = sorted(n for mine in popped for n in mine)
     assert everything == list(range(queued))  # each queued trial once, none twice
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("url_of", [lambda d: f"sqlite:///{d / 't.db'}", lambda d: f"journal:///{d / 't.log'}"])
+def test_study_a_read_only_storage_is_one_line_and_left_untouched(tmp_path: Path, url_of: Any) -> None:
+    # Root writes through file modes, so the folder is made read-only the way a read-only disk is: a bind mount
+    # in a mount namespace of the test's own.
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs unshare -m (a private mount namespace) for a read-only folder")
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    url = url_of(folder)
+    from tuner.tune import prepare, tune
+
+    tune(
+        *prepare(
+            compose_raw(
+                "data=digits",
+                f"study.storage={url}",
+                f"study.output_dir={tmp_path / 'out'}",
+                "study.n_trials=1",
+                "trainer.epochs=1",
+                "trainer.workers=1",
+            )
+        )
+    )
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    command = [
+        sys.executable,
+        "-m",
+        "tuner",
+        "data=digits",
+        f"study.storage={url}",
+        "study.n_trials=2",
+        "trainer.epochs=1",
+        f"study.output_dir={tmp_path / 'out'}",
+        f"hydra.run.dir={tmp_path / 'hydra'}",
+    ]
+    script = f'mount --bind {folder} {folder} && mount -o remount,bind,ro {folder} && exec "$@"'
+    done = subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", *command], capture_output=True, text=True)
+
+    out = done.stdout + done.stderr
+    assert done.returncode == 2, out
+    assert "is read-only, and tuner writes there" in out and "Traceback" not in out
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before

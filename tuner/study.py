@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sqlite3
 import time
 import warnings
@@ -105,6 +106,7 @@ def check_storage_url(url: str) -> URL:
         journal = Path(parsed.database)
         if not journal.parent.is_dir():
             raise ConfigError(f"study.storage={url!r}: the folder {str(journal.parent)!r} does not exist.")
+        _check_writable(url, journal)
         check_journal_file(url, journal)
         return parsed
     if parsed.get_backend_name() != "sqlite":
@@ -114,9 +116,21 @@ def check_storage_url(url: str) -> URL:
     path = Path(parsed.database)
     if not path.parent.is_dir():
         raise ConfigError(f"study.storage={url!r}: the folder {str(path.parent)!r} does not exist.")
+    _check_writable(url, path)
     if path.exists() and path.stat().st_size > 0:
         _check_optuna_sqlite(url, path)
     return parsed
+
+
+def _check_writable(url: str, path: Path) -> None:
+    """Every command writes its storage file (and SQLite its journal beside it): a read-only one is named first."""
+    for target in (path, path.parent) if path.exists() else (path.parent,):
+        if not os.access(target, os.W_OK):
+            what = "file" if target == path else "folder"
+            raise ConfigError(
+                f"study.storage={url!r}: the {what} {str(target)!r} is read-only, and tuner writes there "
+                "(SQLite keeps its journal beside the file); copy the study to a writable folder."
+            )
 
 
 def _check_optuna_sqlite(url: str, path: Path) -> None:
