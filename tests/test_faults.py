@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
 import time
 import weakref
 from pathlib import Path
@@ -20,6 +21,7 @@ from sqlalchemy.engine import make_url
 
 import tuner.workers
 from tests.conftest import SECRETS, Secret, compose_raw, leaks_in_files, postgres_dump
+from tuner.budget import budget_used
 from tuner.config import ConfigError, parse_run
 from tuner.faults import FailureStreakError
 from tuner.study import make_storage
@@ -311,3 +313,77 @@ def test_faults_storage_password_never_appears_in_any_output(tmp_path: Path, pos
         out = bad.stdout + bad.stderr
         assert bad.returncode == 2 and "cannot be opened" in out and shown in out, out
         assert secret.leaks(out) == [] and leaks_in_files(tmp_path, secret) == {}
+
+
+def _signal_after_start(cmd: list[str], cwd: Path, sig: signal.Signals, delay: float) -> tuple[int, str]:
+    """Start ``cmd``, wait until it has opened its study, then ``delay`` seconds more, and send ``sig``."""
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    opened = threading.Event()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if " to run (" in line:
+                opened.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    opened.wait(timeout=120)
+    time.sleep(delay)
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    code = proc.wait(timeout=120)
+    reader.join(timeout=10)
+    return code, "".join(lines)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("workers", "delays"), [(1, [0.0, 0.1, 0.3, 0.6, 1.0, 1.5, 2.2]), (2, [0.0, 0.3, 0.8, 1.5])]
+)
+def test_faults_an_interrupt_at_any_moment_loses_no_trial(tmp_path: Path, workers: int, delays: list[float]) -> None:
+    # Moments spread over a run: start-up after the study is opened, sampling, training, telling, saving the
+    # best model, scoring it. Every run, whatever it was doing, must leave each stopped trial queued again and
+    # uncounted, and the same command must then complete the study.
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    n_trials = 4
+    cmd = [*_tuner(tmp_path, url, f"study.n_trials={n_trials}", "trainer.epochs=20"), f"trainer.workers={workers}"]
+    interrupted = 0
+    for i, delay in enumerate(delays):
+        sig = signal.SIGTERM if i % 3 == 2 else signal.SIGINT
+        study_name = f"moment{i}"
+        code, out = _signal_after_start([*cmd, f"study.name={study_name}"], tmp_path, sig, delay)
+        assert code in (0, 130, 143), out
+        assert "Traceback" not in out, out
+        trials = optuna.load_study(study_name=study_name, storage=url).get_trials()
+        assert not [t.number for t in trials if t.state == TrialState.RUNNING], out
+        for failed in (t for t in trials if t.state == TrialState.FAIL):
+            assert failed.user_attrs["fail_reason"] == f"interrupted by {sig.name}", out
+            assert [t for t in trials if RetryHeartbeatStaleTrialCallback.retry_history(t) == [failed.number]], out
+        finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+        assert budget_used(trials) == finished  # a stopped trial does not count
+        if code == 0:
+            continue  # the run ended before the signal
+        interrupted += 1
+        rerun = subprocess.run([*cmd, f"study.name={study_name}"], cwd=tmp_path, capture_output=True, text=True)
+        assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+        trials = optuna.load_study(study_name=study_name, storage=url).get_trials()
+        assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == n_trials
+    assert interrupted >= len(delays) // 2  # most moments landed inside the run, not after it
+
+
+def test_faults_a_failing_trial_is_one_console_line_and_keeps_its_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("boom in the user's model")
+
+    monkeypatch.setattr(tuner.workers, "train", broken)
+    summary, study = _tune(tmp_path, "study.n_trials=2", "study.max_failure_streak=null")
+
+    console = "".join(capfd.readouterr())
+    assert "Traceback" not in console and "failed with value None" not in console
+    assert [t.user_attrs["fail_reason"] for t in study.trials] == ["RuntimeError: boom in the user's model"] * 2
+    assert summary.states == {"FAIL": 2}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -151,5 +152,21 @@ def _multirun_job(cfg: DictConfig) -> tuple[int, str] | None:
     return int(hydra_cfg.job.num), str(hydra_cfg.runtime.output_dir)
 
 
+def _sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt("SIGTERM")
+
+
+def cli() -> None:
+    """``python -m tuner`` and the ``tuner`` command: a signal outside the study (Hydra's start-up and teardown,
+    where tuner.tune's handlers are not installed) ends the run with one line too, never a traceback."""
+    signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        main()
+    except KeyboardInterrupt as err:
+        name = str(err) or "SIGINT"
+        print(f"interrupted by {name}; run the same command again to continue the study", file=sys.stderr)
+        sys.exit(143 if name == "SIGTERM" else 130)
+
+
 if __name__ == "__main__":
-    main()
+    cli()
