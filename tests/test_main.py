@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -112,3 +114,56 @@ def test_main_wheel_install_finds_its_config_from_another_directory(
         result = run_tuner(work, *SMALL, "study.n_trials=1", python=python, env=env)
         assert result.returncode == 0, result.stderr
     assert len(optuna.load_study(study_name="digits-mlp", storage=f"sqlite:///{work / 'study.db'}").trials) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("optimizer:\n  lr: {type: float, low: 1.0e-4, high: 1.0\n", "line 3: while parsing a flow mapping, expected"),
+        (
+            "optimizer:\n  lr: {type: float, low: 1.0e-4, high: 1.0}\n  lr: {type: int, low: 1, high: 2}\n",
+            "line 3: while constructing a mapping, found duplicate key lr",
+        ),
+        ("optimizer: [lr\n", "line 2: while parsing a flow sequence"),
+    ],
+)
+def test_main_a_broken_space_file_is_one_line_naming_the_file(tmp_path: Path, text: str, shown: str) -> None:
+    (tmp_path / "my_conf" / "space").mkdir(parents=True)
+    (tmp_path / "my_conf" / "space" / "mine.yaml").write_text(text)
+    result = run_tuner(tmp_path, *SMALL, f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]", "space=mine")
+
+    out = result.stdout + result.stderr
+    assert result.returncode == 2, out
+    assert f"error: {tmp_path / 'my_conf' / 'space' / 'mine.yaml'}, {shown}" in out
+    assert "Traceback" not in out and not (tmp_path / "study.db").exists()
+
+
+@pytest.mark.slow
+def test_main_the_default_run_in_a_read_only_folder_is_one_line(tmp_path: Path) -> None:
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs unshare -m (a private mount namespace) for a read-only folder")
+    script = f'mount --bind {tmp_path} {tmp_path} && mount -o remount,bind,ro {tmp_path} && cd {tmp_path} && exec "$@"'
+    done = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script, "sh", sys.executable, "-m", "tuner", *SMALL],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 2, out
+    assert "error: Read-only file system: " in out and "(run from a folder tuner can write to" in out
+    assert "Traceback" not in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("delay", "sig"), [(0.05, signal.SIGINT), (0.4, signal.SIGTERM), (1.2, signal.SIGINT)])
+def test_main_a_signal_during_start_up_is_one_line(tmp_path: Path, delay: float, sig: signal.Signals) -> None:
+    args = [sys.executable, "-m", "tuner", *SMALL, f"study.storage=sqlite:///{tmp_path / 'study.db'}"]
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(delay)
+    proc.send_signal(sig)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == (143 if sig == signal.SIGTERM else 130), out
+    assert f"interrupted by {sig.name}" in out and "Traceback" not in out

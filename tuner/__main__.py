@@ -2,24 +2,40 @@
 
 from __future__ import annotations
 
-import functools
-import logging
 import signal
 import sys
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any, TypeVar
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from tuner.config import ConfigError
-from tuner.multirun import jobs_at_once, keep_summary_in_job_log, name_suffix, storage_url, write_job_record
-from tuner.secrets import mask_password_in_files, mask_passwords_in_logs, mask_streams, remember
+def _stop_during_start_up(signum: int, frame: object) -> None:
+    # Ctrl-C while the imports below run, before cli() installs its own handling: nothing is written yet.
+    name = signal.Signals(signum).name
+    sys.stderr.write(f"interrupted by {name} during start-up; nothing was written\n")
+    raise SystemExit(143 if name == "SIGTERM" else 130)
+
+
+if __name__ == "__main__":
+    for _sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_sig, _stop_during_start_up)
+
+import functools  # noqa: E402  (after the start-up handlers above)
+import logging  # noqa: E402
+import os  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, TypeVar  # noqa: E402
+
+import hydra  # noqa: E402
+import yaml  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.core.override_parser.overrides_parser import OverridesParser  # noqa: E402
+from hydra.errors import HydraException  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from omegaconf.errors import OmegaConfBaseException  # noqa: E402
+
+from tuner.config import ConfigError  # noqa: E402
+from tuner.multirun import jobs_at_once, keep_summary_in_job_log, name_suffix, storage_url, write_job_record  # noqa: E402
+from tuner.secrets import mask_password_in_files, mask_passwords_in_logs, mask_streams, remember  # noqa: E402
 
 log = logging.getLogger("tuner")
 
@@ -156,16 +172,41 @@ def _sigterm(signum: int, frame: object) -> None:
     raise KeyboardInterrupt("SIGTERM")
 
 
+def input_error(err: BaseException) -> str | None:
+    """What the user did, in a line, for an error Hydra meets before tuner's code runs (a config file that is no
+    YAML, a duplicate key, an override it cannot apply, a folder it cannot write); ``None`` for anything else."""
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
+        mark = err.problem_mark
+        context = f"{err.context}, " if err.context else ""
+        return f"{mark.name}, line {mark.line + 1}: {context}{err.problem}"
+    if isinstance(err, yaml.YAMLError | HydraException | OmegaConfBaseException):
+        return str(err).strip()
+    cause: BaseException | None = err
+    while cause is not None and not isinstance(cause, OSError):  # logging wraps its file's OSError in a ValueError
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, OSError) and cause.filename is not None:
+        return f"{cause.strerror}: {cause.filename!s} (run from a folder tuner can write to, or set hydra.run.dir)"
+    return None
+
+
 def cli() -> None:
-    """``python -m tuner`` and the ``tuner`` command: a signal outside the study (Hydra's start-up and teardown,
-    where tuner.tune's handlers are not installed) ends the run with one line too, never a traceback."""
+    """``python -m tuner`` and the ``tuner`` command: what the user did ends the run with one message and a non-zero
+    exit, never a traceback; so does a signal outside the study (Hydra's start-up and teardown)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _sigterm)
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra raises its errors here instead of printing tracebacks
     try:
         main()
     except KeyboardInterrupt as err:
         name = str(err) or "SIGINT"
         print(f"interrupted by {name}; run the same command again to continue the study", file=sys.stderr)
         sys.exit(143 if name == "SIGTERM" else 130)
+    except Exception as err:
+        message = input_error(err)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
