@@ -33,9 +33,10 @@ from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
-from tuner.config import ConfigError  # noqa: E402
+from tuner.config import TRIAL_SECTIONS, ConfigError, get_path  # noqa: E402
 from tuner.multirun import jobs_at_once, keep_summary_in_job_log, name_suffix, storage_url, write_job_record  # noqa: E402
 from tuner.secrets import mask_password_in_files, mask_passwords_in_logs, mask_streams, remember  # noqa: E402
+from tuner.space import without_entries  # noqa: E402
 
 log = logging.getLogger("tuner")
 
@@ -56,7 +57,26 @@ def to_container(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(str(err).splitlines()[0] + f" (key: {getattr(err, 'full_key', '?')})") from None
     assert isinstance(raw, dict)
     raw.pop("hydra", None)
-    return {str(k): v for k, v in raw.items()}
+    out: dict[str, Any] = {str(k): v for k, v in raw.items()}
+    # A setting given on the command line wins over the search space: that key is not searched.
+    out["space"], fixed = without_entries(out.get("space"), set_on_command_line())
+    for path in fixed:
+        shown = get_path(out, path)
+        log.info("%s=%r is set on the command line: it is not searched (space.%s left out)", path, shown, path)
+    return out
+
+
+def set_on_command_line() -> list[str]:
+    """The trial settings (``optimizer.lr``, ``model.num_layers``, ...) this command's overrides set to one value."""
+    if not HydraConfig.initialized():
+        return []
+    paths: list[str] = []
+    for override in OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task)):
+        key = override.key_or_group
+        if override.is_sweep_override() or override.is_delete() or key.split(".")[0] not in TRIAL_SECTIONS:
+            continue
+        paths.append(key)
+    return paths
 
 
 def mask_saved_password(cfg: DictConfig) -> None:

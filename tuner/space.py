@@ -15,7 +15,8 @@ to ``1 - low``, and the value actually used is stored as the user attribute ``<p
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import copy
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +30,7 @@ from optuna.distributions import (
 
 from tuner.config import TRIAL_SECTIONS, ConfigError, get_path, parse_trial, set_path
 
-__all__ = ["Param", "describe", "parse_space", "suggest", "values_from_params"]
+__all__ = ["Param", "describe", "parse_space", "suggest", "values_from_params", "without_entries"]
 _MISSING_PATH = object()
 _ENTRY_KEYS = {"type", "low", "high", "log", "step", "reverse_log", "choices", "when"}
 _TYPES = ("float", "int", "categorical")
@@ -287,3 +288,26 @@ def describe(param: Param) -> str:
 def values_from_params(params: list[Param], sampled: Mapping[str, Any]) -> dict[str, Any]:
     """``{config path: value used}`` for a finished trial's stored params (its ``FrozenTrial.params``)."""
     return {p.path: p.value(sampled[p.name]) for p in params if p.name in sampled}
+
+
+def without_entries(space: Mapping[str, Any] | None, paths: Iterable[str]) -> tuple[dict[str, Any], list[str]]:
+    """``space`` less the entries for ``paths`` (settings given explicitly, which then are not searched), and the
+    paths it held among them. Sections left empty go too."""
+    out: dict[str, Any] = copy.deepcopy(dict(space or {}))
+    removed: list[str] = []
+    for path in paths:
+        *parents, leaf = path.split(".")
+        chain = [out]
+        for part in parents:
+            node = chain[-1].get(part)
+            if not isinstance(node, dict) or "type" in node:
+                break
+            chain.append(node)
+        else:
+            if isinstance(chain[-1].get(leaf), dict) and "type" in chain[-1][leaf]:
+                del chain[-1][leaf]
+                removed.append(path)
+                for parent, part in zip(reversed(chain[:-1]), reversed(parents), strict=True):
+                    if not parent[part]:
+                        del parent[part]
+    return out, removed
