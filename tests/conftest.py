@@ -177,3 +177,14 @@ def postgres_dump(url: str) -> str:
         tables = [r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")]
         assert "study_system_attributes" in tables and "study_user_attributes" in tables, tables
         return "\n".join(str(v) for t in tables for row in conn.execute(f'SELECT * FROM "{t}"') for v in row)
+
+
+def run_with_read_only(folder: Path, command: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run ``command`` in ``folder`` made read-only the way a read-only disk is, which root cannot write through
+    either: a read-only bind mount in a mount namespace of its own. Skips where namespaces are not allowed."""
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs unshare -m (a private mount namespace) for a read-only folder")
+    script = f'mount --bind {folder} {folder} && mount -o remount,bind,ro {folder} && cd {folder} && exec "$@"'
+    return subprocess.run(
+        ["unshare", "-m", "sh", "-c", script, "sh", *command], capture_output=True, text=True, timeout=300
+    )

@@ -13,6 +13,8 @@ from pathlib import Path
 import optuna
 import pytest
 
+from tests.conftest import run_with_read_only
+
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["data=digits", "study.n_trials=3", "trainer.epochs=2"]
 
@@ -141,16 +143,7 @@ def test_main_a_broken_space_file_is_one_line_naming_the_file(tmp_path: Path, te
 
 @pytest.mark.slow
 def test_main_the_default_run_in_a_read_only_folder_is_one_line(tmp_path: Path) -> None:
-    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
-        pytest.skip("needs unshare -m (a private mount namespace) for a read-only folder")
-    script = f'mount --bind {tmp_path} {tmp_path} && mount -o remount,bind,ro {tmp_path} && cd {tmp_path} && exec "$@"'
-    done = subprocess.run(
-        ["unshare", "-m", "sh", "-c", script, "sh", sys.executable, "-m", "tuner", *SMALL],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_with_read_only(tmp_path, [sys.executable, "-m", "tuner", *SMALL])
     out = done.stdout + done.stderr
     assert done.returncode == 2, out
     assert "error: Read-only file system: " in out and "(run from a folder tuner can write to" in out

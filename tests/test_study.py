@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy
 from optuna.storages._rdb import models
 
-from tests.conftest import compose_raw
+from tests.conftest import compose_raw, run_with_read_only
 from tuner.config import ConfigError, PluginConfig, parse_run
 from tuner.study import check_storage_url, make_pruner, make_sampler, make_storage, open_study, safe_url
 
@@ -262,10 +262,6 @@ def test_study_each_queued_trial_goes_to_one_worker_only(
 @pytest.mark.slow
 @pytest.mark.parametrize("url_of", [lambda d: f"sqlite:///{d / 't.db'}", lambda d: f"journal:///{d / 't.log'}"])
 def test_study_a_read_only_storage_is_one_line_and_left_untouched(tmp_path: Path, url_of: Any) -> None:
-    # Root writes through file modes, so the folder is made read-only the way a read-only disk is: a bind mount
-    # in a mount namespace of the test's own.
-    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
-        pytest.skip("needs unshare -m (a private mount namespace) for a read-only folder")
     folder = tmp_path / "ro"
     folder.mkdir()
     url = url_of(folder)
@@ -295,8 +291,7 @@ def test_study_a_read_only_storage_is_one_line_and_left_untouched(tmp_path: Path
         f"study.output_dir={tmp_path / 'out'}",
         f"hydra.run.dir={tmp_path / 'hydra'}",
     ]
-    script = f'mount --bind {folder} {folder} && mount -o remount,bind,ro {folder} && exec "$@"'
-    done = subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", *command], capture_output=True, text=True)
+    done = run_with_read_only(folder, command)
 
     out = done.stdout + done.stderr
     assert done.returncode == 2, out
