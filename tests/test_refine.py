@@ -153,6 +153,22 @@ def test_refine_bad_input_is_one_clear_error_and_changes_nothing(
     assert not (tmp_path / "spaces").exists()
 
 
+def test_refine_space_dir_that_is_a_file_is_one_error_and_changes_nothing(
+    digits_study: tuple[list[str], Any], tmp_path: Path
+) -> None:
+    overrides = _copy_study(digits_study[0], tmp_path)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    before = [(s.study_name, s.n_trials) for s in optuna.get_all_study_summaries(url)]
+    (tmp_path / "spaces").write_text("a file")
+    result = _run("tuner.refine", tmp_path, *overrides, "refine.top_k=1", f"refine.space_dir={tmp_path / 'spaces'}")
+    assert result.returncode == 2
+    assert f"refine.space_dir={str(tmp_path / 'spaces')!r} must be a folder tuner can write into" in (
+        result.stdout + result.stderr
+    )
+    assert "Traceback" not in result.stderr
+    assert [(s.study_name, s.n_trials) for s in optuna.get_all_study_summaries(url)] == before
+
+
 def test_refine_run_false_creates_the_child_with_warm_starts_waiting_and_trains_nothing(
     digits_study: tuple[list[str], Any], tmp_path: Path
 ) -> None:

@@ -91,6 +91,20 @@ def test_report_bad_study_is_one_clear_error_and_writes_nothing(tmp_path: Path, 
     assert [s.study_name for s in optuna.get_all_study_summaries(url)] == ["empty"]
 
 
+@pytest.mark.parametrize("folder", ["taken", "taken/report"])
+def test_report_dir_with_a_file_in_the_way_is_one_error_before_any_work(
+    digits_study: tuple[list[str], Any], tmp_path: Path, folder: str
+) -> None:
+    overrides, _ = digits_study
+    (tmp_path / "taken").write_text("a file")
+    result = run_report(tmp_path, *overrides, f"report.dir={tmp_path / folder}")
+    out = (result.stdout + result.stderr).strip()
+    assert result.returncode == 2, out
+    assert len(out.splitlines()) == 1 and "Traceback" not in out
+    assert f"report.dir={str(tmp_path / folder)!r} must be a folder tuner can write into (or create)" in out
+    assert (tmp_path / "taken").read_text() == "a file"
+
+
 def test_report_works_on_a_study_that_is_still_running(digits_study: tuple[list[str], Any], tmp_path: Path) -> None:
     overrides, study = digits_study
     url = f"sqlite:///{tmp_path / 'live.db'}"

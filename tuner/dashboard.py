@@ -56,6 +56,7 @@ def main(cfg: DictConfig) -> None:
     from optuna.artifacts import FileSystemArtifactStore
 
     from tuner.artifacts import artifact_dir
+    from tuner.paths import check_folder
     from tuner.stored import open_existing_storage, study_names
 
     mask_saved_password(cfg)
@@ -64,6 +65,7 @@ def main(cfg: DictConfig) -> None:
         run = parse_run(raw)
         host, port = parse_dashboard(raw.get("dashboard"))
         storage = open_existing_storage(run.study.storage)
+        check_folder("study.artifact_dir", artifact_dir(run.study))  # made below when missing
     except ConfigError as err:
         log.error("%s", err)
         sys.exit(2)

@@ -200,6 +200,7 @@ def main(cfg: DictConfig) -> None:
     from tuner.data import load_splits
     from tuner.definition import data_content
     from tuner.notes import REFINED_FROM_ATTR, write_start_note
+    from tuner.paths import check_folder
     from tuner.secrets import safe_url
     from tuner.stored import check_experiment, load_existing_study, open_existing_storage, study_names
     from tuner.study import open_study
@@ -211,6 +212,7 @@ def main(cfg: DictConfig) -> None:
         raw = to_container(cfg)
         run = parse_run(raw)
         opts = parse_refine(raw.get("refine"))
+        check_folder("refine.space_dir", opts.space_dir)
         storage = open_existing_storage(run.study.storage)
         parent = load_existing_study(run, storage)
         check_experiment(parent, run, content=data_content(load_splits(run.trial.data).arrays()))

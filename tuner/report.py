@@ -153,6 +153,7 @@ def write_report(study: optuna.Study, params: list[Param], folder: Path, *, stor
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def main(cfg: DictConfig) -> None:
     from tuner.config import parse_run
+    from tuner.paths import check_folder
     from tuner.secrets import safe_url
     from tuner.stored import check_experiment, load_existing_study, study_params
 
@@ -162,6 +163,7 @@ def main(cfg: DictConfig) -> None:
         raw = to_container(cfg)
         run = parse_run(raw)
         folder, evaluator = parse_report(raw.get("report"))
+        check_folder("report.dir", folder)
         study = load_existing_study(run)
         check_experiment(study, run)
         report = write_report(

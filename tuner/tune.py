@@ -58,11 +58,14 @@ log = logging.getLogger("tuner")
 
 def prepare(raw: dict[str, Any]) -> tuple[RunConfig, list[Param]]:
     """Check everything that can be checked without side effects; raises ``ConfigError``."""
+    from tuner.paths import check_run_paths
+
     run = parse_run(raw)
     params = parse_space(raw.get("space"), raw)
     make_sampler(run.sampler, seed=run.study.seed)
     make_pruner(run.pruner)
     check_storage_url(run.study.storage)
+    check_run_paths(run)
     try:
         resolve_device(run.trial.trainer.device)
     except ValueError as err:
