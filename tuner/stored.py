@@ -15,16 +15,17 @@ from optuna.storages import BaseStorage
 from tuner.config import ConfigError, RunConfig
 from tuner.definition import CONTENT_KEY, check_definition, definition
 from tuner.space import Param, parse_space
-from tuner.study import check_storage_url, make_pruner, make_sampler, make_storage, safe_url
+from tuner.study import JOURNAL_SCHEME, check_storage_url, make_pruner, make_sampler, make_storage, safe_url
 
 __all__ = ["check_experiment", "load_existing_study", "open_existing_storage", "study_names", "study_params"]
 
 
 def open_existing_storage(url: str) -> BaseStorage:
     parsed = check_storage_url(url)
-    if parsed.get_backend_name() == "sqlite" and not Path(str(parsed.database)).is_file():
+    kind = {"sqlite": "SQLite file", JOURNAL_SCHEME: "journal file"}.get(parsed.get_backend_name())
+    if kind is not None and not Path(str(parsed.database)).is_file():
         raise ConfigError(
-            f"study.storage={safe_url(url)!r}: there is no such SQLite file; run python -m tuner with it first."
+            f"study.storage={safe_url(url)!r}: there is no such {kind}; run python -m tuner with it first."
         )
     return make_storage(url)
 
