@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import logging
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ from tuner.artifacts import artifact_dir
 from tuner.checkpoint import load_model
 from tuner.config import parse_run, parse_trial
 from tuner.data import load_splits
+from tuner.tune import prepare, tune
 
 
 def test_artifacts_best_trial_has_a_loadable_model_and_two_images(digits_study: tuple[list[str], Any]) -> None:
@@ -55,3 +58,26 @@ def test_artifacts_only_trials_that_were_best_when_they_finished_carry_files(
         assert bool(metas) == new_best, (trial.number, trial.state, trial.value, best_so_far)
         if new_best:
             best_so_far = trial.value
+
+
+@pytest.mark.parametrize("where", ["database copied elsewhere", "artifact_dir removed"])
+def test_artifacts_missing_folder_still_finishes_the_study_and_says_so_once(
+    digits_study: tuple[list[str], Any], tmp_path: Path, caplog: pytest.LogCaptureFixture, where: str
+) -> None:
+    overrides, study = digits_study
+    source = next(o for o in overrides if o.startswith("study.storage=")).split("sqlite:///", 1)[1]
+    with sqlite3.connect(source) as src, sqlite3.connect(tmp_path / "copy.db") as dst:
+        src.backup(dst)  # the database alone, without its artifact folder or best_model.pt
+    keep = [o for o in overrides if not o.startswith(("study.storage=", "study.output_dir="))]
+    moved = [f"study.storage=sqlite:///{tmp_path / 'copy.db'}", f"study.output_dir={tmp_path / 'out'}"]
+    if where == "artifact_dir removed":
+        (tmp_path / "artifacts").mkdir()
+        (tmp_path / "artifacts").rmdir()
+        moved.append(f"study.artifact_dir={tmp_path / 'artifacts'}")
+
+    with caplog.at_level(logging.WARNING, logger="tuner"):
+        summary = tune(*prepare(compose_raw(*keep, *moved)))  # the study is full: the end scores its best
+
+    assert summary.best_number == study.best_trial.number and summary.test_accuracy is None
+    missing = [r for r in caplog.records if r.name == "tuner" and "is not in the artifact folder" in r.message]
+    assert len(missing) == 1 and f"trial {study.best_trial.number}'s checkpoint" in missing[0].message

@@ -12,6 +12,7 @@ anyway as intermediate values, which the dashboard and ``tuner.report`` plot.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 from matplotlib.figure import Figure  # the object API: no pyplot state, renders with Agg
 from matplotlib.ticker import MaxNLocator
 from optuna.artifacts import FileSystemArtifactStore, download_artifact, get_all_artifact_meta, upload_artifact
+from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import FrozenTrial
 from sqlalchemy.engine import make_url
 from torch import nn
@@ -41,6 +43,8 @@ __all__ = [
 CHECKPOINT_NAME = "best_model.pt"
 CURVE_NAME = "learning_curve.png"
 CONFUSION_NAME = "confusion_matrix.png"
+
+log = logging.getLogger("tuner")
 
 
 def artifact_dir(study: StudyConfig) -> Path:
@@ -142,7 +146,9 @@ def restore_checkpoint(
     """Put ``trial``'s uploaded checkpoint at ``path`` (atomically); ``False`` when it has none.
 
     Parallel workers share one ``best_model.pt``: two that finish new bests together may leave the lesser
-    one there. Each trial's own upload is its own, so the study's best is always recoverable from it.
+    one there. Each trial's own upload is its own, so the study's best is always recoverable from it, unless
+    the artifact folder is gone (the database was copied elsewhere, or ``study.artifact_dir`` was removed):
+    then one warning says so and the caller goes on without it.
     """
     metas = [m for m in get_all_artifact_meta(trial, storage=storage) if m.filename == CHECKPOINT_NAME]
     if not metas:
@@ -150,6 +156,16 @@ def restore_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".tuner-restore-") as tmp:
         fetched = Path(tmp) / CHECKPOINT_NAME
-        download_artifact(artifact_store=store, file_path=str(fetched), artifact_id=metas[-1].artifact_id)
+        try:
+            download_artifact(artifact_store=store, file_path=str(fetched), artifact_id=metas[-1].artifact_id)
+        except ArtifactNotFound:
+            log.warning(
+                "trial %d's checkpoint (artifact %s) is not in the artifact folder: the folder was moved or "
+                "removed since the study was written (a database copied elsewhere, or another study.artifact_dir), "
+                "so the dashboard lacks the files of its earlier trials and this checkpoint is not scored",
+                trial.number,
+                metas[-1].artifact_id,
+            )
+            return False
         fetched.replace(path)
     return True
