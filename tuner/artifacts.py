@@ -143,7 +143,7 @@ def upload_best_artifacts(
 def restore_checkpoint(
     trial: FrozenTrial, storage: optuna.storages.BaseStorage, store: FileSystemArtifactStore, path: Path
 ) -> bool:
-    """Put ``trial``'s uploaded checkpoint at ``path`` (atomically); ``False`` when it has none.
+    """Put ``trial``'s uploaded checkpoint at ``path`` (atomically); ``False``, with one warning, when it has none.
 
     Parallel workers share one ``best_model.pt``: two that finish new bests together may leave the lesser
     one there. Each trial's own upload is its own, so the study's best is always recoverable from it, unless
@@ -152,6 +152,7 @@ def restore_checkpoint(
     """
     metas = [m for m in get_all_artifact_meta(trial, storage=storage) if m.filename == CHECKPOINT_NAME]
     if not metas:
+        log.warning("trial %d has no checkpoint artifact: its model is not scored", trial.number)
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".tuner-restore-") as tmp:

@@ -95,13 +95,7 @@ def score_best(study: optuna.Study, storage: BaseStorage, objective: Objective) 
         # Parallel workers share best_model.pt: another worker's lesser best may have landed last.
         # The best trial's own uploaded checkpoint is the one to score.
         if not restore_checkpoint(best, storage, artifact_store(objective.run.study), model_path):
-            log.warning(
-                "%s holds trial %s, not the best trial %s, which has no checkpoint artifact: test accuracy not scored",
-                model_path,
-                held,
-                best.number,
-            )
-            return None
+            return None  # it said why, in one warning
         log.info(
             "best trial %d's checkpoint restored to %s from its artifacts (it held trial %s)",
             best.number,
