@@ -16,7 +16,7 @@ def test_config_defaults_parse_to_typed_settings() -> None:
     run = parse_run(compose_raw())
     assert run.study.n_trials >= 1 and run.study.storage == "sqlite:///tuner.db"
     assert run.study.name == "mnist1d-mlp"
-    assert run.trial.model.batch_norm is True
+    assert run.trial.model.target == "tuner.model.mlp" and run.trial.model.options["batch_norm"] is True
     assert run.trial.data.name == "mnist1d"
     assert run.sampler.name == "random" and run.pruner.name == "median"
 
@@ -72,7 +72,7 @@ def test_config_set_path_copies_and_get_path_reads() -> None:
 
 def test_config_trial_sections_parse_alone() -> None:
     trial = parse_trial(set_path(compose_raw("model=cnn"), {"model.channels": 8}))
-    assert trial.model.name == "cnn" and trial.model.channels == 8
+    assert trial.model.name == "cnn" and trial.model.options["channels"] == 8
 
 
 @pytest.mark.parametrize(
@@ -83,7 +83,10 @@ def test_config_trial_sections_parse_alone() -> None:
             "trainer.epoch is not a tuner setting (did you mean trainer.epochs?), but got trainer.epoch=3.",
         ),
         ("+study.n_trial=9", "study.n_trial is not a tuner setting (did you mean study.n_trials?)"),
-        ("+model.chanels=8", "model.chanels is not a tuner setting (did you mean model.channels?)"),
+        (
+            "+model.hidden_unit=8",
+            "model.hidden_unit is not a parameter of tuner.model.mlp (did you mean model.hidden_units?)",
+        ),
         ("+refine.topk=3", "refine.topk is not a tuner setting (did you mean refine.top_k?)"),
         ("+tuner.trail=3", "tuner.trail is not a tuner setting (did you mean tuner.trial?)"),
         ("+foo=1", "foo is not a tuner setting (tuner reads study, optimizer, trainer, model, data, space, "),

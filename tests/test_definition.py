@@ -75,7 +75,7 @@ def test_differences_name_each_key_and_skip_ignored_prefixes() -> None:
     [
         (["space=lr"], "space.model.hidden_units: int [32, 512] log -> (absent)"),
         (["space.optimizer.lr.low=1e-3"], "space.optimizer.lr: float [0.0001, 1.0] log -> float [0.001, 1.0] log"),
-        (["model=cnn"], "model.name: \"mlp\" -> \"cnn\""),
+        (["model=cnn"], 'model._target_: "tuner.model.mlp" -> "tuner.model.cnn"'),
         (["trainer.epochs=2"], "trainer.epochs: 1 -> 2"),
         (["data.val_fraction=0.3"], "data.val_fraction: 0.2 -> 0.3"),
         (["pruner=median"], 'pruner.name: "none" -> "median"'),

@@ -9,7 +9,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from tests.conftest import compose_raw
-from tuner.config import ConfigError
+from tuner.config import ConfigError, get_path
 from tuner.space import describe, parse_space, suggest, values_from_params, without_entries
 
 
@@ -127,8 +127,13 @@ def test_space_condition_on_a_value_some_run_gives_its_key_is_accepted(
 ) -> None:
     space = {**raw["space"], "optimizer": {**raw["space"]["optimizer"]}}
     space["optimizer"]["momentum"] = {**space["optimizer"]["momentum"], "when": when}
-    params = {p.path: p for p in parse_space(space, raw)}
-    assert params["optimizer.momentum"].when == {k: tuple(v) if isinstance(v, list) else (v,) for k, v in when.items()}
+    params = {p.path: p for p in parse_space(space, raw)}  # no error
+    if "optimizer.momentum" in params:  # else conditioned on a fixed setting this run does not have: left out
+        assert params["optimizer.momentum"].when == {
+            k: tuple(v) if isinstance(v, list) else (v,) for k, v in when.items()
+        }
+    else:
+        assert any(get_path(raw, k) not in (v if isinstance(v, list) else [v]) for k, v in when.items())
 
 
 def test_space_int_log_and_categorical_distributions(raw: dict[str, Any]) -> None:
@@ -219,3 +224,12 @@ def test_space_without_entries_drops_given_paths_and_empty_sections() -> None:
     assert removed == ["optimizer.lr"]
     assert out == {"model": {"hidden_units": {"type": "int", "low": 1, "high": 4}}}
     assert "lr" in space["optimizer"]  # the original is left as it was
+
+
+@pytest.mark.parametrize("model", ["softmax", "mlp", "cnn"])
+def test_space_default_fits_every_shipped_model(model: str) -> None:
+    raw = compose_raw(f"model={model}")
+    searched = {p.path for p in parse_space(raw["space"], raw)}
+    # The sizes the MLP and the CNN take are searched for them; softmax regression takes none, so none is searched.
+    assert ({"model.hidden_units", "model.num_layers"} <= searched) == (model != "softmax")
+    assert not {p.removeprefix("model.") for p in searched if p.startswith("model.")} - set(raw["model"])

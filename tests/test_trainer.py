@@ -18,7 +18,7 @@ def _problem(n: int = 400) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _setup(lr: float = 0.1, lr_decay: float = 0.0) -> tuple[torch.nn.Module, torch.optim.Optimizer, object]:
     torch.manual_seed(0)
-    model = build_model(ModelConfig("mlp", 32, 2, True, 4, 3), (6,), 3)
+    model = build_model(ModelConfig("tuner.model.mlp", {"hidden_units": 32, "num_layers": 2}), (6,), 3)
     opt, sched = build_optimizer(
         model.parameters(), OptimizerConfig("sgd", lr, 0.9, 0.9, 0.999, 1e-8, 0.0, lr_decay), device=torch.device("cpu")
     )
@@ -103,7 +103,7 @@ def test_trainer_cuda_bf16_learns_on_device() -> None:
     x, y = _problem()
     x, y = x.cuda(), y.cuda()
     torch.manual_seed(0)
-    model = build_model(ModelConfig("mlp", 32, 2, True, 4, 3), (6,), 3).cuda()
+    model = build_model(ModelConfig("tuner.model.mlp", {"hidden_units": 32, "num_layers": 2}), (6,), 3).cuda()
     device = torch.device("cuda")
     opt, sched = build_optimizer(
         model.parameters(), OptimizerConfig("adam", 0.01, 0.9, 0.9, 0.999, 1e-8, 0.0, 0.0), device=device

@@ -5,7 +5,6 @@ Loadable with ``torch.load(path, weights_only=True)``: only tensors, numbers, st
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import tempfile
 from pathlib import Path
@@ -35,7 +34,7 @@ def save_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "model": dataclasses.asdict(model_cfg),
+        "model": {"_target_": model_cfg.target, **model_cfg.options},  # as the config wrote it
         "input_shape": list(input_shape),
         "classes": list(classes),
         "normalization": {"mean": mean, "std": std},
@@ -58,7 +57,9 @@ def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") ->
     ``(x - mean) / std`` with image pixels scaled to [0, 1] first.
     """
     payload = torch.load(path, map_location=map_location, weights_only=True)
-    model = build_model(ModelConfig(**payload["model"]), tuple(payload["input_shape"]), len(payload["classes"]))
+    options = {k: v for k, v in payload["model"].items() if k != "_target_"}
+    model_cfg = ModelConfig(target=payload["model"]["_target_"], options=options)
+    model = build_model(model_cfg, tuple(payload["input_shape"]), len(payload["classes"]))
     model.load_state_dict(payload["state_dict"])
     model.eval()
     return model, payload

@@ -6,9 +6,13 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
+
+from hydra.utils import get_object
+from omegaconf import OmegaConf
 
 __all__ = [
     "ConfigError",
@@ -27,7 +31,6 @@ __all__ = [
     "set_path",
 ]
 
-MODELS = ("mlp", "cnn", "softmax")
 DATASETS = ("fashion_mnist", "mnist", "digits", "mnist1d", "npz")
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
 DIRECTIONS = ("maximize", "minimize")
@@ -66,12 +69,26 @@ class PluginConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str
-    hidden_units: int
-    num_layers: int
-    batch_norm: bool
-    channels: int
-    kernel_size: int
+    """``model._target_`` (a ``torch.nn.Module`` class, or a function that builds one) and the section's other
+    keys, which ``tuner.model.build_model`` passes to it with ``input_shape`` and ``num_classes``."""
+
+    target: str
+    options: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return model_name(self.target)
+
+
+def model_name(target: str) -> str:
+    """A model's short name, for study names: the last part of its ``_target_`` (``tuner.model.mlp`` -> mlp)."""
+    return str(target).rsplit(".", 1)[-1].lower()
+
+
+# study.name's default, ${data.name}-${tuner_model:${model}}, for any model config, tuner's or a user's.
+OmegaConf.register_new_resolver(
+    "tuner_model", lambda model: model_name(model.get("_target_", "model")), replace=True
+)
 
 
 @dataclass(frozen=True)
@@ -143,7 +160,7 @@ SETTINGS: dict[str, tuple[str, ...] | None] = {
     "study": _names(StudyConfig),
     "optimizer": _names(OptimizerConfig),
     "trainer": _names(TrainerConfig),
-    "model": _names(ModelConfig),
+    "model": None,  # the parameters of model._target_ (parse_trial)
     "data": _names(DataConfig),
     "space": None,
     "sampler": None,
@@ -306,18 +323,60 @@ def _workers(section: _Section) -> int | None:
     return value
 
 
+# The sizes of tuner's own models are counts: at least 1 (a user's model checks its own arguments).
+_BUILTIN_COUNTS = ("hidden_units", "num_layers", "channels", "kernel_size")
+_EXPECTED = {"int": "an integer", "bool": "true or false", "float": "a number"}
+
+
+def _model(m: _Section) -> ModelConfig:
+    """``model._target_`` importable, callable with ``input_shape``, ``num_classes`` and each other key of the
+    section, each value of the type its parameter is annotated with; nothing is built here."""
+    target = m.values.get("_target_")
+    if not isinstance(target, str) or not target:
+        raise m.fail("_target_", "a torch.nn.Module class or a function that builds one (e.g. tuner.model.mlp)", target)
+    try:
+        built = get_object(target)
+    except Exception as err:  # Hydra wraps ImportError and AttributeError alike
+        reason = str(err.__cause__ or err).strip().splitlines()[0]
+        raise ConfigError(f"model._target_={target!r} cannot be imported ({reason}).") from None
+    module_types = [f"{c.__module__}.{c.__qualname__}" for c in getattr(built, "__mro__", ())]
+    if inspect.isclass(built) and "torch.nn.modules.module.Module" not in module_types:
+        raise ConfigError(f"model._target_={target!r} is a class but not a torch.nn.Module.")
+    if not callable(built):
+        raise ConfigError(f"model._target_={target!r} is not a class or a function.")
+    signature = inspect.signature(built)
+    params = signature.parameters
+    open_ended = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if not open_ended and not {"input_shape", "num_classes"} <= set(params):
+        raise ConfigError(
+            f"model._target_={target!r} must take input_shape and num_classes, but its signature is {signature}."
+        )
+    options = {str(k): v for k, v in m.values.items() if k != "_target_"}
+    known = tuple(k for k in params if k not in ("self", "input_shape", "num_classes"))
+    for key, value in options.items():
+        if key not in params:
+            if not open_ended:
+                unknown = _unknown(key, value, known, "model.")
+                raise ConfigError(unknown.replace("a tuner setting", f"a parameter of {target}"))
+            continue
+        annotation = params[key].annotation
+        kind = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+        wrong = (
+            (kind == "bool" and not isinstance(value, bool))
+            or (kind == "int" and (isinstance(value, bool) or not isinstance(value, int)))
+            or (kind == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))))
+        )
+        if wrong:
+            raise m.fail(key, _EXPECTED[kind], value)
+        if target.startswith("tuner.model.") and key in _BUILTIN_COUNTS and value < 1:
+            raise m.fail(key, "an integer >= 1", value)
+    return ModelConfig(target=target, options=options)
+
+
 def parse_trial(raw: Mapping[str, Any]) -> TrialConfig:
     """Check the sections a trial trains with and return them typed; a key tuner does not read is an error."""
     check_known_keys(raw)
-    m = _Section(raw, "model")
-    model = ModelConfig(
-        name=m.text("name", choices=MODELS),
-        hidden_units=m.integer("hidden_units", minimum=1),
-        num_layers=m.integer("num_layers", minimum=1),
-        batch_norm=m.flag("batch_norm"),
-        channels=m.integer("channels", minimum=1),
-        kernel_size=m.integer("kernel_size", minimum=1),
-    )
+    model = _model(_Section(raw, "model"))
     d = _Section(raw, "data")
     data = DataConfig(
         name=d.text("name", choices=DATASETS),

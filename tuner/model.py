@@ -1,4 +1,5 @@
-"""Classifiers that return logits: BatchNorm MLP, BatchNorm CNN and softmax regression.
+"""Classifiers that return logits: BatchNorm MLP, BatchNorm CNN and softmax regression, and ``build_model``,
+which builds these or a user's own ``torch.nn.Module`` from ``model._target_``.
 
 The loss is cross-entropy on the logits (``F.cross_entropy``): no softmax layer in the training
 path; softmax appears only where probabilities are shown (``predict_proba``).
@@ -9,11 +10,13 @@ from __future__ import annotations
 import math
 
 import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 from torch import nn
 
-from tuner.config import ModelConfig
+from tuner.config import ConfigError, ModelConfig
 
-__all__ = ["build_model", "count_parameters", "predict_proba"]
+__all__ = ["build_model", "cnn", "count_parameters", "mlp", "predict_proba", "softmax"]
 
 
 def _dense_block(in_features: int, out_features: int, *, batch_norm: bool) -> list[nn.Module]:
@@ -24,54 +27,84 @@ def _dense_block(in_features: int, out_features: int, *, batch_norm: bool) -> li
     return [nn.Linear(in_features, out_features), nn.ReLU()]
 
 
-def _mlp(cfg: ModelConfig, in_features: int, num_classes: int) -> nn.Sequential:
+def mlp(
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    *,
+    hidden_units: int = 128,
+    num_layers: int = 2,
+    batch_norm: bool = True,
+) -> nn.Sequential:
+    """(Linear without bias -> BatchNorm1d -> ReLU) x num_layers, then Linear -> logits."""
     layers: list[nn.Module] = [nn.Flatten()]
-    width = in_features
-    for _ in range(cfg.num_layers):
-        layers += _dense_block(width, cfg.hidden_units, batch_norm=cfg.batch_norm)
-        width = cfg.hidden_units
+    width = math.prod(input_shape)
+    for _ in range(num_layers):
+        layers += _dense_block(width, hidden_units, batch_norm=batch_norm)
+        width = hidden_units
     layers.append(nn.Linear(width, num_classes))
     return nn.Sequential(*layers)
 
 
-def _cnn(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
-    """Conv -> BatchNorm -> ReLU -> pool blocks; Conv2d for (C, H, W) images, Conv1d for (C, L) signals."""
+def cnn(
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    *,
+    hidden_units: int = 128,
+    num_layers: int = 2,
+    batch_norm: bool = True,
+    channels: int = 16,
+    kernel_size: int = 3,
+) -> nn.Sequential:
+    """(Conv without bias -> BatchNorm -> ReLU -> max-pool) x num_layers, channels doubling each block, then a dense
+    BatchNorm layer -> logits; Conv2d for (C, H, W) images, Conv1d for (C, L) signals."""
     if len(input_shape) not in (2, 3):
         raise ValueError(
-            f"model.name='cnn' needs (channels, length) or (channels, height, width) inputs, but got {input_shape}."
+            f"model._target_='tuner.model.cnn' needs (channels, length) or (channels, height, width) inputs, "
+            f"but got {input_shape}."
         )
     two_d = len(input_shape) == 3
     conv, norm, pool = (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d) if two_d else (nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d)
-    channels, *spatial = input_shape
+    in_channels, *spatial = input_shape
     layers: list[nn.Module] = []
-    width = cfg.channels
-    for _ in range(cfg.num_layers):
+    width = channels
+    for _ in range(num_layers):
         # Pool only while the map is at least 2 wide, so 8x8 digits and 40-sample signals both work.
         can_pool = min(spatial) >= 2
-        layers.append(conv(channels, width, cfg.kernel_size, padding=cfg.kernel_size // 2, bias=not cfg.batch_norm))
-        if cfg.batch_norm:
+        layers.append(conv(in_channels, width, kernel_size, padding=kernel_size // 2, bias=not batch_norm))
+        if batch_norm:
             layers.append(norm(width))
         layers.append(nn.ReLU())
         if can_pool:
             layers.append(pool(2))
             spatial = [s // 2 for s in spatial]
-        channels, width = width, width * 2
+        in_channels, width = width, width * 2
     layers.append(nn.Flatten())
-    layers += _dense_block(channels * math.prod(spatial), cfg.hidden_units, batch_norm=cfg.batch_norm)
-    layers.append(nn.Linear(cfg.hidden_units, num_classes))
+    layers += _dense_block(in_channels * math.prod(spatial), hidden_units, batch_norm=batch_norm)
+    layers.append(nn.Linear(hidden_units, num_classes))
     return nn.Sequential(*layers)
 
 
+def softmax(input_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
+    """Softmax regression: one linear map to the logits (cross-entropy applies the softmax)."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes))
+
+
 def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """Build the configured classifier for inputs of ``input_shape`` (one sample, no batch axis)."""
-    if cfg.name == "mlp":
-        return _mlp(cfg, math.prod(input_shape), num_classes)
-    if cfg.name == "cnn":
-        return _cnn(cfg, input_shape, num_classes)
-    if cfg.name == "softmax":
-        # Softmax regression: one linear map to the logits.
-        return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes))
-    raise ValueError(f"model.name must be one of mlp, cnn, softmax, but got {cfg.name!r}.")
+    """Build the configured classifier for inputs of ``input_shape`` (one sample, no batch axis): Hydra's
+    ``instantiate`` calls ``model._target_`` with ``input_shape``, ``num_classes`` and the config's other keys."""
+    try:
+        model = instantiate(
+            {"_target_": cfg.target, **cfg.options},
+            input_shape=tuple(input_shape),
+            num_classes=num_classes,
+            _convert_="all",
+        )
+    except InstantiationException as err:  # the model's own constructor refused its arguments
+        reason = str(err.__cause__ or err).strip().splitlines()[0]
+        raise ConfigError(f"model._target_={cfg.target!r} could not be built from {cfg.options}: {reason}") from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model._target_={cfg.target!r} returned {type(model).__name__}, not a torch.nn.Module.")
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -67,12 +67,7 @@ def _plugin(name: str, options: dict[str, Any]) -> str:
 
 def start_note(run: RunConfig, params: list[Param], *, command: str, refined_from: dict[str, Any] | None = None) -> str:
     t, s = run.trial, run.study
-    model = t.model.name
-    if t.model.name == "mlp":
-        model += f", {t.model.num_layers} hidden layer(s) of {t.model.hidden_units}"
-    elif t.model.name == "cnn":
-        model += f", {t.model.channels} channels, kernel {t.model.kernel_size}"
-    model += ", BatchNorm" if t.model.batch_norm else ", no BatchNorm"
+    model = _plugin(t.model.target, t.model.options)
     lines = [
         f"{NOTE_HEADING}{s.name}`",
         "",

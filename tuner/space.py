@@ -176,12 +176,18 @@ def parse_space(space: Mapping[str, Any] | None, raw: Mapping[str, Any]) -> list
     Unconditional entries come first, so conditions can depend on sampled values.
     """
     params: list[Param] = []
-    for path, entry in _flatten(space or {}):
+    entries = _flatten(space or {})
+    searched = {path for path, _ in entries}
+    for path, entry in entries:
         key = f"space.{path}"
         if path.split(".")[0] not in TRIAL_SECTIONS:
             raise ConfigError(
                 f"{key}: only {', '.join(TRIAL_SECTIONS)} settings can be searched, but got the path {path!r}."
             )
+        when = _condition(key, entry.get("when"))
+        if _never_active(when, searched, raw):
+            _check_condition(path, when, [], raw)  # a typo is still an error, as for an entry that stays
+            continue  # conditioned on settings this run fixes otherwise (another model): not part of this search
         try:
             current = get_path(raw, path)
         except KeyError:
@@ -189,7 +195,6 @@ def parse_space(space: Mapping[str, Any] | None, raw: Mapping[str, Any]) -> list
         if isinstance(current, Mapping):
             raise ConfigError(f"{key} names {path!r}, a config section, not a single setting.")
         distribution, reverse = _distribution(key, entry)
-        when = _condition(key, entry.get("when"))
         for cond_path in when:
             if get_path(raw, cond_path, _MISSING_PATH) is _MISSING_PATH:
                 raise ConfigError(f"{key}.when names {cond_path!r}, which is not in the composed config.")
@@ -197,8 +202,14 @@ def parse_space(space: Mapping[str, Any] | None, raw: Mapping[str, Any]) -> list
         _check_values(key, param, raw)
         params.append(param)
     for param in params:
-        _check_condition(param, params, raw)
+        _check_condition(param.path, param.when, params, raw)
     return sorted(params, key=lambda p: bool(p.when))
+
+
+def _never_active(when: Mapping[str, tuple[Any, ...]], searched: set[str], raw: Mapping[str, Any]) -> bool:
+    """A condition on settings that no entry searches, which the config does not meet: the entry never samples."""
+    fixed = [path for path in when if path not in searched and get_path(raw, path, _MISSING_PATH) is not _MISSING_PATH]
+    return any(get_path(raw, path) not in when[path] for path in fixed)
 
 
 def _range_words(param: Param) -> str:
@@ -217,21 +228,25 @@ def _refusal(raw: Mapping[str, Any], path: str, value: Any) -> str | None:
         return None
     if path.split(".")[0] not in TRIAL_SECTIONS:
         return f"{path} is not a setting that a trial changes"
+    # Another model takes other keys: it can be named if a model section of its own would accept it.
+    changed = {"model": {"_target_": value}} if path == "model._target_" else {path: value}
     try:
-        parse_trial(set_path(raw, {path: value}))
+        parse_trial(set_path(raw, changed))
     except ConfigError as err:
         return str(err).rstrip(".")
     return None
 
 
-def _check_condition(param: Param, params: list[Param], raw: Mapping[str, Any]) -> None:
+def _check_condition(
+    entry: str, when: Mapping[str, tuple[Any, ...]], params: list[Param], raw: Mapping[str, Any]
+) -> None:
     """A ``when`` value that its key can never take (a typo such as ``sgdd``) would leave the entry unsampled.
 
     The key can take any value the config accepts for it. A value that only this run never gives it is fine:
     one space file serves runs that fix ``optimizer.name`` differently, the shipped space lists ``rmsprop``
     beside choices without it, and ``tuner.refine`` keeps Adam's entries when its top trials all used SGD.
     """
-    for path, allowed in param.when.items():
+    for path, allowed in when.items():
         for value in allowed:
             refusal = _refusal(raw, path, value)
             if refusal is None:
@@ -240,7 +255,7 @@ def _check_condition(param: Param, params: list[Param], raw: Mapping[str, Any]) 
             now = "true or false" if isinstance(current, bool) else f"{current!r} (its config value)"
             takes = [now, *(_range_words(p) for p in params if p.path == path)]
             raise ConfigError(
-                f"space.{param.path}.when gives {path} the value {value!r}, which it can never take ({refusal}); "
+                f"space.{entry}.when gives {path} the value {value!r}, which it can never take ({refusal}); "
                 f"here it takes {' or '.join(takes)}."
             )
 

@@ -34,6 +34,7 @@ from tuner.faults import (
     interruptible,
     interrupts_allowed,
 )
+from tuner.model import build_model
 from tuner.notes import write_end_note, write_start_note
 from tuner.objective import Objective
 from tuner.plots import save_dashboard_plots
@@ -323,6 +324,7 @@ def _tune(run: RunConfig, params: list[Param], *, processes: int) -> Summary:
     # Load the data before the storage is touched: a missing data set must not leave a study behind.
     with interrupts_allowed():
         splits = objective.splits(run.trial.data, device)
+    build_model(run.trial.model, splits.input_shape, splits.num_classes)  # a model that cannot be built: stop now
     defined = definition(run.raw, params, data_content(splits.arrays()))
     storage = make_storage(
         run.study.storage,
