@@ -119,9 +119,10 @@ def _stored_definition(study: optuna.Study, parse_space: Any) -> tuple[dict[str,
     config = attrs.get("config")
     if isinstance(config, dict):
         try:
-            return definition(config, parse_space(config.get("space"), config), None), True
-        except ConfigError:
-            return None, True
+            params = parse_space(config.get("space"), config)
+        except ConfigError:  # a config this tuner no longer reads: compare it value by value, never accept it blindly
+            params = []
+        return definition(config, params, None), True
     return None, False
 
 
