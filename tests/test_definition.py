@@ -73,7 +73,7 @@ def test_differences_name_each_key_and_skip_ignored_prefixes() -> None:
 @pytest.mark.parametrize(
     ("change", "named"),
     [
-        (["space=lr"], "space.model.hidden_units: int [32, 512] log -> (absent)"),
+        (["space=lr"], "space.optimizer.name: one of ['sgd', 'adam'] -> (absent)"),
         (["space.optimizer.lr.low=1e-3"], "space.optimizer.lr: float [0.0001, 1.0] log -> float [0.001, 1.0] log"),
         (["model=cnn"], 'model._target_: "tuner.model.mlp" -> "tuner.model.cnn"'),
         (["trainer.epochs=2"], "trainer.epochs: 1 -> 2"),

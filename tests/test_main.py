@@ -175,23 +175,16 @@ def test_main_a_signal_during_start_up_is_one_line(tmp_path: Path, delay: float,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("override", "path", "value"),
-    [
-        ("optimizer.lr=0.5", "optimizer.lr", 0.5),
-        ("data.batch_size=1024", "data.batch_size", 1024),
-        ("model.num_layers=1", "model.num_layers", 1),
-    ],
-)
-def test_main_a_value_on_the_command_line_wins_over_the_space(
-    tmp_path: Path, override: str, path: str, value: object
-) -> None:
-    result = run_tuner(tmp_path, *SMALL, "trainer.epochs=1", override)  # space=default samples all three
+def test_main_a_value_on_the_command_line_wins_over_the_space(tmp_path: Path) -> None:
+    fixed = {"optimizer.lr": 0.5, "data.batch_size": 1024, "model.num_layers": 1}  # space=default samples all three
+    result = run_tuner(tmp_path, *SMALL, "trainer.epochs=1", *(f"{path}={value}" for path, value in fixed.items()))
 
     out = result.stdout + result.stderr
     assert result.returncode == 0, out
-    assert f"{path}={value!r} is set on the command line: it is not searched (space.{path} left out)" in out
     study = optuna.load_study(study_name="digits-mlp", storage=f"sqlite:///{tmp_path / 'study.db'}")
-    assert all(path not in t.params for t in study.trials) and len(study.trials) == 3
-    assert study.user_attrs["definition"][path] == str(value)  # the study records the fixed value
-    assert f"space.{path}" not in study.user_attrs["definition"]
+    assert len(study.trials) == 3
+    for path, value in fixed.items():
+        assert f"{path}={value!r} is set on the command line: it is not searched (space.{path} left out)" in out
+        assert all(path not in t.params for t in study.trials)
+        assert study.user_attrs["definition"][path] == str(value)  # the study records the fixed value
+        assert f"space.{path}" not in study.user_attrs["definition"]
