@@ -172,7 +172,7 @@ def _with_values(base: TrialConfig, values: dict[str, Any]) -> TrialConfig:
         section, key = path.split(".", 1)
         changes.setdefault(section, {})[key] = value
     return TrialConfig(
-        model=replace(base.model, **changes.get("model", {})),
+        model=replace(base.model, options={**base.model.options, **changes.get("model", {})}),
         data=replace(base.data, **changes.get("data", {})),
         optimizer=replace(base.optimizer, **changes.get("optimizer", {})),
         trainer=replace(base.trainer, **changes.get("trainer", {})),
