@@ -138,7 +138,7 @@ def check_definition(
     """Stop with one line if ``study``'s stored definition differs from ``now``; store it on a new study.
 
     ``accept`` (``study.accept_changes``) stores ``now`` and records the change instead, unless the data differ.
-    ``ignore``: key prefixes a command does not use (refine's space, which comes from the stored study).
+    ``ignore``: key prefixes a command does not compare (tuner.report: the data's fingerprint, it loads no data).
     ``record=False`` only compares (the read-only commands).
     """
     from tuner.space import parse_space
