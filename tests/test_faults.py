@@ -317,8 +317,11 @@ def test_faults_storage_password_never_appears_in_any_output(tmp_path: Path, pos
         assert secret.leaks(out) == [] and leaks_in_files(tmp_path, secret) == {}
 
 
-def _signal_after_start(cmd: list[str], cwd: Path, sig: signal.Signals, delay: float) -> tuple[int, str]:
-    """Start ``cmd``, wait until it has opened its study, then ``delay`` seconds more, and send ``sig``."""
+def _signal_after_start(
+    cmd: list[str], cwd: Path, sig: signal.Signals, delay: float, *, after: str = " to run ("
+) -> tuple[int, str]:
+    """Start ``cmd``, wait until it prints ``after`` (by default: it has opened its study), then ``delay`` seconds
+    more, and send ``sig``."""
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     opened = threading.Event()
@@ -327,7 +330,7 @@ def _signal_after_start(cmd: list[str], cwd: Path, sig: signal.Signals, delay: f
         assert proc.stdout is not None
         for line in proc.stdout:
             lines.append(line)
-            if " to run (" in line:
+            if after in line:
                 opened.set()
 
     reader = threading.Thread(target=read, daemon=True)
@@ -389,3 +392,17 @@ def test_faults_a_failing_trial_is_one_console_line_and_keeps_its_reason(
     assert "Traceback" not in console and "failed with value None" not in console
     assert [t.user_attrs["fail_reason"] for t in study.trials] == ["RuntimeError: boom in the user's model"] * 2
     assert summary.states == {"FAIL": 2}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("sig", "delay"), [(signal.SIGINT, 0.0), (signal.SIGINT, 0.15), (signal.SIGTERM, 0.4)])
+def test_faults_a_signal_once_the_study_has_finished_ends_the_run_as_complete(
+    tmp_path: Path, sig: signal.Signals, delay: float
+) -> None:
+    # The summary is printed; Hydra and Python shut down: the run is complete whatever lands now.
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    cmd = _tuner(tmp_path, url, "study.n_trials=2")
+    code, out = _signal_after_start(cmd, tmp_path, sig, delay, after="study finished")
+    assert code == 0 and "Traceback" not in out, out
+    assert [t.state for t in _trials(url)] == [TrialState.COMPLETE] * 2
+

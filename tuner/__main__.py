@@ -217,6 +217,10 @@ def cli() -> None:
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra raises its errors here instead of printing tracebacks
     try:
         main()
+        # The run is complete. Python's shutdown resets its own handlers to the default (killed by the signal),
+        # but keeps an ignored signal ignored.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
     except KeyboardInterrupt as err:
         name = str(err) or "SIGINT"
         print(f"interrupted by {name}; run the same command again to continue the study", file=sys.stderr)
