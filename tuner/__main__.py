@@ -224,7 +224,12 @@ def cli() -> None:
     except KeyboardInterrupt as err:
         name = str(err) or "SIGINT"
         print(f"interrupted by {name}; run the same command again to continue the study", file=sys.stderr)
-        sys.exit(143 if name == "SIGTERM" else 130)
+        # Not sys.exit: an interrupt that landed inside an extension's start-up code (torch's) marks the interpreter,
+        # which then ends itself by SIGINT (-2) whatever code is asked for. Nothing is left to write.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(143 if name == "SIGTERM" else 130)
     except Exception as err:
         message = input_error(err)
         if message is None:
