@@ -57,8 +57,9 @@ from tuner.config import OptimizerConfig, RunConfig, TrialConfig
 from tuner.data import Splits
 from tuner.model import build_model
 from tuner.objective import Objective, trial_seed
+from tuner.plugins import make_pruner, make_sampler
 from tuner.space import Param, suggest
-from tuner.study import make_pruner, make_sampler, make_storage
+from tuner.study import make_storage
 from tuner.tune import prepare, run_workers
 from tuner.workers import ProcessTrainer, resolve_workers
 

@@ -7,8 +7,9 @@ import optuna
 import sqlalchemy
 
 from tuner.config import PluginConfig
+from tuner.plugins import make_pruner
 from tuner.pruning import CachedCompletedTrials
-from tuner.study import make_pruner, make_storage
+from tuner.study import make_storage
 
 EPOCHS = 8
 

@@ -15,7 +15,8 @@ from optuna.storages._rdb import models
 
 from tests.conftest import compose_raw, run_with_read_only
 from tuner.config import ConfigError, PluginConfig, parse_run
-from tuner.study import check_storage_url, make_pruner, make_sampler, make_storage, open_study, safe_url
+from tuner.plugins import make_pruner, make_sampler
+from tuner.study import check_storage_url, make_storage, open_study, safe_url
 
 
 def test_study_sqlite_storage_uses_wal_and_round_trips(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Optuna's pieces, built from typed config: storage, sampler, pruner, and the study itself."""
+"""Optuna's storage and the study itself, built from typed config (the sampler and pruner: tuner.plugins)."""
 
 from __future__ import annotations
 
@@ -22,18 +22,16 @@ from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 
 from tuner.batched import BatchedTrialWrites
 from tuner.budget import BudgetGate, file_lock
-from tuner.config import ConfigError, PluginConfig, RunConfig
+from tuner.config import ConfigError, RunConfig
 from tuner.definition import check_definition
 from tuner.journal import HeartbeatJournalStorage, check_journal_file
-from tuner.pruning import CachedCompletedTrials
+from tuner.plugins import make_pruner, make_sampler
 from tuner.secrets import mask_password, safe_url
 
 __all__ = [
     "FINISHED",
     "check_storage_url",
     "finished_trials",
-    "make_pruner",
-    "make_sampler",
     "make_storage",
     "open_study",
     "safe_url",  # tuner.secrets' own, still imported from here by tuner.tune and tuner.stored
@@ -53,43 +51,6 @@ JOURNAL_SCHEME = "journal"
 # Any fixed 64-bit number: the PostgreSQL advisory lock that tuner workers take while creating tables.
 SCHEMA_LOCK_KEY = 0x7475_6E65_72
 BUDGET_LOCK_KEY = 0x7475_6E65  # with the study id: pg_advisory_lock(int, int)
-
-SAMPLERS: dict[str, type[optuna.samplers.BaseSampler]] = {
-    "random": optuna.samplers.RandomSampler,
-    "tpe": optuna.samplers.TPESampler,
-    "qmc": optuna.samplers.QMCSampler,
-    "gp": optuna.samplers.GPSampler,
-}
-PRUNERS: dict[str, type[optuna.pruners.BasePruner]] = {
-    "median": optuna.pruners.MedianPruner,
-    "percentile": optuna.pruners.PercentilePruner,
-    "hyperband": optuna.pruners.HyperbandPruner,
-    "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
-    "none": optuna.pruners.NopPruner,
-}
-
-
-def _build(group: str, table: dict[str, Any], cfg: PluginConfig, **extra: Any) -> Any:
-    cls = table.get(cfg.name)
-    if cls is None:
-        raise ConfigError(f"{group}.name must be one of {', '.join(table)}, but got {cfg.name!r}.")
-    try:
-        return cls(**cfg.options, **extra)
-    except (TypeError, ValueError) as err:
-        options = ", ".join(f"{group}.{k}={v!r}" for k, v in cfg.options.items())
-        raise ConfigError(f"{group}={cfg.name} rejects its options ({options}): {err}") from None
-
-
-def make_sampler(cfg: PluginConfig, *, seed: int) -> optuna.samplers.BaseSampler:
-    sampler: optuna.samplers.BaseSampler = _build("sampler", SAMPLERS, cfg, seed=seed)
-    return sampler
-
-
-def make_pruner(cfg: PluginConfig) -> optuna.pruners.BasePruner:
-    pruner: optuna.pruners.BasePruner = _build("pruner", PRUNERS, cfg)
-    if isinstance(pruner, optuna.pruners.PercentilePruner):  # median and percentile: see tuner.pruning
-        return CachedCompletedTrials(pruner)
-    return pruner
 
 
 def check_storage_url(url: str) -> URL:

@@ -38,7 +38,8 @@ def train_trial(raw: dict[str, object]) -> float | optuna.TrialPruned:
     the sweeper reads the job's return value either way.
     """
     from tuner.objective import Objective  # torch is imported only once the config is composed
-    from tuner.study import make_pruner, make_storage
+    from tuner.plugins import make_pruner
+    from tuner.study import make_storage
     from tuner.tune import prepare
 
     try:

@@ -38,12 +38,11 @@ from tuner.model import build_model
 from tuner.notes import write_end_note, write_start_note
 from tuner.objective import Objective
 from tuner.plots import save_dashboard_plots
+from tuner.plugins import make_pruner, make_sampler
 from tuner.space import Param, parse_space, values_from_params
 from tuner.study import (
     check_storage_url,
     finished_trials,
-    make_pruner,
-    make_sampler,
     make_storage,
     open_study,
     safe_url,
