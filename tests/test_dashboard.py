@@ -109,6 +109,7 @@ def _page_text(driver: Any, url: str, *wanted: str, timeout: float = 60) -> str:
     return body[0]
 
 
+@pytest.mark.slow
 def test_dashboard_shows_study_trial_count_note_and_best_trials_artifacts(
     digits_study: tuple[list[str], Any], dashboard: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -142,6 +143,7 @@ def test_dashboard_shows_study_trial_count_note_and_best_trials_artifacts(
         driver.quit()
 
 
+@pytest.mark.slow
 def test_dashboard_missing_storage_is_an_error_and_creates_nothing(tmp_path: Path) -> None:
     db = tmp_path / "typo.db"
     result = subprocess.run(

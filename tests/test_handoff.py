@@ -27,6 +27,7 @@ def _owner_study(url: str) -> optuna.Study:
     return study
 
 
+@pytest.mark.slow
 def test_handoff_rebuilt_trial_reports_and_is_told_to_prune(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'h.db'}"
     owner = _owner_study(url)

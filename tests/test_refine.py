@@ -85,6 +85,7 @@ def _run(module: str, cwd: Path, *args: str, python: list[str] | None = None) ->
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_refine_starts_a_warm_started_child_study_and_its_command_continues_it(
     digits_study: tuple[list[str], Any], tmp_path: Path
 ) -> None:
@@ -131,6 +132,7 @@ def test_refine_starts_a_warm_started_child_study_and_its_command_continues_it(
     assert len(optuna.load_study(study_name="digits-mlp-fine", storage=url).trials) == 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -153,6 +155,7 @@ def test_refine_bad_input_is_one_clear_error_and_changes_nothing(
     assert not (tmp_path / "spaces").exists()
 
 
+@pytest.mark.slow
 def test_refine_space_dir_that_is_a_file_is_one_error_and_changes_nothing(
     digits_study: tuple[list[str], Any], tmp_path: Path
 ) -> None:
@@ -169,6 +172,7 @@ def test_refine_space_dir_that_is_a_file_is_one_error_and_changes_nothing(
     assert [(s.study_name, s.n_trials) for s in optuna.get_all_study_summaries(url)] == before
 
 
+@pytest.mark.slow
 def test_refine_run_false_creates_the_child_with_warm_starts_waiting_and_trains_nothing(
     digits_study: tuple[list[str], Any], tmp_path: Path
 ) -> None:

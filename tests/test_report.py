@@ -21,6 +21,7 @@ def run_report(cwd: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
 def test_report_prints_importances_and_writes_an_html_folder(
     digits_study: tuple[list[str], Any], tmp_path: Path
 ) -> None:
@@ -75,6 +76,7 @@ def test_report_learning_curves_tell_pruned_from_complete(digits_study: tuple[li
     assert sum(t.name == "pruned" for t in figure.data) == len(pruned) > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "message"),
     [("nope", "study.name='nope' is not in sqlite:///"), ("empty", "study.name='empty' has no trials yet")],
@@ -91,6 +93,7 @@ def test_report_bad_study_is_one_clear_error_and_writes_nothing(tmp_path: Path, 
     assert [s.study_name for s in optuna.get_all_study_summaries(url)] == ["empty"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("folder", ["taken", "taken/report"])
 def test_report_dir_with_a_file_in_the_way_is_one_error_before_any_work(
     digits_study: tuple[list[str], Any], tmp_path: Path, folder: str
@@ -105,6 +108,7 @@ def test_report_dir_with_a_file_in_the_way_is_one_error_before_any_work(
     assert (tmp_path / "taken").read_text() == "a file"
 
 
+@pytest.mark.slow
 def test_report_works_on_a_study_that_is_still_running(digits_study: tuple[list[str], Any], tmp_path: Path) -> None:
     overrides, study = digits_study
     url = f"sqlite:///{tmp_path / 'live.db'}"

@@ -158,6 +158,7 @@ def _print_config(*args: str, env: dict[str, str] | None = None) -> str:
     return done.stdout + done.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("secret", SECRETS.values(), ids=SECRETS.keys())
 def test_secrets_cfg_all_prints_no_password(secret: Secret) -> None:
     out = _print_config(f"study.storage={secret.override(BASE)}", "--cfg", "all")
@@ -165,6 +166,7 @@ def test_secrets_cfg_all_prints_no_password(secret: Secret) -> None:
     assert out.count("postgresql://tuner:***@db.example:5432/optuna") == 3  # config, overrides, override_dirname
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("part", ["job", "hydra"])
 def test_secrets_cfg_job_and_hydra_print_no_password(part: str) -> None:
     secret = SECRETS["percent-encoded"]
@@ -172,6 +174,7 @@ def test_secrets_cfg_job_and_hydra_print_no_password(part: str) -> None:
     assert secret.leaks(out) == [] and "postgresql://tuner:***@db.example:5432/optuna" in out
 
 
+@pytest.mark.slow
 def test_secrets_cfg_job_resolved_prints_no_password_from_the_environment() -> None:
     secret = SECRETS["unicode-space-encoded"]
     override = "study.storage=postgresql://tuner:${oc.env:TUNER_TEST_DB_PASSWORD}@db.example:5432/optuna"
@@ -179,6 +182,7 @@ def test_secrets_cfg_job_resolved_prints_no_password_from_the_environment() -> N
     assert secret.leaks(out) == [] and "postgresql://tuner:***@db.example:5432/optuna" in out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", ["tuner", "tuner.report", "tuner.refine", "tuner.dashboard", "tuner.train"])
 def test_secrets_every_command_masks_its_saved_config_and_its_messages(tmp_path: Path, module: str) -> None:
     secret = SECRETS["percent-encoded"]

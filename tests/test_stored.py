@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # each test runs a command in a fresh interpreter
+
 
 @pytest.mark.parametrize("command", ["tuner.report", "tuner.refine", "tuner.dashboard"])
 def test_stored_missing_journal_file_is_one_error_and_no_file(tmp_path: Path, command: str) -> None:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import optuna
+import pytest
 
 from tests.conftest import compose_raw
 from tuner.handoff import TrialHandle
@@ -33,6 +34,7 @@ def test_train_trains_the_trial_it_is_handed_and_reports_each_epoch(tmp_path: Pa
     assert stored.state == optuna.trial.TrialState.RUNNING  # the sweeper, not the job, tells the result
 
 
+@pytest.mark.slow
 def test_train_without_a_sweeper_says_how_to_run_it(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "tuner.train", "data=digits", f"study.storage=sqlite:///{tmp_path / 't.db'}"],

@@ -58,6 +58,7 @@ def test_tune_writes_every_trial_with_epochs_and_user_attrs(finished: tuple[Path
                 assert trial.user_attrs[path] == pytest.approx(1 - trial.params[f"1-{path}"])
 
 
+@pytest.mark.slow
 def test_tune_parallel_workers_write_every_trial_and_keep_the_best_trials_model(tmp_path: Path) -> None:
     summary = tune(*prepare(compose_raw(*_overrides(tmp_path, "study.n_trials=10", "trainer.workers=2"))))
     study = optuna.load_study(study_name="digits-mlp", storage=f"sqlite:///{tmp_path / 'study.db'}")
@@ -100,6 +101,7 @@ def test_tune_saves_the_best_model_and_scores_it_on_test(finished: tuple[Path, o
     assert accuracy > 0.8
 
 
+@pytest.mark.slow
 def test_tune_scores_the_best_trials_own_checkpoint_when_another_workers_landed_last(tmp_path: Path) -> None:
     overrides = _overrides(tmp_path)
     tune(*prepare(compose_raw(*overrides)))

@@ -55,6 +55,7 @@ def _fit(
     return model, history
 
 
+@pytest.mark.slow
 def test_workers_a_worker_process_learns_what_this_process_learns(trainer: ProcessTrainer, splits: Splits) -> None:
     cfg = _cfg("optimizer.name=adam", "optimizer.lr=0.01")
     torch.set_num_threads(1)  # as the worker: the same summation order
@@ -72,11 +73,13 @@ def test_workers_a_worker_process_learns_what_this_process_learns(trainer: Proce
         assert torch.equal(local_model(splits.x_val).argmax(1), remote_model(splits.x_val).argmax(1))
 
 
+@pytest.mark.slow
 def test_workers_no_weights_come_back_unless_wanted(trainer: ProcessTrainer, splits: Splits) -> None:
     model, history = _fit(trainer, _cfg("trainer.epochs=1"), splits, keep=False)
     assert model is None and len(history) == 1
 
 
+@pytest.mark.slow
 def test_workers_a_pruned_trial_stops_at_that_epoch_and_the_worker_takes_the_next(
     trainer: ProcessTrainer, splits: Splits
 ) -> None:
@@ -91,11 +94,13 @@ def test_workers_a_pruned_trial_stops_at_that_epoch_and_the_worker_takes_the_nex
     assert trainer.pid == pid  # the same worker, not a restarted one
 
 
+@pytest.mark.slow
 def test_workers_a_diverging_trial_raises_its_error_here(trainer: ProcessTrainer, splits: Splits) -> None:
     with pytest.raises(TrainingDiverged, match="training loss became"):
         _fit(trainer, _cfg("optimizer.lr=1e30", "optimizer.momentum=0.99"), splits)
 
 
+@pytest.mark.slow
 def test_workers_a_killed_worker_fails_its_trial_and_a_new_one_takes_the_next(splits: Splits) -> None:
     trainer = ProcessTrainer(threads=1)
     try:
@@ -112,6 +117,7 @@ def test_workers_a_killed_worker_fails_its_trial_and_a_new_one_takes_the_next(sp
         trainer.close()
 
 
+@pytest.mark.slow
 def test_workers_interrupt_ends_the_running_trial_with_the_signal(splits: Splits) -> None:
     trainer = ProcessTrainer(threads=1)
     started = threading.Event()
@@ -151,6 +157,7 @@ def _exited(pid: int) -> bool:
     return state in ("Z", "X")  # a zombie has exited; nobody may reap an orphan here
 
 
+@pytest.mark.slow
 def test_workers_a_worker_exits_soon_after_the_tuner_process_is_killed() -> None:
     script = (
         "import time\n"
