@@ -52,15 +52,16 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
 
 from tuner.__main__ import config_dir
-from tuner.budget import BudgetGate
+from tuner.budget import Budget, thread_lock
 from tuner.config import OptimizerConfig, RunConfig, TrialConfig
 from tuner.data import Splits
+from tuner.loop import run_workers
 from tuner.model import build_model
 from tuner.objective import Objective, trial_seed
 from tuner.plugins import make_pruner, make_sampler
 from tuner.space import Param, suggest
-from tuner.study import make_storage
-from tuner.tune import prepare, run_workers
+from tuner.study import make_storage, study_lock
+from tuner.tune import prepare
 from tuner.workers import ProcessTrainer, resolve_workers
 
 VARIANTS = ("reference", "reference_mt", "memory", "sqlite")
@@ -259,18 +260,6 @@ def compose_raw(overrides: list[str]) -> dict[str, Any]:
     return cast(dict[str, Any], raw)
 
 
-class GatedInMemoryStorage(BudgetGate, optuna.storages.InMemoryStorage):
-    """In-memory storage that creates no trial beyond ``trial_budget``, as tuner's SQLite storage: so that
-    parallel workers stop at exactly the round's trials (tuner.budget)."""
-
-    def budget_lock(self, study_id: int) -> Any:
-        return self._lock  # InMemoryStorage's own RLock
-
-    def create_new_trial(self, study_id: int, template_trial: optuna.trial.FrozenTrial | None = None) -> int:
-        create = super(BudgetGate, self).create_new_trial
-        return self.gate(study_id, template_trial, lambda: create(study_id, template_trial))
-
-
 def sample_plan(run: RunConfig, params: list[Param], seed: int, trials: int) -> list[dict[str, Any]]:
     """The round's trials: ``trials`` draws of tuner's sampler (seeded) over the space, untrained."""
     study = optuna.create_study(sampler=make_sampler(run.sampler, seed=seed))
@@ -399,12 +388,13 @@ def bench_dataset(dataset: str, args: argparse.Namespace, workdir: Path) -> list
 
     def one(variant: str, rnd: int, seed: int, trials: int) -> Result:
         plan = sample_plan(run, params, seed, trials)
-        storage: optuna.storages.BaseStorage = GatedInMemoryStorage()
+        storage: optuna.storages.BaseStorage = optuna.storages.InMemoryStorage()
+        budget = Budget(trials, thread_lock)  # parallel workers stop at exactly the round's trials
         if variant == "sqlite":
             db = workdir / f"{dataset}-{rnd}-{seed}.db"
             db.unlink(missing_ok=True)
             storage = make_storage(f"sqlite:///{db}")
-        storage.trial_budget = trials  # type: ignore[attr-defined]
+            budget = Budget(trials, lambda: study_lock(f"sqlite:///{db}", study.study_name))
         study = _new_study(run, storage, plan)
         if variant in REFERENCES:
             torch.set_num_threads(args.threads if variant == "reference" else args.default_threads)
@@ -425,7 +415,9 @@ def bench_dataset(dataset: str, args: argparse.Namespace, workdir: Path) -> list
             ]
             pids = [t.pid for t in trainers if t.pid is not None]
             start, cpu_start = time.perf_counter(), _cpu_seconds(pids)
-            run_workers(studies, objectives, callbacks=[])  # the storage's budget ends it, as in tune()
+            # The budget ends it, as in tune(); heartbeats as python -m tuner sends them on SQLite.
+            interval = run.study.heartbeat_interval if variant == "sqlite" else None
+            run_workers(studies, objectives, storage=storage, budget=budget, heartbeat_interval=interval)
             wall = time.perf_counter() - start
             cpu_s = _cpu_seconds([t.pid for t in trainers if t.pid is not None]) - cpu_start
         return _result(dataset, variant, rnd, seed, wall, cpu_s, study)

@@ -4,19 +4,19 @@
 
 Each worker runs what ``python -m tuner`` runs around its objective: ``tuner.study.make_storage`` (WAL
 SQLite, journal file or PostgreSQL, with heartbeats and RetryHeartbeatStaleTrialCallback), the start-up
-recovery of dead workers' trials, and the storage's trial budget. The objective is synthetic (5
-reported steps of ~4 ms each) so the figures measure the storage and the coordination, not training.
+recovery of dead workers' trials, and tuner's loop (tuner.loop) with the shared trial budget. The objective
+is synthetic (5 reported steps of ~4 ms each) so the figures measure the storage and the coordination, not training.
 After the workers end, one more worker starts, as a user would rerun the command, to recover what the
 killed worker left. Printed per storage: trials/s, trials lost, left RUNNING, lock errors, extra trials
 beyond n_trials. PostgreSQL is skipped without --postgres (or TUNER_TEST_POSTGRES_URL). ``--compare``
-adds, in the same run, "plain" workers that use Optuna's ``MaxTrialsCallback`` instead of tuner's budget
-gate (same storages and heartbeats), for the ratio of throughputs and the overshoot the gate prevents.
+adds, in the same run, "plain" workers that run ``study.optimize`` with Optuna's ``MaxTrialsCallback`` instead
+of tuner's loop and budget (same storages), for the ratio of throughputs and the overshoot the budget prevents.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import logging
 import os
 import re
 import signal
@@ -35,48 +35,48 @@ from optuna.trial import TrialState
 STEPS = 5
 STEP_S = 0.004
 HEARTBEAT_S, GRACE_S = 1, 3
-GIVEN_UP = "GIVEN-UP-FOR-DEAD"
+GIVEN_UP = "given up for dead"  # tuner.loop's warning
 LOCK_ERRORS = re.compile(r"database is locked|could not obtain lock|deadlock detected", re.IGNORECASE)
 # Optuna's journal file lock: a worker killed while it held the lock leaves it until its grace period (30 s).
 LOCK_STALLS = re.compile(r"Forcibly releasing the lock file")
 
 
 def worker(url: str, study_name: str, n_trials: int, plain: bool) -> None:
-    from tuner.batched import write_now
-    from tuner.budget import BudgetReached, budget_used
-    from tuner.study import FINISHED, make_storage
+    from tuner.budget import Budget, budget_used
+    from tuner.loop import fail_stale_trials, run_trials
+    from tuner.study import FINISHED, make_storage, study_lock
 
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")  # tuner's "given up for dead" lines
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-    storage = make_storage(
-        url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S, max_retry=3, trial_budget=None if plain else n_trials
-    )
+    storage = make_storage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S, max_retry=3)
     study = optuna.load_study(study_name=study_name, storage=storage)
-    optuna.storages.fail_stale_trials(study)  # what tuner.tune does at worker start
-    busy = budget_used(study.get_trials(deepcopy=False))
-    if busy >= n_trials:
+    fail_stale_trials(study, storage)  # what tuner.tune does at worker start
+    if budget_used(study.get_trials(deepcopy=False)) >= n_trials:
         return
 
     def objective(trial: optuna.Trial) -> float:
-        trial.set_user_attr("pid", os.getpid())
-        write_now(trial)  # as tuner's objective does when training starts: the watcher sees whose trial runs
+        trial.set_user_attr("pid", os.getpid())  # the watcher sees whose trial runs
         x = trial.suggest_float("x", -1.0, 1.0)
         for step in range(STEPS):
             time.sleep(STEP_S)
             trial.report(x * x + step, step)
         return x * x
 
-    # Optuna's own recipe stops each worker once n_trials are finished; tuner's relies on the storage's budget.
-    callbacks = [MaxTrialsCallback(n_trials, states=FINISHED)] if plain else []
-    while True:
-        try:
-            with contextlib.suppress(BudgetReached):  # the other workers took the last trials
-                study.optimize(objective, callbacks=callbacks)
-            return
-        except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
-            # As tuner.tune does: another worker gave this worker's trial up for dead (a heartbeat came
-            # later than the grace period) and queued it again; Optuna refused this worker's tell.
-            print(GIVEN_UP, flush=True)
+    if plain:  # Optuna's own recipe: each worker stops once n_trials are finished
+        study.optimize(objective, callbacks=[MaxTrialsCallback(n_trials, states=FINISHED)], catch=(Exception,))
+        return
+    budget = Budget(n_trials, lambda: study_lock(url, study_name))
+    run_trials(
+        study,
+        objective,
+        storage=storage,
+        budget=budget,
+        heartbeat_interval=HEARTBEAT_S,
+        told=[],
+        deadline=None,
+        should_stop=lambda: False,
+    )
 
 
 def spawn(url: str, name: str, n_trials: int, log: Path, plain: bool) -> subprocess.Popen[bytes]:

@@ -14,9 +14,10 @@ import sqlalchemy
 from optuna.storages._rdb import models
 
 from tests.conftest import compose_raw, run_with_read_only
+from tuner.budget import Budget
 from tuner.config import ConfigError, PluginConfig, parse_run
 from tuner.plugins import make_pruner, make_sampler
-from tuner.study import check_storage_url, make_storage, open_study, safe_url
+from tuner.study import check_storage_url, make_storage, open_study, safe_url, study_lock
 
 
 def test_study_sqlite_storage_uses_wal_and_round_trips(tmp_path: Path) -> None:
@@ -232,9 +233,11 @@ def test_study_postgresql_incompatible_optuna_schema_is_refused_and_left_untouch
 def test_study_each_queued_trial_goes_to_one_worker_only(
     kind: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    # Retries and refine's queued trials are WAITING: parallel workers must not train one twice.
+    # Retries and refine's queued trials are WAITING: parallel workers must not train one twice. tuner's
+    # workers ask under the study's lock (tuner.budget); SQLite alone would hand a trial to two of them.
     url = _storage_url(kind, tmp_path, request.getfixturevalue("postgres_url") if kind == "postgresql" else None)
-    storage = make_storage(url, heartbeat_interval=None)  # asks outside study.optimize: no heartbeats
+    storage = make_storage(url, heartbeat_interval=None)
+    budget = Budget(None, lambda: study_lock(url, "q"))
     queued = 60
     first = optuna.create_study(storage=storage, study_name="q")
     for i in range(queued):
@@ -246,7 +249,7 @@ def test_study_each_queued_trial_goes_to_one_worker_only(
         study = optuna.load_study(study_name="q", storage=storage)  # each worker its own handle
         go.wait()
         while True:
-            trial = study.ask()
+            trial = budget.ask(study)
             if trial.number >= queued:  # the queue is empty: this is a fresh trial
                 return
             mine.append(trial.number)

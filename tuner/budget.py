@@ -1,28 +1,27 @@
 """``study.n_trials`` as one budget for every worker sharing a study.
 
 Optuna's ``MaxTrialsCallback`` checks after each trial, so W workers overshoot by up to W-1 trials,
-and a check before ``study.ask()`` still races with the other workers. Here the storage itself
-refuses to create a fresh trial once the budget is used, holding a lock across the count and the
-insert (a PostgreSQL advisory lock; a lock file beside a SQLite or journal file, for the workers of
-one machine). Popping a queued (WAITING) retry creates no trial and is never refused.
+and a check before ``study.ask()`` still races with the other workers. Here each worker counts and asks
+under one lock that every worker of the study takes (a PostgreSQL advisory lock; a lock file beside a
+SQLite or journal file, for the workers of one machine), so the count cannot change between the two.
+A queued (WAITING) retry takes the place of the dead trial it copies, so popping it always fits.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import threading
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, TypeVar
 
+import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-__all__ = ["BudgetGate", "BudgetReached", "budget_used", "file_lock"]
-
-T = TypeVar("T")
+__all__ = ["Budget", "BudgetReached", "budget_used", "file_lock", "thread_lock"]
 
 
 class BudgetReached(Exception):
-    """``study.ask()`` was refused: finished and running trials already fill ``study.n_trials``."""
+    """No trial was asked: finished and running trials already fill ``study.n_trials``."""
 
 
 def budget_used(trials: Iterable[FrozenTrial]) -> int:
@@ -35,35 +34,45 @@ def budget_used(trials: Iterable[FrozenTrial]) -> int:
     return sum((t.state.is_finished() or t.state == TrialState.RUNNING) and t.number not in replaced for t in trials)
 
 
-class BudgetGate:
-    """Storage mixin: set ``trial_budget`` and creating a fresh trial raises ``BudgetReached`` once it is used."""
+class Budget:
+    """Ask trials for one study until ``n_trials`` (``None``: no limit) are used by all of its workers.
 
-    trial_budget: int | None = None
+    ``lock`` returns the study's lock (``tuner.study.study_lock``): held across the count and ``study.ask()``.
+    """
 
-    def budget_lock(self, study_id: int) -> contextlib.AbstractContextManager[None]:
-        raise NotImplementedError
+    def __init__(self, n_trials: int | None, lock: Callable[[], contextlib.AbstractContextManager[None]]) -> None:
+        if n_trials is not None and n_trials < 1:
+            raise ValueError(f"n_trials must be at least 1 or None, but got {n_trials=}.")
+        self.n_trials = n_trials
+        self.lock = lock
 
-    def budget_count(self, study_id: int) -> int:
-        """``budget_used`` of the study's trials; a storage may count without loading every trial."""
-        storage: Any = self  # a BaseStorage: the class this is mixed into
-        return budget_used(storage.get_all_trials(study_id, deepcopy=False))
-
-    def gate(self, study_id: int, template_trial: FrozenTrial | None, create: Callable[[], T]) -> T:
-        """Run ``create`` (the storage's own trial insert) unless it would exceed the budget."""
-        if template_trial is not None or self.trial_budget is None:  # enqueue_trial / add_trial / a retry copy
-            return create()
-        with self.budget_lock(study_id):
-            if self.budget_count(study_id) >= self.trial_budget:
-                raise BudgetReached(f"study.n_trials={self.trial_budget} is reached by this study's workers")
-            return create()
+    def ask(self, study: optuna.Study) -> optuna.Trial:
+        """``study.ask()``, or ``BudgetReached`` when the study's trials fill the budget."""
+        with self.lock():
+            if self.n_trials is not None and budget_used(study.get_trials(deepcopy=False)) >= self.n_trials:
+                raise BudgetReached(f"study.n_trials={self.n_trials} is reached by this study's workers")
+            return study.ask()
 
 
 @contextlib.contextmanager
 def file_lock(path: str) -> Iterator[None]:
-    """An exclusive ``flock`` on a lock file of its own (never on the SQLite file: that would drop SQLite's locks)."""
+    """An exclusive ``flock`` on a lock file of its own (never on the SQLite file: that would drop SQLite's locks).
+
+    Each call opens the file anew, so threads of one process exclude each other as processes do.
+    """
     with open(path, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+_THREADS = threading.Lock()
+
+
+@contextlib.contextmanager
+def thread_lock() -> Iterator[None]:
+    """The lock of a storage that lives in this process only (in-memory): its threads exclude each other."""
+    with _THREADS:
+        yield

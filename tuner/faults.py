@@ -1,5 +1,5 @@
-"""Surviving a long study: heartbeat settings, Ctrl-C and SIGTERM, the trial budget shared by many workers,
-and stopping when every recent trial fails the same way."""
+"""Surviving a long study: Ctrl-C and SIGTERM at safe points, and stopping when every recent trial fails
+the same way."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import contextlib
 import logging
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from types import FrameType
 
 import optuna
@@ -21,8 +21,6 @@ __all__ = [
     "FailureStreak",
     "FailureStreakError",
     "Interrupted",
-    "RaiseWaitingInterrupt",
-    "StopWhen",
     "check_interrupt",
     "error_reason",
     "interruptible",
@@ -38,21 +36,11 @@ def error_reason(err: BaseException) -> str:
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM. A KeyboardInterrupt, so Optuna ends the running trial as FAIL and re-raises it."""
+    """Ctrl-C or SIGTERM. A KeyboardInterrupt, so tuner.loop ends the running trial as FAIL and re-raises it."""
 
     def __init__(self, signal_name: str) -> None:
         super().__init__(signal_name)
         self.signal_name = signal_name
-
-
-def _one_line_failures(record: logging.LogRecord) -> bool:
-    """Optuna logs each failed trial twice, once with its traceback. The console gets tuner's one line per trial
-    (tuner.summary) and the trial keeps its ``fail_reason``; the traceback goes to tuner's debug log."""
-    if record.exc_info:
-        if not isinstance(record.exc_info[1], KeyboardInterrupt):
-            log.debug("%s", record.getMessage(), exc_info=record.exc_info)
-        return False
-    return not record.getMessage().endswith("failed with value None.")
 
 
 class _SignalState:
@@ -91,15 +79,12 @@ def interruptible() -> Iterator[None]:
         _state.pending = name
 
     _state.reset()
-    optuna_log = logging.getLogger("optuna.study._optimize")  # the logger of Optuna's "Trial N failed" lines
-    optuna_log.addFilter(_one_line_failures)
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
-        optuna_log.removeFilter(_one_line_failures)
         _state.reset()
 
 
@@ -139,30 +124,13 @@ def interrupts_deferred() -> Iterator[None]:
         check_interrupt()
 
 
-class RaiseWaitingInterrupt:
-    """Optuna callback, after each told trial: a safe point for a signal that came meanwhile."""
-
-    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        check_interrupt()
-
-
-class StopWhen:
-    """Optuna callback: stop this worker after its trial once ``should_stop()`` (another worker failed)."""
-
-    def __init__(self, should_stop: Callable[[], bool]) -> None:
-        self.should_stop = should_stop
-
-    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        if self.should_stop():
-            study.stop()
-
-
 class FailureStreakError(RuntimeError):
     """The study stopped because every recent trial failed with the same error type."""
 
 
 class FailureStreak:
-    """Optuna callback: stop when the last ``limit`` finished trials (all workers) failed with one error type.
+    """Called with each told trial: set ``message``, and the workers stop, when the last ``limit`` finished
+    trials (all workers) failed with one error type.
 
     A trial that fails for a reason of its own (a diverging learning rate) leaves the study going; a
     broken setup that fails every trial (a missing file, a model too big for the GPU) stops it early.
@@ -173,10 +141,7 @@ class FailureStreak:
         self.message: str | None = None
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        if self.message is not None:  # another worker of this process saw the streak: stop this one too
-            study.stop()
-            return
-        if self.limit is None or trial.state != TrialState.FAIL:
+        if self.message is not None or self.limit is None or trial.state != TrialState.FAIL:
             return
         finished = study.get_trials(deepcopy=False, states=FINISHED)
         recent = sorted(finished, key=lambda t: (t.datetime_complete is None, t.datetime_complete, t.number))
@@ -188,4 +153,3 @@ class FailureStreak:
                 f"stopped: the last {self.limit} trials all failed with {kinds.pop()} "
                 f"(study.max_failure_streak={self.limit}); last error: {reasons[-1]}"
             )
-            study.stop()

@@ -1,15 +1,16 @@
 """Optuna's JournalStorage on a file, with the heartbeats that Optuna 5.0 gives only RDBStorage.
 
-Optuna 5.0's ``JournalStorage`` is not a ``BaseHeartbeat`` (checked in optuna/storages/journal/_storage.py),
-so a SIGKILLed worker's trial would stay RUNNING forever. This subclass implements Optuna's own
-``BaseHeartbeat`` interface, so Optuna's heartbeat thread, ``fail_stale_trials`` and
-``RetryHeartbeatStaleTrialCallback`` work on it unchanged. The heartbeat is a system attr holding
-the worker's wall clock: workers sharing one journal file must share a clock (one machine, or NTP).
+Optuna 5.0's ``JournalStorage`` has no heartbeats (checked in optuna/storages/journal/_storage.py), so a
+SIGKILLed worker's trial would stay RUNNING forever. tuner's workers beat for their trials (tuner.loop); here a
+beat is a system attr holding the worker's wall clock, and ``fail_stale_trials`` fails and retries a trial
+as Optuna's own ``fail_stale_trials`` does on RDBStorage, with the same ``RetryHeartbeatStaleTrialCallback``.
+Workers sharing one journal file must share a clock (one machine, or NTP).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import time
 from collections.abc import Callable
@@ -17,11 +18,9 @@ from pathlib import Path
 
 import optuna
 from optuna.storages import JournalStorage
-from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
-from tuner.budget import BudgetGate, file_lock
 from tuner.config import ConfigError
 
 __all__ = ["HEARTBEAT_ATTR", "HeartbeatJournalStorage", "check_journal_file"]
@@ -29,12 +28,11 @@ __all__ = ["HEARTBEAT_ATTR", "HeartbeatJournalStorage", "check_journal_file"]
 HEARTBEAT_ATTR = "tuner:heartbeat"
 
 
-class HeartbeatJournalStorage(BudgetGate, JournalStorage, BaseHeartbeat):
+class HeartbeatJournalStorage(JournalStorage):
     def __init__(
         self,
         path: str,
         *,
-        trial_budget: int | None = None,
         heartbeat_interval: int | None = None,
         grace_period: int | None = None,
         heartbeat_stale_trial_callback: Callable[[optuna.Study, FrozenTrial], None] | None = None,
@@ -46,42 +44,39 @@ class HeartbeatJournalStorage(BudgetGate, JournalStorage, BaseHeartbeat):
             raise ValueError(f"grace_period must be a positive integer, but got {grace_period=}.")
         super().__init__(JournalFileBackend(path))
         self.path = path
-        self.trial_budget = trial_budget
         self.heartbeat_interval = heartbeat_interval
         self.grace_period = grace_period
         self.heartbeat_stale_trial_callback = heartbeat_stale_trial_callback
-
-    def budget_lock(self, study_id: int) -> contextlib.AbstractContextManager[None]:
-        return file_lock(self.path + ".tuner-lock")
-
-    def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
-        return self.gate(
-            study_id, template_trial, lambda: super(BudgetGate, self).create_new_trial(study_id, template_trial)
-        )
 
     def record_heartbeat(self, trial_id: int) -> None:
         # A trial another worker gave up for dead is finished: nothing to beat for (RDBStorage does not check).
         with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
             self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
 
-    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        assert self.heartbeat_interval is not None
+    def fail_stale_trials(self, study: optuna.Study) -> list[int]:
+        """Fail the study's trials whose worker has not beaten for the grace period, and queue their retries;
+        return their numbers. A no-op with heartbeats off."""
+        if self.heartbeat_interval is None:
+            return []
         grace = self.grace_period if self.grace_period is not None else 2 * self.heartbeat_interval
+        study_id = self.get_study_id_from_name(study.study_name)
         now = time.time()
-        stale = []
+        failed = []
         for trial in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
             start = trial.datetime_start.timestamp() if trial.datetime_start else now
             # A retry copies the dead trial's system attrs, old heartbeat included: its start counts as a beat,
             # or other workers would find each retry stale at once.
-            if now - max(float(trial.system_attrs.get(HEARTBEAT_ATTR, 0.0)), start) > grace:
-                stale.append(trial._trial_id)
-        return stale
-
-    def get_heartbeat_interval(self) -> int | None:
-        return self.heartbeat_interval
-
-    def get_heartbeat_stale_trial_callback(self) -> Callable[[optuna.Study, FrozenTrial], None] | None:
-        return self.heartbeat_stale_trial_callback
+            if now - max(float(trial.system_attrs.get(HEARTBEAT_ATTR, 0.0)), start) <= grace:
+                continue
+            trial_id = self.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+            try:
+                self.set_trial_state_values(trial_id, TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # another worker failed it first, and queues the retry
+            failed.append(trial.number)
+            if self.heartbeat_stale_trial_callback is not None:
+                self.heartbeat_stale_trial_callback(study, copy.deepcopy(self.get_trial(trial_id)))
+        return failed
 
 
 def check_journal_file(url: str, path: Path) -> None:

@@ -11,7 +11,6 @@ import optuna
 import torch
 
 from tuner.artifacts import artifact_store, upload_best_artifacts
-from tuner.batched import check_running, write_now
 from tuner.checkpoint import save_checkpoint
 from tuner.config import DataConfig, RunConfig, TrialConfig, parse_trial, set_path
 from tuner.data import Splits, SplitsCache
@@ -113,7 +112,6 @@ class Objective:
                 trial.set_user_attr("seed", seed)
                 trial.set_user_attr("device", setup.device)
                 trial.set_user_attr("param_count", setup.param_count)
-                write_now(trial)  # its params and these, while it trains (tuner.batched)
 
         def on_epoch(metrics: EpochMetrics) -> None:
             history.append(metrics)
@@ -145,8 +143,8 @@ class Objective:
                 trial.set_user_attr("train_loss", last.train_loss)
                 trial.set_user_attr("val_loss", last.val_loss)
                 trial.set_user_attr("epochs_run", last.epoch)
+                # A trial another worker gave up for dead ends here (UpdateFinishedTrialError): no best model.
                 trial.set_user_attr("epoch_time_s", sum(m.seconds for m in history) / len(history))
-            check_running(trial)  # a trial another worker gave up for dead ends here, and saves no best model
         value = history[-1].val_accuracy
         with self._saved.lock:
             if model is not None and self._is_best(trial.study, value):

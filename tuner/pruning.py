@@ -18,6 +18,8 @@ import optuna
 from optuna.pruners import BasePruner, PercentilePruner
 from optuna.trial import FrozenTrial, TrialState
 
+from tuner._compat import startup_trials
+
 __all__ = ["REFRESH_S", "CachedCompletedTrials"]
 
 # Seconds a cached list of completed trials is used before it is read again (other workers may add to it).
@@ -49,15 +51,15 @@ class CachedCompletedTrials(BasePruner):
         self.pruner = pruner
         self.refresh_s = refresh_s
         self._completed: list[FrozenTrial] = []
-        self._key: tuple[int, int] | None = None  # (study id, trial number) the cache was read for
+        self._key: tuple[str, int] | None = None  # (study name, trial number) the cache was read for
         self._read_at = 0.0
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
-        key = (study._study_id, trial.number)
+        key = (study.study_name, trial.number)
         now = time.monotonic()
         # Too few completed trials to prune by yet (n_startup_trials): read again at every call, or a trial that
         # started before the other workers completed them would never be pruned.
-        starting = len(self._completed) < self.pruner._n_startup_trials  # PercentilePruner's own (optuna 5.0)
+        starting = len(self._completed) < startup_trials(self.pruner)
         if key != self._key or starting or now - self._read_at > self.refresh_s:
             self._completed = study.get_trials(deepcopy=False, states=_COMPLETE)
             self._key, self._read_at = key, now

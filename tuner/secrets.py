@@ -25,6 +25,8 @@ from urllib.parse import quote, quote_plus, unquote, unquote_plus
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
+from tuner._compat import LAUNCHER_LOGGERS
+
 __all__ = [
     "MASK",
     "MaskPasswords",
@@ -176,18 +178,13 @@ class MaskPasswords(logging.Filter):
         return True
 
 
-# The loggers that print each job's overrides: Hydra's basic launcher and the joblib launcher (hydra-core 1.3.8,
-# hydra-joblib-launcher 1.2.0). A filter on the logger itself survives the launchers reconfiguring logging.
-_OVERRIDE_LOGGERS = ("hydra._internal.core_plugins.basic_launcher", "hydra_plugins.hydra_joblib_launcher._core")
-
-
 def mask_passwords_in_logs(url: str | None = None) -> None:
     """Put ``MaskPasswords`` on the root logger's handlers and on the loggers that print job overrides;
     ``remember`` ``url`` first."""
     if url is not None:
         remember(url)
     targets: list[logging.Filterer] = [*logging.getLogger().handlers]
-    targets += [logging.getLogger(name) for name in _OVERRIDE_LOGGERS]
+    targets += [logging.getLogger(name) for name in LAUNCHER_LOGGERS]
     for target in targets:
         if not any(isinstance(f, MaskPasswords) for f in target.filters):
             target.addFilter(MaskPasswords())

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import sqlite3
 import time
 import warnings
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,13 +17,12 @@ from typing import Any
 import optuna
 import sqlalchemy
 from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
-from optuna.storages._rdb import models
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 
-from tuner.batched import BatchedTrialWrites
-from tuner.budget import BudgetGate, file_lock
+from tuner._compat import optuna_table_names
+from tuner.budget import file_lock, thread_lock
 from tuner.config import ConfigError, RunConfig
 from tuner.definition import check_definition
 from tuner.journal import HeartbeatJournalStorage, check_journal_file
@@ -35,11 +36,11 @@ __all__ = [
     "make_storage",
     "open_study",
     "safe_url",  # tuner.secrets' own, still imported from here by tuner.tune and tuner.stored
+    "study_lock",
 ]
 
 # The states that count toward study.n_trials: every trial that ran to an end.
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-_COUNTED = (TrialState.RUNNING, *FINISHED)  # what the budget counts (tuner.budget.budget_used)
 # SQLite waits this long for a lock before failing: long, so that many workers queue for the write lock instead.
 SQLITE_BUSY_TIMEOUT_S = 60.0
 # Sampler streams' seeds lie this far apart, so that no stream reaches another's seed.
@@ -105,7 +106,7 @@ def _check_optuna_sqlite(url: str, path: Path) -> None:
         # None or some of Optuna's tables and nothing else: a new file another worker is creating them in, one
         # by one (SQLAlchemy's create_all on pysqlite commits each CREATE TABLE); RDBStorage adds the rest.
         # No version is stamped yet to check.
-        if tables <= {*models.BaseModel.metadata.tables, "alembic_version"}:
+        if tables <= {*optuna_table_names(), "alembic_version"}:
             return
         raise ConfigError(
             f"study.storage={url!r} is a SQLite file without Optuna's tables; it was left untouched. "
@@ -147,66 +148,25 @@ def _check_optuna_schema(url: str, path: Path) -> None:
         ) from None
 
 
-class GatedRDBStorage(BudgetGate, BatchedTrialWrites):
-    """RDBStorage that creates no trial beyond ``trial_budget`` (see tuner.budget), on SQLite hands a queued
-    trial to one worker only, and writes this process's running trials in batches (tuner.batched)."""
+def study_lock(url: str, name: str) -> contextlib.AbstractContextManager[None]:
+    """The lock that every tuner worker of study ``name`` takes to count its trials and ask one (tuner.budget).
 
-    def set_trial_state_values(self, trial_id: int, state: TrialState, values: Any = None) -> bool:
-        """Optuna pops a queued trial by reading that it is WAITING and then writing RUNNING (optuna 5.0).
-
-        PostgreSQL locks the row between the two (``SELECT ... FOR UPDATE``); SQLite ignores FOR UPDATE, and
-        pysqlite starts no transaction before a SELECT, so two workers could both read WAITING and both train
-        the trial: the second one's tell then fails ("Cannot tell a COMPLETE trial"). On SQLite the pop holds
-        the lock file of ``budget_lock``.
-        """
-        if state != TrialState.RUNNING or self.engine.dialect.name != "sqlite":
-            return super().set_trial_state_values(trial_id, state, values)
-        with file_lock(self._lock_path()):
-            return super().set_trial_state_values(trial_id, state, values)
-
-    def _lock_path(self) -> str:
-        return f"{self.engine.url.database}.tuner-lock"
-
-    def _create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> FrozenTrial:
-        # The insert that both RDBStorage.create_new_trial and Optuna's _CachedStorage call (optuna 5.0).
-        insert = super(BudgetGate, self)._create_new_trial
-        return self.gate(study_id, template_trial, lambda: insert(study_id, template_trial))
-
-    def budget_count(self, study_id: int) -> int:
-        """``budget_used`` in SQL: loading every trial through the ORM, as ``get_all_trials`` does, would make
-        each new trial cost O(trials) (docs/benchmarks.md, "Budget check cost"). Reads Optuna 5.0's tables
-        (``trials``, ``trial_system_attributes``; schema unchanged since Optuna 3.2); ``state`` is an enum
-        type on PostgreSQL, so it is compared as text."""
-        counted: sqlalchemy.BindParameter[list[str]] = sqlalchemy.bindparam(
-            "states", [s.name for s in _COUNTED], expanding=True
-        )
-        in_budget = "SELECT count(*) FROM trials WHERE study_id = :study AND CAST(state AS VARCHAR) IN :states"
-        with self.engine.connect() as conn:
-            total = conn.execute(sqlalchemy.text(in_budget).bindparams(counted), {"study": study_id})
-            used = int(total.scalar_one())
-            histories = conn.execute(
-                sqlalchemy.text(
-                    "SELECT a.value_json FROM trial_system_attributes a JOIN trials t ON a.trial_id = t.trial_id "
-                    "WHERE t.study_id = :study AND a.key = 'retry_history'"
-                ),
-                {"study": study_id},
-            )
-            replaced = sorted({n for (value,) in histories for n in json.loads(value)})
-            if replaced:  # a dead trial whose retry was queued: the retry takes its place
-                numbers: sqlalchemy.BindParameter[list[int]] = sqlalchemy.bindparam("numbers", replaced, expanding=True)
-                query = sqlalchemy.text(f"{in_budget} AND number IN :numbers")
-                used -= int(conn.execute(query.bindparams(counted, numbers), {"study": study_id}).scalar_one())
-        return used
-
-    def budget_lock(self, study_id: int) -> contextlib.AbstractContextManager[None]:
-        if self.engine.dialect.name == "sqlite":
-            return file_lock(self._lock_path())
-        return _advisory_lock(self.engine, study_id)
+    A lock file beside a SQLite or journal file (the workers of one machine); on PostgreSQL a session advisory
+    lock keyed by the study's name (the workers of every machine); in memory, a lock of this process.
+    """
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend in ("sqlite", JOURNAL_SCHEME) and parsed.database and parsed.database != ":memory:":
+        return file_lock(f"{parsed.database}.tuner-lock")
+    if backend == "postgresql":
+        return _advisory_lock(_engine_url(parsed), zlib.crc32(name.encode()) - 2**31)
+    return thread_lock()
 
 
 @contextlib.contextmanager
-def _advisory_lock(engine: sqlalchemy.Engine, study_id: int) -> Iterator[None]:
-    keys = {"key": BUDGET_LOCK_KEY, "study": study_id}
+def _advisory_lock(url: URL, key: int) -> Iterator[None]:
+    engine = _lock_engine(url.render_as_string(hide_password=False))
+    keys = {"key": BUDGET_LOCK_KEY, "study": key}
     with engine.connect() as conn:
         conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key, :study)"), keys)
         try:
@@ -215,13 +175,23 @@ def _advisory_lock(engine: sqlalchemy.Engine, study_id: int) -> Iterator[None]:
             conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key, :study)"), keys)
 
 
+@functools.cache
+def _lock_engine(url: str) -> sqlalchemy.Engine:
+    # One small pool per server for this process's locks: a lock is taken before every trial.
+    return sqlalchemy.create_engine(url, pool_size=2, pool_pre_ping=True)
+
+
+def _engine_url(parsed: URL) -> URL:
+    # A bare postgresql:// would pick psycopg2, which tuner does not install: use psycopg 3.
+    return parsed.set(drivername="postgresql+psycopg") if parsed.drivername == "postgresql" else parsed
+
+
 def make_storage(
     url: str,
     *,
     heartbeat_interval: int | None = 60,
     grace_period: int | None = None,
     max_retry: int | None = 3,
-    trial_budget: int | None = None,
 ) -> BaseStorage:
     """Open the study's storage, with heartbeats so that a dead worker's trial is failed and retried.
 
@@ -229,8 +199,7 @@ def make_storage(
     ``journal:///path`` is Optuna's JournalStorage on a file. A trial whose worker has sent no
     heartbeat for ``grace_period`` seconds (Optuna's default: twice the interval) becomes FAIL and a
     copy is queued by ``RetryHeartbeatStaleTrialCallback`` (at most ``max_retry`` times, null: always).
-    With ``trial_budget``, ``study.ask()`` raises ``tuner.budget.BudgetReached`` once the workers have
-    used it, so that many workers stop at exactly that many trials.
+    tuner's workers beat for their trials (tuner.loop): the storage only keeps the settings.
     """
     parsed = check_storage_url(url)
     heartbeat: dict[str, Any] = {}
@@ -241,7 +210,7 @@ def make_storage(
         heartbeat = {"heartbeat_interval": heartbeat_interval, "grace_period": grace_period}
         heartbeat["heartbeat_stale_trial_callback"] = retry
     if parsed.get_backend_name() == JOURNAL_SCHEME:
-        return HeartbeatJournalStorage(str(parsed.database), trial_budget=trial_budget, **heartbeat)
+        return HeartbeatJournalStorage(str(parsed.database), **heartbeat)
     engine_kwargs: dict[str, Any] = {}
     if parsed.get_backend_name() == "sqlite":
         database = str(parsed.database)
@@ -257,21 +226,17 @@ def make_storage(
         engine_kwargs["creator"] = connect
     else:
         engine_kwargs["pool_pre_ping"] = True
-    # A bare postgresql:// would pick psycopg2, which tuner does not install: use psycopg 3.
-    rdb_url = parsed.set(drivername="postgresql+psycopg") if parsed.drivername == "postgresql" else parsed
+    rdb_url = _engine_url(parsed)
     try:
         with warnings.catch_warnings(), _schema_lock(rdb_url):
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
             if parsed.get_backend_name() == "postgresql":
                 _check_optuna_server(rdb_url, url)
-            storage = _rdb_storage(
-                lambda: GatedRDBStorage(
-                    rdb_url.render_as_string(hide_password=False), engine_kwargs=engine_kwargs, **heartbeat
-                ),
+            target = rdb_url.render_as_string(hide_password=False)
+            return _rdb_storage(
+                lambda: RDBStorage(target, engine_kwargs=engine_kwargs, **heartbeat),
                 retry=parsed.get_backend_name() == "sqlite",
             )
-        storage.trial_budget = trial_budget
-        return storage
     except ConfigError:
         raise
     except Exception as err:  # driver and schema errors come in many types; all mean "cannot use it"
@@ -314,7 +279,7 @@ def _check_optuna_server(rdb_url: URL, url: str) -> None:
         ) from None
 
 
-def _rdb_storage(open_storage: Callable[[], GatedRDBStorage], *, retry: bool) -> GatedRDBStorage:
+def _rdb_storage(open_storage: Callable[[], RDBStorage], *, retry: bool) -> RDBStorage:
     """``RDBStorage``, tried again when parallel workers create a new SQLite file's tables at the same moment.
 
     Processes opening one new file together can fail on alembic_version's UNIQUE constraint (optuna 5.0.0);
@@ -367,12 +332,10 @@ def finished_trials(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
-def _claim_stream(study: optuna.Study, storage: BaseStorage) -> int:
+def _claim_stream(study: optuna.Study, url: str) -> int:
     """A sampler stream of its own for this study handle: 0 for the study's first, then 1, 2, ... under the
     storage's budget lock, so that handles opened at the same moment, in any process on any machine, differ."""
-    lock = getattr(storage, "budget_lock", None)  # tuner's storages; an in-memory one has one process only
-    held = lock(storage.get_study_id_from_name(study.study_name)) if lock else contextlib.nullcontext()
-    with held:
+    with study_lock(url, study.study_name):
         stream = int(study.user_attrs.get(STREAMS_ATTR, 0))
         study.set_user_attr(STREAMS_ATTR, stream + 1)
     return stream
@@ -408,5 +371,7 @@ def open_study(cfg: RunConfig, storage: BaseStorage, *, defined: dict[str, str] 
         stored = _without_password(json.loads(json.dumps(cfg.raw, default=str)), cfg.study.storage)
         stored["study"]["storage"] = safe_url(cfg.study.storage)  # never store a password
         study.set_user_attr("config", stored)
-    study.sampler = make_sampler(cfg.sampler, seed=cfg.study.seed + _claim_stream(study, storage) * WORKER_SEED_STRIDE)
+    study.sampler = make_sampler(
+        cfg.sampler, seed=cfg.study.seed + _claim_stream(study, cfg.study.storage) * WORKER_SEED_STRIDE
+    )
     return study

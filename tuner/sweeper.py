@@ -46,7 +46,6 @@ from hydra.types import HydraContext
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from tuner.__main__ import to_container
-from tuner.batched import hand_over
 from tuner.config import ConfigError, RunConfig
 from tuner.data import load_splits
 from tuner.definition import data_content, definition
@@ -192,7 +191,6 @@ def run_sweep(plan: SweepPlan, launcher: Launcher, config: DictConfig, *, n_jobs
             asked += 1
             trial = study.ask()
             values = suggest(trial, plan.params, plan.raw)
-            hand_over(trial)  # the job reports into it from its own process
         handle = TrialHandle(study=study.study_name, trial=trial.number)
         values_overrides = [f"{path}={encode_value(v)}" for path, v in values.items()]
         return trial, [*plan.fixed, *values_overrides, *handle.overrides()]

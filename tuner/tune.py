@@ -2,38 +2,24 @@
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import logging
-import threading
 import time
-import warnings
-from collections.abc import Callable, Iterator
-from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
 import optuna
 import torch
-from optuna.storages import BaseStorage, RetryHeartbeatStaleTrialCallback
-from optuna.trial import FrozenTrial, TrialState
+from optuna.storages import BaseStorage
+from optuna.trial import TrialState
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from tuner.artifacts import artifact_dir, artifact_store, restore_checkpoint
-from tuner.budget import BudgetReached, budget_used
+from tuner.budget import Budget, budget_used
 from tuner.checkpoint import load_model
 from tuner.config import ConfigError, RunConfig, parse_run, parse_trial, set_path
 from tuner.definition import data_content, definition
-from tuner.faults import (
-    FailureStreak,
-    FailureStreakError,
-    Interrupted,
-    RaiseWaitingInterrupt,
-    StopWhen,
-    check_interrupt,
-    interruptible,
-    interrupts_allowed,
-)
+from tuner.faults import FailureStreak, FailureStreakError, check_interrupt, interruptible, interrupts_allowed
+from tuner.loop import fail_stale_trials, run_workers
 from tuner.model import build_model
 from tuner.notes import write_end_note, write_start_note
 from tuner.objective import Objective
@@ -46,12 +32,13 @@ from tuner.study import (
     make_storage,
     open_study,
     safe_url,
+    study_lock,
 )
 from tuner.summary import Progress, Summary, count_states, format_summary
 from tuner.trainer import evaluate, resolve_device
 from tuner.workers import ProcessTrainer, resolve_workers
 
-__all__ = ["prepare", "run_workers", "score_best", "tune"]
+__all__ = ["prepare", "score_best", "tune"]
 
 log = logging.getLogger("tuner")
 
@@ -109,20 +96,14 @@ def score_best(study: optuna.Study, storage: BaseStorage, objective: Objective) 
     return accuracy, len(splits.x_test)
 
 
-def _recover_stale_trials(study: optuna.Study) -> None:
+def _recover_stale_trials(study: optuna.Study, storage: BaseStorage) -> None:
     """At worker start: a dead worker's trial (no heartbeat for the grace period) becomes FAIL and is queued again.
 
-    Optuna does the same before each trial inside ``optimize``; doing it first makes the budget right.
+    Each worker does the same before each trial (tuner.loop); doing it first makes the budget right.
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        before = finished_trials(study)
-        optuna.storages.fail_stale_trials(study)
-    if finished_trials(study) > before:
-        log.warning(
-            "%d trial(s) of a dead worker marked FAIL and queued again (up to study.max_retry times)",
-            finished_trials(study) - before,
-        )
+    failed = fail_stale_trials(study, storage)
+    if failed:
+        log.warning("%d trial(s) of a dead worker marked FAIL and queued again (up to study.max_retry times)", failed)
 
 
 def _note_running(study: optuna.Study, run: RunConfig) -> None:
@@ -140,161 +121,6 @@ def _note_running(study: optuna.Study, run: RunConfig) -> None:
             "(study.grace_period): run the same command again then to train it"
         )
     log.warning("%d trial(s) still RUNNING count toward study.n_trials (%s); %s", len(running), running, when)
-
-
-def _trial(study: optuna.Study, number: int | None) -> FrozenTrial | None:
-    return next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
-
-
-def _given_up_for_dead(study: optuna.Study, number: int | None) -> bool:
-    """Another worker failed this worker's trial for want of a heartbeat (and queued it again): go on.
-
-    Optuna then refuses this worker's ``tell`` ("Cannot tell a FAIL trial"), which would end the worker.
-    """
-    trial = _trial(study, number)
-    if trial is None or trial.state != TrialState.FAIL or "fail_reason" in trial.user_attrs:
-        return False
-    log.warning(
-        "trial %d was given up for dead by another worker (no heartbeat for study.grace_period) and queued "
-        "again; this worker goes on. A longer study.grace_period avoids this on a loaded machine.",
-        number,
-    )
-    return True
-
-
-def _requeue_interrupted(study: optuna.Study, objective: Objective, max_retry: int | None) -> None:
-    """Queue the trial that Ctrl-C or SIGTERM ended (FAIL) to run again, as Optuna retries a dead worker's trial."""
-    number = objective.last_trial_number
-    trial = _trial(study, number)
-    if trial is None or trial.state != TrialState.FAIL or "interrupted" not in str(trial.user_attrs.get("fail_reason")):
-        return
-    copy = deepcopy(trial)
-    copy.user_attrs = {k: v for k, v in trial.user_attrs.items() if k != "fail_reason"}  # the retry has not failed
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        RetryHeartbeatStaleTrialCallback(max_retry=max_retry)(study, copy)
-
-
-def _work(
-    study: optuna.Study, objective: Objective, *, callbacks: list[Callable[..., None]], deadline: float | None
-) -> None:
-    """One worker's trials, until the budget is used, the time is up, or a callback stops it."""
-    try:
-        while True:
-            try:
-                study.optimize(
-                    objective,
-                    # No per-worker count: a dead worker's retry may fall to this one. The storage's budget
-                    # (BudgetReached at the next ask) ends the loop at study.n_trials for all.
-                    n_trials=None,
-                    timeout=None if deadline is None else max(deadline - time.monotonic(), 0.0),
-                    callbacks=callbacks,
-                    # A failing trial records its reason and the study goes on; FailureStreak stops a broken setup.
-                    catch=(Exception,),
-                )
-                return
-            except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
-                if not _given_up_for_dead(study, objective.last_trial_number):
-                    raise
-    except BudgetReached:
-        pass  # the other workers started the last trials: this worker is done
-
-
-@contextlib.contextmanager
-def _heap_frozen() -> Iterator[None]:
-    """Keep the objects alive when the workers start out of Python's full garbage collections until they end.
-
-    This process holds torch, SQLAlchemy, Optuna, Hydra and matplotlib; a full collection walks all of it with
-    the GIL held and stalls every worker thread meanwhile. ``gc.freeze`` moves those objects to a permanent
-    generation that collections skip; ``gc.unfreeze`` hands them back afterwards, so garbage among them is
-    still collected then.
-    """
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-
-
-def run_workers(
-    studies: list[optuna.Study],
-    objectives: list[Objective],
-    *,
-    callbacks: list[Callable[..., None]],
-    deadline: float | None = None,
-    max_retry: int | None = None,
-) -> None:
-    """One worker per ``(study, objective)`` pair on one storage: alone in this thread, else a thread each.
-
-    Each study is a handle of its own on the same stored study (its own sampler seed, see ``open_study``);
-    each objective's trainer trains in a process of its own (tuner.workers). On Ctrl-C or SIGTERM
-    (``Interrupted`` here, in the main thread) every worker process is ended, each interrupted trial is
-    queued again and the interrupt goes on up. A worker that fails stops the others after their trial.
-    """
-    with _heap_frozen():
-        _run_workers(studies, objectives, callbacks=callbacks, deadline=deadline, max_retry=max_retry)
-
-
-def _run_workers(
-    studies: list[optuna.Study],
-    objectives: list[Objective],
-    *,
-    callbacks: list[Callable[..., None]],
-    deadline: float | None,
-    max_retry: int | None,
-) -> None:
-    callbacks = [*callbacks, RaiseWaitingInterrupt()]  # a safe point after each told trial
-    if len(studies) == 1:
-        try:
-            _work(studies[0], objectives[0], callbacks=callbacks, deadline=deadline)
-            check_interrupt()
-        except KeyboardInterrupt:
-            _requeue_interrupted(studies[0], objectives[0], max_retry)
-            raise
-        return
-    stop = threading.Event()
-    errors: list[BaseException] = []
-    running = len(studies)
-    changed = threading.Condition()
-
-    def work(study: optuna.Study, objective: Objective) -> None:
-        nonlocal running
-        try:
-            _work(study, objective, callbacks=[*callbacks, StopWhen(stop.is_set)], deadline=deadline)
-        except BaseException as err:
-            errors.append(err)
-            stop.set()
-        finally:
-            with changed:
-                running -= 1
-                changed.notify_all()
-
-    def wait_for_all() -> None:
-        # Not Thread.join(timeout): a signal that lands inside it can leave the thread looking finished
-        # (CPython's tstate lock), and the interrupted trials would then be neither failed nor queued again.
-        with changed:
-            while running:
-                changed.wait(0.1)
-
-    for i, pair in enumerate(zip(studies, objectives, strict=True)):
-        threading.Thread(target=work, args=pair, name=f"tuner-worker-{i}", daemon=True).start()
-    try:
-        with interrupts_allowed():  # this thread only waits: nothing of a trial's is cut short here
-            wait_for_all()
-        check_interrupt()
-    except KeyboardInterrupt as err:
-        stop.set()
-        name = err.signal_name if isinstance(err, Interrupted) else "SIGINT"
-        for objective in objectives:
-            if isinstance(objective.trainer, ProcessTrainer):
-                objective.trainer.interrupt(name)
-        wait_for_all()
-        for study, objective in zip(studies, objectives, strict=True):
-            _requeue_interrupted(study, objective, max_retry)
-        raise
-    failures = [e for e in errors if not isinstance(e, KeyboardInterrupt)]
-    if failures:
-        raise failures[0]
 
 
 def tune(run: RunConfig, params: list[Param], *, processes: int = 1) -> Summary:
@@ -330,12 +156,11 @@ def _tune(run: RunConfig, params: list[Param], *, processes: int) -> Summary:
         heartbeat_interval=run.study.heartbeat_interval,
         grace_period=run.study.grace_period,
         max_retry=run.study.max_retry,
-        trial_budget=run.study.n_trials,
     )
     study = open_study(run, storage, defined=defined)
     url = safe_url(run.study.storage)
     write_start_note(study, run, params)  # the dashboard's study note; its Results are written at the end
-    _recover_stale_trials(study)
+    _recover_stale_trials(study, storage)
     # Trials running in other workers count; a dead worker's trial does not, its retry does (tuner.budget).
     remaining = run.study.n_trials - budget_used(study.get_trials(deepcopy=False))
     workers = max(min(workers, remaining), 1)
@@ -364,9 +189,13 @@ def _tune(run: RunConfig, params: list[Param], *, processes: int) -> Summary:
                 run_workers(
                     studies,
                     objectives,
-                    callbacks=[progress, streak],
+                    storage=storage,
+                    budget=Budget(run.study.n_trials, lambda: study_lock(run.study.storage, run.study.name)),
+                    heartbeat_interval=run.study.heartbeat_interval,
+                    told=[progress, streak],
                     deadline=deadline,
                     max_retry=run.study.max_retry,
+                    should_stop=lambda: streak.message is not None,
                 )
         finally:
             progress.close()

@@ -1,0 +1,256 @@
+"""The workers' loop, on Optuna's ask-and-tell: ask within the budget, beat while the trial trains, tell.
+
+``study.optimize`` asks outside any lock (so W workers overshoot ``study.n_trials``) and starts its heartbeat
+thread through private names; tuner's loop asks under the study's lock (tuner.budget), beats through each
+storage's public ``record_heartbeat``, and fails and retries a dead worker's trial before each ask as
+``optimize`` does (Optuna's ``fail_stale_trials``; the journal's own, tuner.journal).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from copy import deepcopy
+
+import optuna
+from optuna.storages import BaseStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
+
+from tuner.budget import Budget, BudgetReached
+from tuner.faults import Interrupted, check_interrupt, interrupts_allowed
+from tuner.journal import HeartbeatJournalStorage
+from tuner.objective import Objective
+from tuner.workers import ProcessTrainer
+
+__all__ = ["fail_stale_trials", "run_trials", "run_workers"]
+
+log = logging.getLogger("tuner")
+
+# study.ask() warns when the storage has heartbeats, which only optimize() sends: here the loop sends them.
+warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used with Study.optimize", UserWarning)
+
+Told = Callable[[optuna.Study, FrozenTrial], None]  # called after each trial this process tells
+
+
+def fail_stale_trials(study: optuna.Study, storage: BaseStorage) -> int:
+    """Fail the trials of dead workers (no heartbeat for the grace period) and queue their retries; return how many."""
+    if isinstance(storage, HeartbeatJournalStorage):
+        return len(storage.fail_stale_trials(study))
+    before = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # a no-op without heartbeats
+    return len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,))) - before
+
+
+@contextlib.contextmanager
+def _beating(storage: BaseStorage, trial_id: int, interval: int | None) -> Iterator[None]:
+    """Record the trial's heartbeat now and every ``interval`` seconds until the block ends."""
+    record = getattr(storage, "record_heartbeat", None)  # RDBStorage's and tuner's journal's; in memory: none
+    if interval is None or record is None:
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            try:
+                record(trial_id)
+            except Exception:  # a busy database: the next beat comes within the grace period
+                log.debug("heartbeat of trial id %d failed", trial_id, exc_info=True)
+            if stop.wait(interval):
+                return
+
+    thread = threading.Thread(target=beat, name=f"tuner-heartbeat-{trial_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _run_trial(
+    study: optuna.Study,
+    trial: optuna.Trial,
+    objective: Callable[[optuna.Trial], float],
+    storage: BaseStorage,
+    interval: int | None,
+) -> FrozenTrial:
+    """Train ``trial`` and tell its end; a failure is recorded (``fail_reason``) and the study goes on."""
+    study_id = storage.get_study_id_from_name(study.study_name)
+    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+    value: float | None = None
+    given_up = False
+    with _beating(storage, trial_id, interval):
+        try:
+            value, state = objective(trial), TrialState.COMPLETE
+        except optuna.TrialPruned:
+            state = TrialState.PRUNED
+        except KeyboardInterrupt:
+            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            raise
+        except optuna.exceptions.UpdateFinishedTrialError:
+            state, given_up = TrialState.FAIL, True
+        except Exception:
+            state = TrialState.FAIL
+            log.debug("trial %d failed", trial.number, exc_info=True)  # its fail_reason holds the first line
+    told = study.tell(trial, value, state=None if value is not None else state, skip_if_finished=True)
+    if given_up or (
+        told.state == TrialState.FAIL and state != TrialState.FAIL and "fail_reason" not in told.user_attrs
+    ):
+        log.warning(
+            "trial %d was given up for dead by another worker (no heartbeat for study.grace_period) and queued "
+            "again; this worker goes on. A longer study.grace_period avoids this on a loaded machine.",
+            trial.number,
+        )
+    return told
+
+
+def run_trials(
+    study: optuna.Study,
+    objective: Callable[[optuna.Trial], float],
+    *,
+    storage: BaseStorage,
+    budget: Budget,
+    heartbeat_interval: int | None,
+    told: list[Told],
+    deadline: float | None,
+    should_stop: Callable[[], bool],
+) -> None:
+    """One worker's trials, until the budget is used, the time is up, or ``should_stop()``.
+
+    ``objective`` returns the trial's value or raises ``optuna.TrialPruned``; any other error fails the trial
+    and the worker goes on (a failure streak stops it through ``should_stop``), an interrupt fails it and
+    goes on up.
+    """
+    while not should_stop() and (deadline is None or time.monotonic() < deadline):
+        fail_stale_trials(study, storage)
+        try:
+            trial = budget.ask(study)
+        except BudgetReached:
+            return  # the other workers started the last trials: this worker is done
+        frozen = _run_trial(study, trial, objective, storage, heartbeat_interval)
+        for callback in told:
+            callback(study, frozen)
+        check_interrupt()  # a safe point: the trial is told
+
+
+def _requeue_interrupted(study: optuna.Study, objective: Objective, max_retry: int | None) -> None:
+    """Queue the trial that Ctrl-C or SIGTERM ended (FAIL) to run again, as Optuna retries a dead worker's trial."""
+    number = objective.last_trial_number
+    trial = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
+    if trial is None or trial.state != TrialState.FAIL or "interrupted" not in str(trial.user_attrs.get("fail_reason")):
+        return
+    copy = deepcopy(trial)
+    copy.user_attrs = {k: v for k, v in trial.user_attrs.items() if k != "fail_reason"}  # the retry has not failed
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        RetryHeartbeatStaleTrialCallback(max_retry=max_retry)(study, copy)
+
+
+@contextlib.contextmanager
+def _heap_frozen() -> Iterator[None]:
+    """Keep the objects alive when the workers start out of Python's full garbage collections until they end.
+
+    This process holds torch, SQLAlchemy, Optuna, Hydra and matplotlib; a full collection walks all of it with
+    the GIL held and stalls every worker thread meanwhile. ``gc.freeze`` moves those objects to a permanent
+    generation that collections skip; ``gc.unfreeze`` hands them back afterwards, so garbage among them is
+    still collected then.
+    """
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+@_heap_frozen()
+def run_workers(
+    studies: list[optuna.Study],
+    objectives: list[Objective],
+    *,
+    storage: BaseStorage,
+    budget: Budget,
+    heartbeat_interval: int | None = None,
+    told: list[Told] | None = None,
+    deadline: float | None = None,
+    max_retry: int | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> None:
+    """One worker per ``(study, objective)`` pair on one storage: alone in this thread, else a thread each.
+
+    Each study is a handle of its own on the same stored study (its own sampler seed, see ``open_study``);
+    each objective's trainer trains in a process of its own (tuner.workers). On Ctrl-C or SIGTERM
+    (``Interrupted`` here, in the main thread) every worker process is ended, each interrupted trial is
+    queued again and the interrupt goes on up. A worker that fails stops the others after their trial.
+    """
+    stop = threading.Event()
+
+    def work(study: optuna.Study, objective: Objective) -> None:
+        run_trials(
+            study,
+            objective,
+            storage=storage,
+            budget=budget,
+            heartbeat_interval=heartbeat_interval,
+            told=told or [],
+            deadline=deadline,
+            should_stop=lambda: stop.is_set() or should_stop(),
+        )
+
+    if len(studies) == 1:
+        try:
+            work(studies[0], objectives[0])
+            check_interrupt()
+        except KeyboardInterrupt:
+            _requeue_interrupted(studies[0], objectives[0], max_retry)
+            raise
+        return
+    errors: list[BaseException] = []
+    running = len(studies)
+    changed = threading.Condition()
+
+    def thread(study: optuna.Study, objective: Objective) -> None:
+        nonlocal running
+        try:
+            work(study, objective)
+        except BaseException as err:
+            errors.append(err)
+            stop.set()
+        finally:
+            with changed:
+                running -= 1
+                changed.notify_all()
+
+    def wait_for_all() -> None:
+        # Not Thread.join(timeout): a signal that lands inside it can leave the thread looking finished
+        # (CPython's tstate lock), and the interrupted trials would then be neither failed nor queued again.
+        with changed:
+            while running:
+                changed.wait(0.1)
+
+    for i, pair in enumerate(zip(studies, objectives, strict=True)):
+        threading.Thread(target=thread, args=pair, name=f"tuner-worker-{i}", daemon=True).start()
+    try:
+        with interrupts_allowed():  # this thread only waits: nothing of a trial's is cut short here
+            wait_for_all()
+        check_interrupt()
+    except KeyboardInterrupt as err:
+        stop.set()
+        name = err.signal_name if isinstance(err, Interrupted) else "SIGINT"
+        for objective in objectives:
+            if isinstance(objective.trainer, ProcessTrainer):
+                objective.trainer.interrupt(name)
+        wait_for_all()
+        for study, objective in zip(studies, objectives, strict=True):
+            _requeue_interrupted(study, objective, max_retry)
+        raise
+    failures = [e for e in errors if not isinstance(e, KeyboardInterrupt)]
+    if failures:
+        raise failures[0]
