@@ -5,10 +5,11 @@ from pathlib import Path
 
 import optuna
 import pytest
-from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from tuner.journal import HeartbeatJournalStorage
+from tuner.loop import fail_stale_trials
 from tuner.study import make_storage
 
 pytestmark = [
@@ -24,15 +25,15 @@ def test_journal_dead_workers_trial_fails_and_is_retried_with_its_history(tmp_pa
     trial = worker.ask()  # a worker takes a trial, beats once, then vanishes without telling
     trial.suggest_float("lr", 1e-3, 1.0, log=True)
     trial.report(0.5, 1)
-    storage = worker._storage
+    storage = make_storage(url, heartbeat_interval=1, grace_period=1)
     assert isinstance(storage, HeartbeatJournalStorage)
-    storage.record_heartbeat(trial._trial_id)
+    storage.record_heartbeat(storage.get_trial_id_from_study_id_trial_number(0, trial.number))
 
-    other = optuna.load_study(study_name="s", storage=make_storage(url, heartbeat_interval=1, grace_period=1))
-    fail_stale_trials(other)  # within the grace period: still alive
+    other = optuna.load_study(study_name="s", storage=storage)
+    assert fail_stale_trials(other, storage) == 0  # within the grace period: still alive
     assert [t.state for t in other.get_trials()] == [TrialState.RUNNING]
     time.sleep(2.2)
-    fail_stale_trials(other)
+    assert fail_stale_trials(other, storage) == 1
     dead, retry = other.get_trials()
     assert dead.state == TrialState.FAIL
     assert retry.state == TrialState.WAITING and retry.params == dead.params
