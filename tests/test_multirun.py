@@ -46,7 +46,7 @@ def test_multirun_name_suffix_keeps_what_changes_training() -> None:
     assert name_suffix(["trainer.epochs=2", "optimizer.name=adam", "data=digits"]) == (
         ",optimizer.name=adam,trainer.epochs=2"
     )
-    assert name_suffix(["+worker=3", "study.n_trials=9", "study.storage=sqlite:///a.db", "trainer.device=cpu"]) == ""
+    assert name_suffix(["study.n_trials=9", "study.storage=sqlite:///a.db", "trainer.device=cpu"]) == ""
     assert name_suffix(["trainer.workers=2", "trainer.threads=1"]) == ""
     assert name_suffix(["study.seed=1", "space=lr", "hydra.launcher.n_jobs=4"]) == ",space=lr,study.seed=1"
 
@@ -111,30 +111,24 @@ def test_multirun_runs_one_named_study_per_combination_and_one_table(tmp_path: P
 
 
 @pytest.mark.slow
-def test_multirun_parallel_workers_share_one_study_without_failures(tmp_path: Path) -> None:
-    n_trials, workers = 8, 3
+def test_multirun_parallel_jobs_run_their_own_studies_and_share_the_cores(tmp_path: Path) -> None:
+    n_trials, jobs = 3, 2
     result = run_multirun(
         tmp_path,
         "hydra/launcher=joblib",
-        f"hydra.launcher.n_jobs={workers}",
-        f"+worker=range({workers})",
+        f"hydra.launcher.n_jobs={jobs}",
+        "optimizer.name=sgd,adam",
         "data=digits",
         "trainer.epochs=2",
-        "pruner=none",  # every trial runs all its epochs: the total is about trials, not pruning
         f"study.n_trials={n_trials}",
     )
     out = result.stdout + result.stderr
     assert result.returncode == 0, out
     found = studies(tmp_path)
-    assert list(found) == ["digits-mlp,pruner=none,trainer.epochs=2"]
-    (trials,) = found.values()
-    # Each worker stops after its running trial once the study holds n_trials: at most workers - 1 extra.
-    assert n_trials <= len(trials) <= n_trials + workers - 1
-    assert sorted(t.number for t in trials) == list(range(len(trials)))
-    assert {t.state for t in trials} == {optuna.trial.TrialState.COMPLETE}
-    assert len({tuple(sorted(t.params.items())) for t in trials}) == len(trials), "workers proposed the same params"
+    assert set(found) == {f"digits-mlp,optimizer.name={o},trainer.epochs=2" for o in ("sgd", "adam")}
+    assert all(len(trials) == n_trials for trials in found.values())  # study.n_trials exactly, in each
     # trainer.workers=auto: the jobs that run at once share the cores instead of each taking all of them.
-    share = max(1, min(len(os.sched_getaffinity(0)) // workers, MAX_AUTO_WORKERS))
+    share = max(1, min(len(os.sched_getaffinity(0)) // jobs, MAX_AUTO_WORKERS))
     expected = "training in this process" if share == 1 else f"{share} worker processes"
-    for job in range(workers):
+    for job in range(jobs):
         assert expected in (tmp_path / "multirun" / str(job) / "tuner.log").read_text()

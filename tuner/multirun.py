@@ -7,9 +7,9 @@ overrides that change what is trained, in Hydra's ``override_dirname`` form::
     # studies: digits-mlp,optimizer.name=sgd  digits-mlp,optimizer.name=adam  ...
 
 Overrides that only say where or how long to run (``study.*`` except ``study.seed``, ``hydra.*``,
-``trainer.device``, ``trainer.threads``, ``trainer.workers``, ``trainer.eval_batch_size``, ``worker``) are
-left out, so that jobs that differ only in them share one study: that is how parallel workers run one study
-(``+worker=range(4)``). An explicit ``study.name=...`` wins over all of this.
+``trainer.device``, ``trainer.threads``, ``trainer.workers``, ``trainer.eval_batch_size``) are left out:
+they do not make another experiment. An explicit ``study.name=...`` wins over all of this. One machine's
+parallel trials are ``trainer.workers``; many machines run the same command on one study.
 
 Each job writes ``study.json`` (study name and storage, its password masked) into its Hydra output folder;
 ``StudiesTable`` (a Hydra callback, see ``hydra.callbacks`` in conf/config.yaml) reads them back at the
@@ -56,7 +56,6 @@ _EXCLUDED_KEYS = (
     "trainer.threads",
     "trainer.workers",
     "trainer.eval_batch_size",
-    "worker",
     "study.seed",
 )
 _EXCLUDED_PREFIXES = ("study.", "hydra.", "hydra/")
