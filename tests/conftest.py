@@ -21,9 +21,18 @@ from tuner.__main__ import config_dir
 
 
 def compose_raw(*overrides: str) -> dict[str, Any]:
-    """The plain dict that ``python -m tuner <overrides>`` works from (the real config tree)."""
+    """The plain dict that ``python -m tuner <overrides>`` works from (the real config tree); a value the schema
+    refuses raises the ``ConfigError`` that the command prints."""
+    from tuner.config import composition_error
+
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=list(overrides))
+        try:
+            cfg = compose(config_name="config", overrides=list(overrides))
+        except Exception as err:
+            refused = composition_error(err)
+            if refused is None:
+                raise
+            raise refused from None
     raw = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(raw, dict)
     return raw

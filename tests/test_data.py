@@ -6,6 +6,8 @@ import http.server
 import os
 import socket
 import struct
+import subprocess
+import sys
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -15,14 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import optuna
 import pytest
 import torch
-from omegaconf import OmegaConf
 from sklearn.datasets import load_digits
 
-from tuner import data
-from tuner.config import ConfigError, DataConfig
+from tests.conftest import compose_raw
+from tuner import datasets as data
+from tuner.config import parse_trial
 from tuner.data import Splits, load_splits, source_key
+from tuner.schema import ConfigError, DataConfig
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "data"
 FASHION_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"  # apt-get install dataset-fashion-mnist
@@ -39,20 +43,16 @@ def _need_fashion_mnist() -> None:
     pytest.skip(reason)
 
 
+_SHARED = {f.name for f in fields(DataConfig)}
+
+
 def _cfg(name: str, **overrides: Any) -> DataConfig:
-    values: dict[str, Any] = {
-        "name": name,
-        "root": None,
-        "path": None,
-        "download": False,
-        "batch_size": 128,
-        "val_fraction": 0.1,
-        "train_subset": None,
-        "num_samples": 5000,
-        "seed": 0,
-    }
-    values.update(overrides)
-    return DataConfig(**values)
+    """tuner's loader ``name`` as a data config names it: the shared settings, and the loader's own options."""
+    options = {k: v for k, v in overrides.items() if k not in _SHARED}
+    if name in ("fashion_mnist", "mnist"):
+        options = {"root": None, "download": False, **options}
+    shared = {k: v for k, v in overrides.items() if k in _SHARED}
+    return DataConfig(target=f"tuner.datasets.{name}", options=options, name=name, **shared)
 
 
 def _raw(splits: Splits, x: torch.Tensor) -> np.ndarray:
@@ -466,15 +466,136 @@ def test_npz_errors_name_data_path_and_the_problem(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("option", ["fashion_mnist", "mnist", "digits", "mnist1d", "npz"])
-def test_conf_data_files_set_every_field(option: str) -> None:
-    values = OmegaConf.to_container(OmegaConf.load(CONF / f"{option}.yaml"))
-    assert isinstance(values, dict)
+def test_conf_data_options_name_their_loader_and_take_the_shared_defaults(option: str) -> None:
+    extra = ["data.path=x.npz"] if option == "npz" else []
+    cfg = parse_trial(compose_raw(f"data={option}", *extra)).data
 
-    cfg = DataConfig(**{str(k): v for k, v in values.items()})
+    assert cfg.target == f"tuner.datasets.{option}" and cfg.name == option
+    assert (cfg.seed, cfg.batch_size) == (0, 128)
+    assert cfg.options.get("root") == (f"~/.cache/tuner/{option}" if option in ("fashion_mnist", "mnist") else None)
 
-    assert set(values) == {f.name for f in fields(DataConfig)}
-    assert cfg.name == option
-    assert cfg.seed == 0
-    assert cfg.batch_size == 128
-    assert cfg.path is None
-    assert cfg.root == (f"~/.cache/tuner/{option}" if option in ("fashion_mnist", "mnist") else None)
+
+# --- a user's own loader: data._target_ -----------------------------------------------------------------
+
+LOADERS = """
+import numpy as np
+import torch
+
+
+def blobs(n: int = 300, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 3 * 10  # labels 0, 10, 20: any integers
+    x = rng.normal(size=(n, 4)).astype(np.float32) + y[:, None] / 10
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def with_test():
+    x = np.arange(400, dtype=np.float64).reshape(100, 4)
+    return {"x_train": x, "y_train": np.arange(100) % 2, "x_test": x[:10], "y_test": np.arange(10) % 2,
+            "classes": ["cat", "dog"]}
+
+
+def nan():
+    return np.full((10, 2), np.nan), np.arange(10) % 2
+
+
+def text():
+    return "x_train.csv"
+
+
+def broken(path: str):
+    raise FileNotFoundError(f"no such file: {path}")
+"""
+
+
+@pytest.fixture
+def loaders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    (tmp_path / "myloaders.py").write_text(LOADERS, encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "myloaders"
+
+
+def test_a_users_loader_goes_through_the_same_splits_and_normalization(loaders: str) -> None:
+    cfg = DataConfig(target=f"{loaders}.blobs", options={"n": 300}, name="blobs", val_fraction=0.2, seed=4)
+
+    splits = load_splits(cfg)
+
+    assert splits.classes == ("0", "10", "20") and splits.num_classes == 3 and splits.input_shape == (4,)
+    assert len(splits.x_test) == 60 and len(splits.x_val) == 48 and len(splits.x_train) == 192  # 20%, then 20%
+    assert np.bincount(splits.y_val.numpy()).tolist() == [16, 16, 16]  # stratified
+    assert abs(float(splits.x_train.mean())) < 1e-5 and abs(float(splits.x_train.std()) - 1) < 1e-2
+    again = load_splits(replace(cfg, seed=5))  # data.seed reaches the loader (it takes seed) and the splits
+    assert not torch.equal(again.x_test, splits.x_test)
+
+
+def test_a_users_loader_with_a_test_split_and_class_names(loaders: str) -> None:
+    splits = load_splits(DataConfig(target=f"{loaders}.with_test", name="pets"))
+
+    assert splits.classes == ("cat", "dog") and len(splits.x_test) == 10
+    assert len(splits.x_train) + len(splits.x_val) == 100
+
+
+@pytest.mark.parametrize(
+    ("loader", "options", "message"),
+    [
+        ("nan", {}, "data._target_='myloaders.nan': x_train must hold only finite numbers, but it has NaN"),
+        ("text", {}, "data._target_='myloaders.text': the loader must return x_train and y_train (and optionally"),
+        ("broken", {"path": "a.csv"}, "data._target_='myloaders.broken' failed to load: FileNotFoundError: no such"),
+        ("nothing", {}, "data._target_='myloaders.nothing' cannot be imported (module 'myloaders' has no attribute"),
+    ],
+)
+def test_a_users_loader_problems_name_the_key_and_value(
+    loaders: str, loader: str, options: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_splits(DataConfig(target=f"{loaders}.{loader}", options=options, name="mine"))
+    assert str(info.value).startswith(message)
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _readme_data_example() -> tuple[str, str, str]:
+    """The README's own-data example: (my_conf/data/blobs.yaml, mydata.py, the command)."""
+    lines = README.read_text(encoding="utf-8").splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith("# my_conf/data/blobs.yaml"))
+    column = lines[start].index("# mydata.py")
+    block = lines[start + 1 : lines.index("", start)]
+    config = "\n".join(line[:column].strip() for line in block if line[:column].strip())
+    code = "\n".join(line[column + 2 :] for line in block)
+    command = next(line.strip() for line in lines[start:] if line.strip().startswith("python -m tuner"))
+    return config + "\n", code + "\n", command.split("#")[0].strip()
+
+
+@pytest.mark.slow
+def test_readme_a_users_own_data_is_tuned_reported_and_kept_as_one_experiment(tmp_path: Path) -> None:
+    config, code, command = _readme_data_example()
+    (tmp_path / "mydata.py").write_text(code, encoding="utf-8")
+    (tmp_path / "my_conf" / "data").mkdir(parents=True)
+    (tmp_path / "my_conf" / "data" / "blobs.yaml").write_text(config, encoding="utf-8")
+    args = command.replace("$PWD", str(tmp_path)).split()[3:]  # after "python -m tuner"
+    short = ["study.n_trials=2", "trainer.epochs=2", "trainer.workers=1"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+
+    def run(module: str, *extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", module, *args, *short, *extra],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
+
+    for module in ("tuner", "tuner.report"):
+        done = run(module)
+        assert done.returncode == 0, done.stdout + done.stderr
+    study = optuna.load_study(study_name="blobs-mlp", storage=f"sqlite:///{tmp_path / 'tuner.db'}")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert study.user_attrs["definition"]["data.content"].startswith("sha256:")
+    assert study.user_attrs["test_accuracy"]["samples"] == 120  # a stratified 20% of n: 600
+
+    other = run("tuner", "data.n=300", "study.n_trials=3")  # other data under the same study name
+    assert other.returncode == 2 and "other data is another experiment" in other.stderr + other.stdout
+    bad = run("tuner", "data._target_=mydata.nothing")
+    assert bad.returncode == 2 and "data._target_='mydata.nothing' cannot be imported" in bad.stderr + bad.stdout

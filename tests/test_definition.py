@@ -78,13 +78,11 @@ def test_differences_name_each_key_and_skip_ignored_prefixes() -> None:
         (["model=cnn"], 'model._target_: "tuner.model.mlp" -> "tuner.model.cnn"'),
         (["trainer.epochs=2"], "trainer.epochs: 1 -> 2"),
         (["data.val_fraction=0.3"], "data.val_fraction: 0.2 -> 0.3"),
-        (["pruner=median"], 'pruner.name: "none" -> "median"'),
+        (["pruner=median"], 'pruner._target_: "optuna.pruners.NopPruner" -> "optuna.pruners.MedianPruner"'),
         (["optimizer.weight_decay=0.01"], "optimizer.weight_decay: 0.0 -> 0.01"),
     ],
 )
-def test_a_changed_definition_stops_before_anything_is_written(
-    tmp_path: Path, change: list[str], named: str
-) -> None:
+def test_a_changed_definition_stops_before_anything_is_written(tmp_path: Path, change: list[str], named: str) -> None:
     _run(*_base(tmp_path))
     before = _snapshot(_stored(tmp_path))
 

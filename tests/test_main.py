@@ -74,6 +74,11 @@ def test_main_runs_a_study_and_prints_a_readable_summary(tmp_path: Path) -> None
         (["study.storage=sqlite:///missing/dir/t.db"], "the folder 'missing/dir' does not exist"),
         (["data=mnist", "data.root=./nowhere", "data.download=false"], "data.root"),
         (["data=npz", "data.path=./nowhere.npz"], "data.path"),
+        (["data._target_=nowhere.load"], "data._target_='nowhere.load' cannot be imported (No module named 'nowhere')"),
+        (["sampler._target_=optuna.samplers.NoSuch"], "sampler._target_='optuna.samplers.NoSuch' cannot be imported"),
+        (["+pruner.n_startup=3"], "pruner.n_startup is not a parameter of optuna.pruners.MedianPruner (did you mean"),
+        (["study.n_trials=abc"], "study.n_trials must be an integer >= 1, but got 'abc'."),
+        (["trainer.epoch=3"], "trainer.epoch is not a tuner setting (did you mean trainer.epochs?), but got trainer"),
     ],
 )
 def test_main_bad_input_stops_with_one_clear_message(tmp_path: Path, overrides: list[str], message: str) -> None:
@@ -84,6 +89,24 @@ def test_main_bad_input_stops_with_one_clear_message(tmp_path: Path, overrides: 
     assert message in out, out
     assert "Traceback" not in out
     assert not (tmp_path / "study.db").exists(), "bad input must not create the storage"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", ["tuner.report", "tuner.refine", "tuner.dashboard", "tuner.train"])
+def test_main_every_command_shares_the_entry_path_and_its_one_line_errors(tmp_path: Path, module: str) -> None:
+    for override, message in (
+        ("study.n_trials=abc", "study.n_trials must be an integer >= 1, but got 'abc'."),
+        ("+trainer.epoch=3", "trainer.epoch is not a tuner setting (did you mean trainer.epochs?)"),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", module, f"study.storage=sqlite:///{tmp_path / 'study.db'}", override],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        out = result.stdout + result.stderr
+        assert result.returncode == 2 and message in out and "Traceback" not in out, out
 
 
 def test_main_bad_input_leaves_an_existing_study_unchanged(tmp_path: Path) -> None:

@@ -107,7 +107,7 @@ def not_a_model(input_shape: tuple[int, ...], num_classes: int) -> str:
         ("nosuch.Model", "model._target_='nosuch.Model' cannot be imported (No module named 'nosuch')."),
         ("collections.OrderedDict", "model._target_='collections.OrderedDict' is a class but not a torch.nn.Module."),
         ("math.prod", "model._target_='math.prod' must take input_shape and num_classes, but its signature is"),
-        ("", "model._target_ must be a torch.nn.Module class or a function that builds one"),
+        ("", "model._target_ must be the dotted name of a class or function, but got ''."),
     ],
 )
 def test_model_a_bad_target_is_one_line_naming_it(target: str, message: str) -> None:

@@ -72,7 +72,7 @@ def test_paths_a_file_in_the_way_names_the_key_and_the_value(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, file: str, extra: list[str], message: str
 ) -> None:
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    monkeypatch.setattr("tuner.data.SYSTEM_DIRS", {"fashion_mnist": (), "mnist": ()})  # no installed copy
+    monkeypatch.setattr("tuner.datasets.SYSTEM_DIRS", {"fashion_mnist": (), "mnist": ()})  # no installed copy
     (tmp_path / file).parent.mkdir(parents=True, exist_ok=True)
     (tmp_path / file).write_text("a file")
     before = _listing(tmp_path)
@@ -83,7 +83,7 @@ def test_paths_a_file_in_the_way_names_the_key_and_the_value(
 
 
 def test_paths_folders_yet_to_be_made_pass_and_none_is_made(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("tuner.data.SYSTEM_DIRS", {"fashion_mnist": (), "mnist": ()})
+    monkeypatch.setattr("tuner.datasets.SYSTEM_DIRS", {"fashion_mnist": (), "mnist": ()})
     run, _ = prepare(
         compose_raw(
             *_overrides(tmp_path, f"study.output_dir={tmp_path / 'a' / 'b' / 'out'}"),
@@ -99,8 +99,8 @@ def test_paths_folders_yet_to_be_made_pass_and_none_is_made(tmp_path: Path, monk
 def test_paths_data_root_is_not_checked_when_nothing_is_downloaded(tmp_path: Path) -> None:
     (tmp_path / "f").write_text("a file")
     # mnist1d is generated, and mnist with data.download=false only reads (its loader says where it looked).
-    for data in (["data=mnist1d"], ["data=mnist", "data.download=false"]):
-        prepare(compose_raw(*_overrides(tmp_path), *data, f"data.root={tmp_path / 'f' / 'x'}"))
+    for data in (["data=mnist1d"], ["data=mnist", "data.download=false", f"data.root={tmp_path / 'f' / 'x'}"]):
+        prepare(compose_raw(*_overrides(tmp_path), *data))
 
 
 @pytest.mark.parametrize("key", ["study.output_dir", "study.artifact_dir"])

@@ -12,6 +12,7 @@ from tuner.pruning import CachedCompletedTrials
 from tuner.study import make_storage
 
 EPOCHS = 8
+MEDIAN = "optuna.pruners.MedianPruner"
 
 
 def _objective(trial: optuna.Trial) -> float:
@@ -42,7 +43,7 @@ def test_pruning_cached_median_prunes_exactly_as_optunas_median(tmp_path: Path) 
     storage = make_storage(f"sqlite:///{tmp_path / 'p.db'}", heartbeat_interval=None)
     options = {"n_startup_trials": 3, "n_warmup_steps": 2}
     plain = _run(storage, optuna.pruners.MedianPruner(**options), "plain")
-    cached = _run(storage, make_pruner(PluginConfig("median", options)), "cached")
+    cached = _run(storage, make_pruner(PluginConfig(MEDIAN, options)), "cached")
     states = [(t.state, len(t.intermediate_values)) for t in plain.trials]
     assert [(t.state, len(t.intermediate_values)) for t in cached.trials] == states
     assert sum(s == optuna.trial.TrialState.PRUNED for s, _ in states) >= 5  # the comparison had pruning to match
@@ -61,7 +62,7 @@ def test_pruning_cached_median_reads_storage_once_per_trial_not_per_epoch(tmp_pa
     for name, pruner in (
         # Never prunes (every epoch is a warm-up step), so all epochs run on both; no startup trials to wait for.
         ("plain", optuna.pruners.MedianPruner(n_startup_trials=0, n_warmup_steps=EPOCHS)),
-        ("cached", make_pruner(PluginConfig("median", {"n_startup_trials": 0, "n_warmup_steps": EPOCHS}))),
+        ("cached", make_pruner(PluginConfig(MEDIAN, {"n_startup_trials": 0, "n_warmup_steps": EPOCHS}))),
     ):
         selects["n"] = 0
         _run(storage, pruner, name)

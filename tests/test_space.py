@@ -10,7 +10,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 
 from tests.conftest import compose_raw
 from tuner.config import ConfigError, get_path
-from tuner.space import describe, parse_space, suggest, values_from_params, without_entries
+from tuner.space import describe, describe_range, entry_param, parse_space, suggest, values_from_params, without_entries
 
 
 def _sample(space: dict[str, Any], raw: dict[str, Any], n: int) -> list[dict[str, Any]]:
@@ -233,3 +233,21 @@ def test_space_default_fits_every_shipped_model(model: str) -> None:
     # The sizes the MLP and the CNN take are searched for them; softmax regression takes none, so none is searched.
     assert ({"model.hidden_units", "model.num_layers"} <= searched) == (model != "softmax")
     assert not {p.removeprefix("model.") for p in searched if p.startswith("model.")} - set(raw["model"])
+
+
+@pytest.mark.parametrize(
+    ("entry", "shown"),
+    [
+        ({"type": "float", "low": 1e-4, "high": 1.0, "log": True}, "[0.0001, 1] log"),
+        ({"type": "float", "low": 0.9, "high": 0.999, "reverse_log": True}, "[0.9, 0.999] log(1 - value)"),
+        ({"type": "int", "low": 1, "high": 7, "step": 2}, "[1, 7] step 2"),
+        ({"type": "float", "low": 0.0, "high": 0.5}, "[0, 0.5]"),
+        ({"type": "categorical", "choices": ["sgd", "adam"]}, "{sgd, adam}"),
+    ],
+)
+def test_space_one_formatter_shows_each_range_in_the_values_the_config_receives(
+    entry: dict[str, Any], shown: str
+) -> None:
+    param = entry_param("optimizer.x", entry)
+    assert describe_range(param) == shown
+    assert describe(param) == f"optimizer.x: {shown}"

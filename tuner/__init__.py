@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tuner.config import ConfigError
+from tuner.schema import ConfigError
 
 __all__ = ["ConfigError", "load_model"]
 __version__ = "0.1.0"

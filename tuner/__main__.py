@@ -33,7 +33,7 @@ from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
-from tuner.config import TRIAL_SECTIONS, ConfigError, get_path  # noqa: E402
+from tuner.config import TRIAL_SECTIONS, ConfigError, composition_error, get_path, parse_run  # noqa: E402
 from tuner.multirun import jobs_at_once, keep_summary_in_job_log, name_suffix, storage_url, write_job_record  # noqa: E402
 from tuner.secrets import mask_password_in_files, mask_passwords_in_logs, mask_streams, remember  # noqa: E402
 from tuner.space import without_entries  # noqa: E402
@@ -121,6 +121,7 @@ def urls_on_command_line(args: list[str]) -> list[str]:
 
 
 _Entry = TypeVar("_Entry")
+_Result = TypeVar("_Result")
 
 
 def masks_passwords(entry: Callable[[], _Entry]) -> Callable[[], _Entry]:
@@ -138,25 +139,41 @@ def masks_passwords(entry: Callable[[], _Entry]) -> Callable[[], _Entry]:
     return masked
 
 
-@masks_passwords
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
-def main(cfg: DictConfig) -> float | None:
-    from tuner.faults import FailureStreakError
+def command(work: Callable[[dict[str, Any]], _Result]) -> Callable[[], _Result]:
+    """The one entry path of tuner's commands (``tuner``, ``tuner.report``, ``tuner.refine``, ``tuner.dashboard``,
+    ``tuner.train``): Hydra composes conf/ and the overrides (``cli`` makes its errors one line), the job's study is
+    named, passwords are masked, the config is checked (``parse_run``), and ``work`` gets the plain dict. Bad input
+    (``ConfigError``) is one line and exit 2, a study stopped by failing trials one line and exit 1."""
+
+    @masks_passwords
+    @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
+    @functools.wraps(work)
+    def entry(cfg: DictConfig) -> _Result:
+        from tuner.faults import FailureStreakError
+
+        _name_multirun_job(cfg)
+        mask_saved_password(cfg)
+        try:
+            raw = to_container(cfg)
+            parse_run(raw)  # the same checks before any command does its work
+            return work(raw)
+        except ConfigError as err:
+            log.error("%s", err)  # one clear line and a non-zero exit; no traceback for bad input
+            sys.exit(2)
+        except FailureStreakError as err:
+            log.error("%s", err)
+            sys.exit(1)
+
+    return entry
+
+
+def _tune(raw: dict[str, Any]) -> float | None:
     from tuner.tune import prepare, tune  # torch is imported only once the config is composed
 
-    job = _multirun_job(cfg)
-    mask_saved_password(cfg)
     try:
-        run, params = prepare(to_container(cfg))
+        run, params = prepare(raw)
         # The jobs of a multirun that run at once share the cores (trainer.workers=auto).
         summary = tune(run, params, processes=_jobs_at_once())
-    except ConfigError as err:
-        # One clear line and a non-zero exit; no traceback for bad input.
-        log.error("%s", err)
-        sys.exit(2)
-    except FailureStreakError as err:
-        log.error("%s", err)
-        sys.exit(1)
     except KeyboardInterrupt as err:
         name = str(err) or "SIGINT"  # tuner.faults.Interrupted carries the signal's name
         log.error(
@@ -165,9 +182,13 @@ def main(cfg: DictConfig) -> float | None:
             name,
         )
         sys.exit(143 if name == "SIGTERM" else 130)
-    if job:
-        write_job_record(job[1], study=run.study.name, storage=run.study.storage)
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        write_job_record(str(hydra_cfg.runtime.output_dir), study=run.study.name, storage=run.study.storage)
     return summary.best_value
+
+
+main = command(_tune)
 
 
 def _jobs_at_once() -> int:
@@ -176,16 +197,15 @@ def _jobs_at_once() -> int:
     return jobs_at_once(hydra_cfg.launcher.get("n_jobs", 1)) if hydra_cfg.mode == RunMode.MULTIRUN else 1
 
 
-def _multirun_job(cfg: DictConfig) -> tuple[int, str] | None:
-    """In a multirun, name the job's study from its overrides (``tuner.multirun``); return (job number, job folder)."""
+def _name_multirun_job(cfg: DictConfig) -> None:
+    """In a multirun, name the job's study from its overrides (``tuner.multirun``), for every command alike."""
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode != RunMode.MULTIRUN:
-        return None
+        return
     keep_summary_in_job_log()
     suffix = name_suffix(list(hydra_cfg.overrides.task))
     if suffix:
         cfg.study.name = f"{cfg.study.name}{suffix}"
-    return int(hydra_cfg.job.num), str(hydra_cfg.runtime.output_dir)
 
 
 def _sigterm(signum: int, frame: object) -> None:
@@ -195,6 +215,9 @@ def _sigterm(signum: int, frame: object) -> None:
 def input_error(err: BaseException) -> str | None:
     """What the user did, in a line, for an error Hydra meets before tuner's code runs (a config file that is no
     YAML, a duplicate key, an override it cannot apply, a folder it cannot write); ``None`` for anything else."""
+    refused = composition_error(err)  # a value the schema cannot hold: worded as tuner's own checks word it
+    if refused is not None:
+        return str(refused)
     if isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
         mark = err.problem_mark
         context = f"{err.context}, " if err.context else ""
@@ -209,14 +232,15 @@ def input_error(err: BaseException) -> str | None:
     return None
 
 
-def cli() -> None:
-    """``python -m tuner`` and the ``tuner`` command: what the user did ends the run with one message and a non-zero
-    exit, never a traceback; so does a signal outside the study (Hydra's start-up and teardown)."""
+def cli(entry: Callable[[], object] = main) -> None:
+    """Run a command's ``entry`` (``python -m tuner`` and the ``tuner`` command: ``main``): what the user did ends the
+    run with one message and a non-zero exit, never a traceback; so does a signal outside the study (Hydra's start-up
+    and teardown)."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _sigterm)
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra raises its errors here instead of printing tracebacks
     try:
-        main()
+        entry()
         # The run is complete. Python's shutdown resets its own handlers to the default (killed by the signal),
         # but keeps an ignored signal ignored.
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from tuner.config import ModelConfig
 from tuner.model import build_model
+from tuner.schema import ModelConfig
 
 __all__ = ["load_model", "save_checkpoint"]
 

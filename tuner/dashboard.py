@@ -10,27 +10,13 @@ import logging
 import sys
 from typing import Any
 
-import hydra
-from omegaconf import DictConfig
-
-from tuner.__main__ import config_dir, mask_saved_password, masks_passwords, to_container
-from tuner.config import ConfigError, parse_run
+from tuner.__main__ import cli, command
+from tuner.config import parse_run
 from tuner.secrets import safe_url
 
-__all__ = ["exposure_warning", "main", "parse_dashboard"]
+__all__ = ["dashboard", "exposure_warning", "main"]
 
 log = logging.getLogger("tuner")
-
-
-def parse_dashboard(node: Any) -> tuple[str, int]:
-    """``(host, port)`` from the ``dashboard`` config node."""
-    node = node if isinstance(node, dict) else {}
-    host, port = node.get("host", "127.0.0.1"), node.get("port", 8080)
-    if not isinstance(host, str) or not host:
-        raise ConfigError(f"dashboard.host must be a host name or address such as 127.0.0.1, but got {host!r}.")
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
-        raise ConfigError(f"dashboard.port must be an integer in [1, 65535], but got {port!r}.")
-    return host, port
 
 
 def exposure_warning(host: str) -> str | None:
@@ -49,26 +35,21 @@ def exposure_warning(host: str) -> str | None:
     )
 
 
-@masks_passwords
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
-def main(cfg: DictConfig) -> None:
+def dashboard(raw: dict[str, Any]) -> None:
+    """``python -m tuner.dashboard``: serve ``study.storage`` with its artifacts until interrupted."""
     import optuna_dashboard
     from optuna.artifacts import FileSystemArtifactStore
 
     from tuner.artifacts import artifact_dir
+    from tuner.config import parse_command_section
     from tuner.paths import check_folder
     from tuner.stored import open_existing_storage, study_names
 
-    mask_saved_password(cfg)
-    try:
-        raw = to_container(cfg)
-        run = parse_run(raw)
-        host, port = parse_dashboard(raw.get("dashboard"))
-        storage = open_existing_storage(run.study.storage)
-        check_folder("study.artifact_dir", artifact_dir(run.study))  # made below when missing
-    except ConfigError as err:
-        log.error("%s", err)
-        sys.exit(2)
+    run = parse_run(raw)
+    settings = parse_command_section(raw, "dashboard")
+    host, port = settings.host, settings.port
+    storage = open_existing_storage(run.study.storage)
+    check_folder("study.artifact_dir", artifact_dir(run.study))  # made below when missing
     warning = exposure_warning(host)
     if warning:
         log.warning("%s", warning)
@@ -93,5 +74,7 @@ def main(cfg: DictConfig) -> None:
         pass
 
 
+main = command(dashboard)
+
 if __name__ == "__main__":
-    main()
+    cli(main)

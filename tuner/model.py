@@ -10,11 +10,9 @@ from __future__ import annotations
 import math
 
 import torch
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from torch import nn
 
-from tuner.config import ConfigError, ModelConfig
+from tuner.schema import ConfigError, ModelConfig
 
 __all__ = ["build_model", "cnn", "count_parameters", "mlp", "predict_proba", "softmax"]
 
@@ -92,6 +90,9 @@ def softmax(input_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
 def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """Build the configured classifier for inputs of ``input_shape`` (one sample, no batch axis): Hydra's
     ``instantiate`` calls ``model._target_`` with ``input_shape``, ``num_classes`` and the config's other keys."""
+    from hydra.errors import InstantiationException  # imported when a model is built, not by every worker import
+    from hydra.utils import instantiate
+
     try:
         model = instantiate(
             {"_target_": cfg.target, **cfg.options},

@@ -9,13 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
 from tuner.config import RunConfig
 from tuner.importance import EVALUATOR_TITLES, LESSON_ORDER, param_importances, tier_of
 from tuner.secrets import mask_password, safe_url
-from tuner.space import Param, values_from_params
+from tuner.space import Param, describe_range, values_from_params
 
 __all__ = ["REFINED_FROM_ATTR", "command_line", "end_note", "start_note", "write_end_note", "write_start_note"]
 
@@ -41,23 +40,12 @@ def _cell(value: Any) -> str:
     return str(value).replace("|", "\\|")
 
 
-def space_rows(params: list[Param]) -> list[tuple[str, str, str, str]]:
-    """(config path, range, scale, condition) per param, each range in the values the config receives."""
+def space_rows(params: list[Param]) -> list[tuple[str, str, str]]:
+    """(config path, range, condition) per param, each range in the values the config receives."""
     rows = []
     for p in params:
-        dist = p.distribution
-        when = "; ".join(f"{path} in {list(v)}" for path, v in p.when.items())
-        if isinstance(dist, CategoricalDistribution):
-            rows.append((p.path, ", ".join(str(c) for c in dist.choices), "categorical", when))
-            continue
-        assert isinstance(dist, (FloatDistribution, IntDistribution))
-        if p.reverse_log:
-            rng = f"{1 - dist.high:g} .. {1 - dist.low:g}"
-            scale = f"reverse log: 1 - value log-uniform over [{dist.low:g}, {dist.high:g}] (stored as `{p.name}`)"
-        else:
-            rng = f"{dist.low:g} .. {dist.high:g}"
-            scale = "log" if dist.log else ("linear" if dist.step in (None, 1) else f"linear, step {dist.step:g}")
-        rows.append((p.path, rng, scale, when))
+        stored = f" (stored as `{p.name}`)" if p.name != p.path else ""
+        rows.append((p.path, describe_range(p) + stored, "; ".join(f"{k} in {list(v)}" for k, v in p.when.items())))
     return rows
 
 
@@ -91,12 +79,12 @@ def start_note(run: RunConfig, params: list[Param], *, command: str, refined_fro
         "",
         "## Search space",
         "",
-        "| parameter | range | scale | sampled when |",
-        "|---|---|---|---|",
-        *(f"| `{p}` | {_cell(r)} | {_cell(sc)} | {_cell(w) or 'always'} |" for p, r, sc, w in space_rows(params)),
+        "| parameter | range | sampled when |",
+        "|---|---|---|",
+        *(f"| `{p}` | {_cell(r)} | {_cell(w) or 'always'} |" for p, r, w in space_rows(params)),
     ]
     if not params:
-        lines.append("| (none: every trial uses the base config) | | | |")
+        lines.append("| (none: every trial uses the base config) | | |")
     if refined_from:
         lines += [
             "",

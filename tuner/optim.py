@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
-from tuner.config import OptimizerConfig
+from tuner.schema import OptimizerConfig
 
 __all__ = ["build_optimizer"]
 

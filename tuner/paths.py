@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tuner.artifacts import artifact_dir
 from tuner.config import ConfigError, RunConfig
-from tuner.data import download_folder
+from tuner.datasets import download_folder
 
 __all__ = ["check_folder", "check_run_paths"]
 
@@ -54,5 +54,6 @@ def check_run_paths(run: RunConfig) -> None:
     data = run.trial.data
     target = download_folder(data)
     if target is not None:
-        into = "" if str(target) == data.root else f" (downloading into {str(target)!r})"
-        check_folder("data.root", target, shown=f"data.root={data.root!r}{into}")
+        root = data.options.get("root")
+        into = "" if str(target) == root else f" (downloading into {str(target)!r})"
+        check_folder("data.root", target, shown=f"data.root={root!r}{into}")

@@ -1,49 +1,44 @@
-"""The sampler and the pruner, built from their config sections."""
+"""The sampler and the pruner, built from their config sections with ``hydra.utils.instantiate``."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import optuna
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 
 from tuner.config import ConfigError, PluginConfig
 from tuner.pruning import CachedCompletedTrials
+from tuner.schema import locate
 
-__all__ = ["PRUNERS", "SAMPLERS", "make_pruner", "make_sampler"]
-
-SAMPLERS: dict[str, type[optuna.samplers.BaseSampler]] = {
-    "random": optuna.samplers.RandomSampler,
-    "tpe": optuna.samplers.TPESampler,
-    "qmc": optuna.samplers.QMCSampler,
-    "gp": optuna.samplers.GPSampler,
-}
-PRUNERS: dict[str, type[optuna.pruners.BasePruner]] = {
-    "median": optuna.pruners.MedianPruner,
-    "percentile": optuna.pruners.PercentilePruner,
-    "hyperband": optuna.pruners.HyperbandPruner,
-    "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
-    "none": optuna.pruners.NopPruner,
-}
+__all__ = ["make_pruner", "make_sampler"]
 
 
-def _build(group: str, table: dict[str, Any], cfg: PluginConfig, **extra: Any) -> Any:
-    cls = table.get(cfg.name)
-    if cls is None:
-        raise ConfigError(f"{group}.name must be one of {', '.join(table)}, but got {cfg.name!r}.")
+def _build(group: str, cfg: PluginConfig, base: type, **extra: Any) -> Any:
     try:
-        return cls(**cfg.options, **extra)
-    except (TypeError, ValueError) as err:
-        options = ", ".join(f"{group}.{k}={v!r}" for k, v in cfg.options.items())
-        raise ConfigError(f"{group}={cfg.name} rejects its options ({options}): {err}") from None
+        built = instantiate({"_target_": cfg.target, **cfg.options}, **extra, _convert_="all")
+    except InstantiationException as err:  # the class refused its options
+        reason = str(err.__cause__ or err).strip().splitlines()[0]
+        options = ", ".join(f"{group}.{k}={v!r}" for k, v in cfg.options.items()) or "no options"
+        raise ConfigError(f"{group}._target_={cfg.target!r} rejects its options ({options}): {reason}") from None
+    if not isinstance(built, base):
+        raise ConfigError(f"{group}._target_={cfg.target!r} built a {type(built).__name__}, not a {base.__name__}.")
+    return built
 
 
 def make_sampler(cfg: PluginConfig, *, seed: int) -> optuna.samplers.BaseSampler:
-    sampler: optuna.samplers.BaseSampler = _build("sampler", SAMPLERS, cfg, seed=seed)
+    """The sampler, seeded from ``study.seed`` (a sampler class that takes a ``seed``)."""
+    takes_seed = "seed" in inspect.signature(locate(cfg.target)).parameters
+    sampler: optuna.samplers.BaseSampler = _build(
+        "sampler", cfg, optuna.samplers.BaseSampler, **({"seed": seed} if takes_seed else {})
+    )
     return sampler
 
 
 def make_pruner(cfg: PluginConfig) -> optuna.pruners.BasePruner:
-    pruner: optuna.pruners.BasePruner = _build("pruner", PRUNERS, cfg)
+    pruner: optuna.pruners.BasePruner = _build("pruner", cfg, optuna.pruners.BasePruner)
     if isinstance(pruner, optuna.pruners.PercentilePruner):  # median and percentile: see tuner.pruning
         return CachedCompletedTrials(pruner)
     return pruner

@@ -12,24 +12,21 @@ from __future__ import annotations
 import logging
 import math
 import shlex
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import hydra
 import optuna
 import yaml
-from omegaconf import DictConfig
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from tuner.__main__ import config_dir, mask_saved_password, masks_passwords, to_container
+from tuner.__main__ import cli, command
 from tuner.config import ConfigError, get_path, set_path
-from tuner.space import Param, parse_space
+from tuner.space import Param, describe_range, entry_param, parse_space
 
-__all__ = ["Change", "RefineConfig", "narrow", "parse_refine", "space_yaml"]
+__all__ = ["Change", "main", "narrow", "refine", "space_yaml"]
 
 log = logging.getLogger("tuner")
 # Bounds are rounded outward to this many significant digits, so the YAML reads like a person wrote it.
@@ -37,41 +34,10 @@ SIGNIFICANT = 3
 
 
 @dataclass(frozen=True)
-class RefineConfig:
-    top_k: int
-    margin: float
-    name: str
-    space_dir: Path
-    enqueue: bool
-    n_trials: int
-    run: bool
-
-
-@dataclass(frozen=True)
 class Change:
     path: str
     before: str
     after: str
-
-
-def parse_refine(node: Any) -> RefineConfig:
-    node = node if isinstance(node, Mapping) else {}
-
-    def get(key: str, kind: type | tuple[type, ...], expected: str, ok: Any = lambda v: True) -> Any:
-        value = node.get(key)
-        if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind) or not ok(value):
-            raise ConfigError(f"refine.{key} must be {expected}, but got {value!r}.")
-        return value
-
-    return RefineConfig(
-        top_k=get("top_k", int, "an integer >= 1", lambda v: v >= 1),
-        margin=float(get("margin", (int, float), "a number in (0, 1]", lambda v: 0 < v <= 1)),
-        name=get("name", str, "a non-empty study name", bool),
-        space_dir=Path(get("space_dir", str, "a folder path", bool)),
-        enqueue=get("enqueue", bool, "true or false"),
-        n_trials=get("n_trials", int, "an integer >= 1", lambda v: v >= 1),
-        run=get("run", bool, "true or false"),
-    )
 
 
 def _round_out(x: float, *, down: bool) -> float:
@@ -82,14 +48,6 @@ def _round_out(x: float, *, down: bool) -> float:
     scaled = round(x / 10**exponent, 6)  # 123.0000001 is 123, not 124
     scaled = math.floor(scaled) if down else math.ceil(scaled)
     return float(f"{scaled * 10**exponent:.12g}")
-
-
-def _describe(param: Param, dist: Any) -> str:
-    if isinstance(dist, CategoricalDistribution):
-        return "{" + ", ".join(str(c) for c in dist.choices) + "}"
-    if param.reverse_log:
-        return f"[{1 - dist.high:.6g}, {1 - dist.low:.6g}] log(1 - value)"
-    return f"[{dist.low:g}, {dist.high:g}]" + (" log" if dist.log else "")
 
 
 def _narrow_numeric(param: Param, values: list[float], margin: float) -> tuple[float, float]:
@@ -149,16 +107,9 @@ def narrow(
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = new
-        after = _describe_entry(new) if values else "unchanged: no top trial sampled it"
-        changes.append(Change(param.path, _describe(param, dist), after))
+        after = describe_range(entry_param(param.path, new)) if values else "unchanged: no top trial sampled it"
+        changes.append(Change(param.path, describe_range(param), after))
     return space, changes
-
-
-def _describe_entry(entry: Mapping[str, Any]) -> str:
-    if entry["type"] == "categorical":
-        return "{" + ", ".join(str(c) for c in entry["choices"]) + "}"
-    scale = " log(1 - value)" if entry.get("reverse_log") else (" log" if entry.get("log") else "")
-    return f"[{entry['low']:g}, {entry['high']:g}]{scale}"
 
 
 def space_yaml(space: Mapping[str, Any], changes: Sequence[Change], header: Sequence[str]) -> str:
@@ -193,10 +144,9 @@ def _child_output_dir(output_dir: str, parent: str, child: str) -> str:
     return str(path.with_name(child) if path.name == parent else path / child)
 
 
-@masks_passwords
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
-def main(cfg: DictConfig) -> None:
-    from tuner.config import parse_run
+def refine(raw: dict[str, Any]) -> None:
+    """``python -m tuner.refine``: write the narrowed space, create the child study and run it."""
+    from tuner.config import parse_command_section, parse_run
     from tuner.data import load_splits
     from tuner.definition import data_content
     from tuner.notes import REFINED_FROM_ATTR, write_start_note
@@ -206,56 +156,50 @@ def main(cfg: DictConfig) -> None:
     from tuner.study import open_study
     from tuner.tune import prepare, tune
 
-    mask_saved_password(cfg)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        raw = to_container(cfg)
-        run = parse_run(raw)
-        opts = parse_refine(raw.get("refine"))
-        check_folder("refine.space_dir", opts.space_dir)
-        storage = open_existing_storage(run.study.storage)
-        parent = load_existing_study(run, storage)
-        check_experiment(parent, run, content=data_content(load_splits(run.trial.data).arrays()))
-        stored = parent.user_attrs.get("config")
-        if not isinstance(stored, dict) or not isinstance(stored.get("space"), dict) or not stored["space"]:
-            raise ConfigError(
-                f"study.name={parent.study_name!r} has no search space stored with it: refine needs a study "
-                "that python -m tuner wrote with at least one searched param."
-            )
-        params = parse_space(stored["space"], stored)
-        top, completed = _top_trials(parent, opts.top_k)
-        if completed < 2 * opts.top_k:
-            raise ConfigError(
-                f"study.name={parent.study_name!r} has {completed} completed trial(s); refine.top_k={opts.top_k} "
-                f"needs at least {2 * opts.top_k} (the top {opts.top_k} must be picked from twice as many). "
-                "Run more trials or lower refine.top_k."
-            )
-        if opts.name in study_names(storage):
-            raise ConfigError(
-                f"refine.name={opts.name!r} is already a study in {safe_url(run.study.storage)}: continue it with "
-                "python -m tuner study.name=... (the command refine printed), or pick another refine.name."
-            )
-        running = len(parent.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
-        entries = {p.path: get_path(stored["space"], p.path) for p in params}
-        space, changes = narrow(params, entries, top, margin=opts.margin)
-        child_raw = set_path(
-            {**raw, "space": space},
-            {
-                "study.name": opts.name,
-                "study.n_trials": opts.n_trials,
-                "study.output_dir": _child_output_dir(run.study.output_dir, parent.study_name, opts.name),
-            },
+    run = parse_run(raw)
+    opts = parse_command_section(raw, "refine")
+    check_folder("refine.space_dir", opts.space_dir)
+    storage = open_existing_storage(run.study.storage)
+    parent = load_existing_study(run, storage)
+    check_experiment(parent, run, content=data_content(load_splits(run.trial.data).arrays()))
+    stored = parent.user_attrs.get("config")
+    if not isinstance(stored, dict) or not isinstance(stored.get("space"), dict) or not stored["space"]:
+        raise ConfigError(
+            f"study.name={parent.study_name!r} has no search space stored with it: refine needs a study "
+            "that python -m tuner wrote with at least one searched param."
         )
-        child_run, child_params = prepare(child_raw)
-    except ConfigError as err:
-        log.error("%s", err)
-        sys.exit(2)
+    params = parse_space(stored["space"], stored)
+    top, completed = _top_trials(parent, opts.top_k)
+    if completed < 2 * opts.top_k:
+        raise ConfigError(
+            f"study.name={parent.study_name!r} has {completed} completed trial(s); refine.top_k={opts.top_k} "
+            f"needs at least {2 * opts.top_k} (the top {opts.top_k} must be picked from twice as many). "
+            "Run more trials or lower refine.top_k."
+        )
+    if opts.name in study_names(storage):
+        raise ConfigError(
+            f"refine.name={opts.name!r} is already a study in {safe_url(run.study.storage)}: continue it with "
+            "python -m tuner study.name=... (the command refine printed), or pick another refine.name."
+        )
+    running = len(parent.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+    entries = {p.path: get_path(stored["space"], p.path) for p in params}
+    space, changes = narrow(params, entries, top, margin=opts.margin)
+    child_raw = set_path(
+        {**raw, "space": space},
+        {
+            "study.name": opts.name,
+            "study.n_trials": opts.n_trials,
+            "study.output_dir": _child_output_dir(run.study.output_dir, parent.study_name, opts.name),
+        },
+    )
+    child_run, child_params = prepare(child_raw)
     if running:
         log.warning(
             "study %r still has %d running trial(s): refining from its completed ones", parent.study_name, running
         )
 
-    space_dir = opts.space_dir.resolve()
+    space_dir = Path(opts.space_dir).resolve()
     space_file = space_dir / "space" / f"{opts.name}.yaml"
     values = [t.value for t in top]
     command = (
@@ -308,5 +252,7 @@ def main(cfg: DictConfig) -> None:
         tune(child_run, child_params)
 
 
+main = command(refine)
+
 if __name__ == "__main__":
-    main()
+    cli(main)

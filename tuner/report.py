@@ -11,21 +11,18 @@ from __future__ import annotations
 import html
 import json
 import logging
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import hydra
 import optuna
 import plotly.graph_objects as go
-from omegaconf import DictConfig
 from optuna.trial import TrialState
 from plotly.offline import get_plotlyjs
 
-from tuner.__main__ import config_dir, mask_saved_password, masks_passwords, to_container
-from tuner.config import ConfigError
+from tuner.__main__ import cli, command
+from tuner.config import ConfigError, parse_command_section
 from tuner.importance import EVALUATOR_TITLES, EVALUATORS, LESSON_ORDER, make_evaluator, param_importances, tier_of
 from tuner.plots import learning_curves, value_vs_param
 from tuner.space import Param, values_from_params
@@ -43,14 +40,12 @@ class Report:
     importances: dict[str, dict[str, float]]
 
 
-def parse_report(node: Any) -> tuple[Path, str]:
-    node = node if isinstance(node, dict) else {}
-    folder, evaluator = node.get("dir"), node.get("evaluator", "ped_anova")
-    if not isinstance(folder, str) or not folder:
-        raise ConfigError(f"report.dir must be a folder path, but got {folder!r}.")
-    if evaluator not in EVALUATORS:
-        raise ConfigError(f"report.evaluator must be one of {', '.join(EVALUATORS)}, but got {evaluator!r}.")
-    return Path(folder), evaluator
+def parse_report(raw: dict[str, Any]) -> tuple[Path, str]:
+    """``report.dir`` and ``report.evaluator``, checked (the evaluators are tuner.importance's)."""
+    section = parse_command_section(raw, "report")
+    if section.evaluator not in EVALUATORS:
+        raise ConfigError(f"report.evaluator must be one of {', '.join(EVALUATORS)}, but got {section.evaluator!r}.")
+    return Path(section.dir), section.evaluator
 
 
 def _fmt(value: Any) -> str:
@@ -149,32 +144,25 @@ def write_report(study: optuna.Study, params: list[Param], folder: Path, *, stor
     return Report(folder=folder, summary=summary, importances=importances)
 
 
-@masks_passwords
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
-def main(cfg: DictConfig) -> None:
+def report(raw: dict[str, Any]) -> None:
+    """``python -m tuner.report``: write the report of ``study.name`` and print its summary."""
     from tuner.config import parse_run
     from tuner.paths import check_folder
     from tuner.secrets import safe_url
     from tuner.stored import check_experiment, load_existing_study, study_params
 
-    mask_saved_password(cfg)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        raw = to_container(cfg)
-        run = parse_run(raw)
-        folder, evaluator = parse_report(raw.get("report"))
-        check_folder("report.dir", folder)
-        study = load_existing_study(run)
-        check_experiment(study, run)
-        report = write_report(
-            study, study_params(study), folder, storage=safe_url(run.study.storage), evaluator=evaluator
-        )
-    except ConfigError as err:
-        log.error("%s", err)
-        sys.exit(2)
+    run = parse_run(raw)
+    folder, evaluator = parse_report(raw)
+    check_folder("report.dir", folder)
+    study = load_existing_study(run)
+    check_experiment(study, run)
+    report = write_report(study, study_params(study), folder, storage=safe_url(run.study.storage), evaluator=evaluator)
     table = importance_table(report.importances, evaluator)
     print(f"{report.summary}\n\nparameter importance\n{table}\n\nreport: {report.folder / 'index.html'}", flush=True)
 
 
+main = command(report)
+
 if __name__ == "__main__":
-    main()
+    cli(main)

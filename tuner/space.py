@@ -30,7 +30,16 @@ from optuna.distributions import (
 
 from tuner.config import TRIAL_SECTIONS, ConfigError, get_path, parse_trial, set_path
 
-__all__ = ["Param", "describe", "parse_space", "suggest", "values_from_params", "without_entries"]
+__all__ = [
+    "Param",
+    "describe",
+    "describe_range",
+    "entry_param",
+    "parse_space",
+    "suggest",
+    "values_from_params",
+    "without_entries",
+]
 _MISSING_PATH = object()
 _ENTRY_KEYS = {"type", "low", "high", "log", "step", "reverse_log", "choices", "when"}
 _TYPES = ("float", "int", "categorical")
@@ -287,17 +296,28 @@ def suggest(trial: optuna.Trial, params: list[Param], raw: Mapping[str, Any]) ->
     return values
 
 
-def describe(param: Param) -> str:
-    """A one-line human description of a param's range and scale."""
+def describe_range(param: Param) -> str:
+    """A param's range in the values the config receives, and its scale: ``[0.0001, 1] log``,
+    ``[0.9, 0.999] log(1 - value)``, ``[1, 3] step 2``, ``{sgd, adam}``. Every command that shows a range uses this."""
     dist = param.distribution
-    cond = "".join(f" when {p} in {list(v)}" for p, v in param.when.items())
     if isinstance(dist, CategoricalDistribution):
-        return f"{param.path}: one of {list(dist.choices)}{cond}"
+        return "{" + ", ".join(str(c) for c in dist.choices) + "}"
     assert isinstance(dist, (FloatDistribution, IntDistribution))
     if param.reverse_log:
-        return f"{param.path}: 1 - 10^r in [{1 - dist.high:g}, {1 - dist.low:g}] (log scale on 1 - value){cond}"
-    scale = "log" if dist.log else (f"step {dist.step:g}" if dist.step not in (None, 1) else "linear")
-    return f"{param.path}: [{dist.low:g}, {dist.high:g}] {scale}{cond}"
+        return f"[{1 - dist.high:.6g}, {1 - dist.low:.6g}] log(1 - value)"
+    scale = " log" if dist.log else (f" step {dist.step:g}" if dist.step not in (None, 1) else "")
+    return f"[{dist.low:g}, {dist.high:g}]{scale}"
+
+
+def describe(param: Param) -> str:
+    """A param in a line: its path, range and condition."""
+    return f"{param.path}: {describe_range(param)}" + "".join(f" when {p} in {list(v)}" for p, v in param.when.items())
+
+
+def entry_param(path: str, entry: Mapping[str, Any]) -> Param:
+    """The param a space entry (``{type: float, low: ..., high: ...}``) at ``path`` defines."""
+    distribution, reverse = _distribution(f"space.{path}", entry)
+    return Param(path=path, distribution=distribution, reverse_log=reverse)
 
 
 def values_from_params(params: list[Param], sampled: Mapping[str, Any]) -> dict[str, Any]:

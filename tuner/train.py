@@ -8,16 +8,13 @@ which reports each epoch and raises ``optuna.TrialPruned``; the sweeper tells th
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
-import hydra
 import optuna
 from hydra.core.plugins import Plugins
-from omegaconf import DictConfig
 
 from hydra_plugins.tuner_sweeper.tuner_sweeper import TunerSweeper
-from tuner.__main__ import config_dir, mask_saved_password, masks_passwords, to_container
+from tuner.__main__ import cli, command
 from tuner.config import ConfigError
 from tuner.handoff import TrialHandle, rebuild_trial
 
@@ -62,16 +59,7 @@ def train_trial(raw: dict[str, object]) -> float | optuna.TrialPruned:
         return pruned
 
 
-@masks_passwords
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
-def main(cfg: DictConfig) -> float | optuna.TrialPruned:
-    mask_saved_password(cfg)
-    try:
-        return train_trial(to_container(cfg))
-    except ConfigError as err:
-        log.error("%s", err)  # one clear line and a non-zero exit, as python -m tuner does
-        sys.exit(2)
-
+main = command(train_trial)
 
 if __name__ == "__main__":
-    main()
+    cli(main)

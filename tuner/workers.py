@@ -34,11 +34,11 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from tuner.config import TrialConfig
 from tuner.data import Splits, SplitsCache
 from tuner.faults import Interrupted, error_reason
 from tuner.model import build_model, count_parameters
 from tuner.optim import build_optimizer
+from tuner.schema import TrialConfig
 from tuner.trainer import EpochMetrics, train
 
 __all__ = [
