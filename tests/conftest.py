@@ -114,6 +114,16 @@ def postgres_url() -> Iterator[str]:
         conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every PostgreSQL test is ``slow`` (a database of its own per test): those that take ``postgres_url``,
+    and a storage kind parametrized as ``postgresql`` (which asks for the fixture when it runs)."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        params = callspec.params.values() if callspec is not None else ()
+        if "postgres_url" in getattr(item, "fixturenames", ()) or "postgresql" in params:
+            item.add_marker(pytest.mark.slow)
+
+
 @dataclass(frozen=True)
 class Secret:
     """A storage password, as the PostgreSQL server gets it and as it is written in ``study.storage``."""

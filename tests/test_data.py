@@ -222,6 +222,7 @@ def test_mnist1d_is_generated_offline_with_its_own_test_split(monkeypatch: pytes
 # --- IDX files: Fashion-MNIST and MNIST ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_fashion_mnist_loads_from_the_debian_package(tmp_path: Path) -> None:
     _need_fashion_mnist()
     splits = load_splits(_cfg("fashion_mnist", root=str(tmp_path / "empty"), train_subset=2000))

@@ -70,6 +70,7 @@ def test_differences_name_each_key_and_skip_ignored_prefixes() -> None:
     assert set(differences(stored, now, ignore=["space"])) == {"a.x", "b", "c"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("change", "named"),
     [
@@ -114,6 +115,7 @@ def test_other_data_of_the_same_shape_is_refused_and_keeps_the_test_accuracy(tmp
     assert _snapshot(_stored(tmp_path)) == before
 
 
+@pytest.mark.slow
 def test_other_data_set_of_another_shape_is_refused_before_training(tmp_path: Path) -> None:
     _run(*_base(tmp_path))
     before = _snapshot(_stored(tmp_path))
@@ -122,6 +124,7 @@ def test_other_data_set_of_another_shape_is_refused_before_training(tmp_path: Pa
     assert _snapshot(_stored(tmp_path)) == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "free",
     [
@@ -136,6 +139,7 @@ def test_where_and_how_long_to_run_may_change(tmp_path: Path, free: list[str]) -
     assert len(_stored(tmp_path).get_trials()) == 3
 
 
+@pytest.mark.slow
 def test_accept_changes_adds_the_trials_and_records_the_change(tmp_path: Path) -> None:
     _run(*_base(tmp_path))
     _run(*_base(tmp_path), "trainer.epochs=2", "study.n_trials=3", "study.accept_changes=true")
@@ -150,6 +154,7 @@ def test_accept_changes_adds_the_trials_and_records_the_change(tmp_path: Path) -
     assert len(_stored(tmp_path).get_trials()) == 4
 
 
+@pytest.mark.slow
 def test_a_study_from_an_earlier_tuner_is_checked_against_its_stored_config(tmp_path: Path) -> None:
     _run(*_base(tmp_path))
     _stored(tmp_path).set_user_attr(DEFINITION_ATTR, None)  # as an earlier tuner left it: the config only

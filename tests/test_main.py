@@ -37,6 +37,7 @@ def run_tuner(
     )
 
 
+@pytest.mark.slow
 def test_main_runs_a_study_and_prints_a_readable_summary(tmp_path: Path) -> None:
     result = run_tuner(tmp_path, *SMALL)
     assert result.returncode == 0, result.stderr
@@ -56,6 +57,7 @@ def test_main_runs_a_study_and_prints_a_readable_summary(tmp_path: Path) -> None
     assert list((tmp_path / "outputs" / "digits-mlp").glob("*/tuner.log"))  # Hydra's job log, named "tuner"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -109,6 +111,7 @@ def test_main_every_command_shares_the_entry_path_and_its_one_line_errors(tmp_pa
         assert result.returncode == 2 and message in out and "Traceback" not in out, out
 
 
+@pytest.mark.slow
 def test_main_bad_input_leaves_an_existing_study_unchanged(tmp_path: Path) -> None:
     assert run_tuner(tmp_path, *SMALL).returncode == 0
     before = len(optuna.load_study(study_name="digits-mlp", storage=f"sqlite:///{tmp_path / 'study.db'}").trials)
@@ -118,6 +121,7 @@ def test_main_bad_input_leaves_an_existing_study_unchanged(tmp_path: Path) -> No
     assert len(after) == before
 
 
+@pytest.mark.slow
 def test_main_wheel_install_finds_its_config_from_another_directory(
     tmp_path: Path, installed_wheel: tuple[Path, Path]
 ) -> None:

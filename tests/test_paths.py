@@ -26,6 +26,7 @@ def _listing(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 
 
+@pytest.mark.slow
 def test_paths_output_dir_that_is_a_file_stops_the_run_before_any_trial(tmp_path: Path) -> None:
     (tmp_path / "out").write_text("not a folder")
     result = subprocess.run(
@@ -103,6 +104,7 @@ def test_paths_data_root_is_not_checked_when_nothing_is_downloaded(tmp_path: Pat
         prepare(compose_raw(*_overrides(tmp_path), *data))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key", ["study.output_dir", "study.artifact_dir"])
 def test_paths_a_read_only_folder_is_refused_before_any_trial(tmp_path: Path, key: str) -> None:
     locked = tmp_path / "locked"

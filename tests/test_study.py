@@ -124,6 +124,7 @@ def test_study_parallel_workers_starting_together_propose_different_params(tmp_p
     assert len(xs) == 6 and len(set(xs)) == 6
 
 
+@pytest.mark.slow
 def test_study_workers_opening_a_new_sqlite_file_together_all_succeed(tmp_path: Path) -> None:
     # Parallel workers of one multirun create the tables of a new file at the same moment.
     script = (
