@@ -19,7 +19,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
-import tuner.workers
+import tuner.trainer
 from tests.conftest import SECRETS, Secret, compose_raw, leaks_in_files, postgres_dump
 from tuner.budget import budget_used
 from tuner.config import ConfigError, parse_run
@@ -30,7 +30,7 @@ from tuner.tune import prepare, tune
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 
-# trainer.workers=1: the tests that replace tuner.workers.train need the training in this process.
+# trainer.workers=1: the tests that replace tuner.trainer.train need the training in this process.
 # The reruns train 1 epoch where the first run was stopped during 1000: a change the study must be told of.
 RERUN_SHORTER = "study.accept_changes=true"
 SMALL = ["data=digits", "trainer.epochs=1", "study.name=faults", "pruner=none", "trainer.threads=1"]
@@ -106,7 +106,7 @@ def test_faults_out_of_memory_fails_that_trial_frees_its_memory_and_the_study_go
         models.append(weakref.ref(model))
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(tuner.workers, "train", train_or_run_out_of_memory)
+    monkeypatch.setattr(tuner.trainer, "train", train_or_run_out_of_memory)
     summary, study = _tune(tmp_path, "study.n_trials=3")
     states = [t.state for t in study.trials]
     assert states == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
@@ -135,7 +135,7 @@ def test_faults_cuda_out_of_memory_from_the_allocator_frees_the_trial_and_the_st
         torch.empty(free * 2, dtype=torch.uint8, device="cuda")  # raises torch.OutOfMemoryError
         raise AssertionError("the allocation should have failed")
 
-    monkeypatch.setattr(tuner.workers, "train", train_after_a_huge_allocation)
+    monkeypatch.setattr(tuner.trainer, "train", train_after_a_huge_allocation)
     _, study = _tune(tmp_path, "study.n_trials=2", "trainer.device=cuda")
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE]
     assert study.trials[0].user_attrs["fail_reason"].startswith("OutOfMemoryError: CUDA out of memory")
@@ -148,7 +148,7 @@ def test_faults_the_same_error_in_every_recent_trial_stops_the_study(
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise FileNotFoundError("/data/shard-7.bin")
 
-    monkeypatch.setattr(tuner.workers, "train", broken)
+    monkeypatch.setattr(tuner.trainer, "train", broken)
     error, study = _tune(tmp_path, "study.n_trials=20", "study.max_failure_streak=3")
     assert isinstance(error, FailureStreakError)
     assert "the last 3 trials all failed with FileNotFoundError" in str(error)
@@ -168,7 +168,7 @@ def test_faults_trials_failing_in_different_ways_do_not_stop_the_study(
             raise err
         return train(*args, **kwargs)
 
-    monkeypatch.setattr(tuner.workers, "train", sometimes_broken)
+    monkeypatch.setattr(tuner.trainer, "train", sometimes_broken)
     summary, study = _tune(tmp_path, "study.n_trials=4", "study.max_failure_streak=2")
     assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE", "FAIL", "FAIL"]
     assert [t.user_attrs.get("fail_reason") for t in study.trials if t.state == TrialState.FAIL] == [
@@ -195,7 +195,7 @@ def test_faults_a_worker_whose_trial_was_given_up_for_dead_goes_on(
             RetryHeartbeatStaleTrialCallback()(other, other._storage.get_trial(running[0]._trial_id))
         return train(*args, **kwargs)
 
-    monkeypatch.setattr(tuner.workers, "train", stalled_then_train)
+    monkeypatch.setattr(tuner.trainer, "train", stalled_then_train)
     summary, study = _tune(tmp_path, "study.n_trials=2")
     assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE", "COMPLETE"]
     assert RetryHeartbeatStaleTrialCallback.retry_history(study.trials[1]) == [0]
@@ -345,9 +345,7 @@ def _signal_after_start(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("workers", "delays"), [(1, [0.0, 0.2, 0.6, 1.2, 2.0]), (2, [0.0, 0.5, 1.2])]
-)
+@pytest.mark.parametrize(("workers", "delays"), [(1, [0.0, 0.2, 0.6, 1.2, 2.0]), (2, [0.0, 0.5, 1.2])])
 def test_faults_an_interrupt_at_any_moment_loses_no_trial(tmp_path: Path, workers: int, delays: list[float]) -> None:
     # Moments spread over a run: start-up after the study is opened, sampling, training, telling, saving the
     # best model, scoring it. Every run, whatever it was doing, must leave each stopped trial queued again and
@@ -379,13 +377,14 @@ def test_faults_an_interrupt_at_any_moment_loses_no_trial(tmp_path: Path, worker
     assert interrupted >= len(delays) // 2  # most moments landed inside the run, not after it
 
 
+@pytest.mark.slow
 def test_faults_a_failing_trial_is_one_console_line_and_keeps_its_reason(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("boom in the user's model")
 
-    monkeypatch.setattr(tuner.workers, "train", broken)
+    monkeypatch.setattr(tuner.trainer, "train", broken)
     summary, study = _tune(tmp_path, "study.n_trials=2", "study.max_failure_streak=null")
 
     console = "".join(capfd.readouterr())
@@ -406,4 +405,3 @@ def test_faults_a_signal_once_the_study_has_finished_leaves_it_complete(
     # 0 once tuner's code is done; 130/143 (one line) if it lands while tune() returns; never killed by it (-2/-15).
     assert code in (0, 130, 143) and "Traceback" not in out, out
     assert [t.state for t in _trials(url)] == [TrialState.COMPLETE] * 2
-

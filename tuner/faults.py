@@ -9,11 +9,11 @@ import signal
 import threading
 from collections.abc import Iterator
 from types import FrameType
+from typing import TYPE_CHECKING
 
-import optuna
-from optuna.trial import FrozenTrial, TrialState
-
-from tuner.study import FINISHED
+if TYPE_CHECKING:  # not at run time: a worker process imports this module (tuner.workers) and must not load Optuna
+    import optuna
+    from optuna.trial import FrozenTrial
 
 log = logging.getLogger("tuner")
 
@@ -141,9 +141,11 @@ class FailureStreak:
         self.message: str | None = None
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        from optuna.trial import TrialState  # loaded by now: the study calls this
+
         if self.message is not None or self.limit is None or trial.state != TrialState.FAIL:
             return
-        finished = study.get_trials(deepcopy=False, states=FINISHED)
+        finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
         recent = sorted(finished, key=lambda t: (t.datetime_complete is None, t.datetime_complete, t.number))
         recent = recent[-self.limit :]
         reasons = [str(t.user_attrs.get("fail_reason", "")) for t in recent if t.state == TrialState.FAIL]

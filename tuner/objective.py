@@ -1,4 +1,4 @@
-"""The Optuna objective: sample a trial's config, train it (tuner.workers), report, prune, keep the best model."""
+"""The Optuna objective: sample a trial's config, train it (tuner.trainer), report, prune, keep the best model."""
 
 from __future__ import annotations
 
@@ -16,8 +16,7 @@ from tuner.config import DataConfig, RunConfig, TrialConfig, parse_trial, set_pa
 from tuner.data import Splits, SplitsCache
 from tuner.faults import Interrupted, error_reason, interrupts_allowed, interrupts_deferred
 from tuner.space import Param, suggest
-from tuner.trainer import EpochMetrics, TrainingDiverged, resolve_device
-from tuner.workers import LocalTrainer, Setup, Trainer, TrainJob
+from tuner.trainer import EpochMetrics, LocalTrainer, Setup, Trainer, TrainingDiverged, TrainJob, resolve_device
 
 __all__ = ["Objective", "release_memory", "trial_seed"]
 

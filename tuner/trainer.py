@@ -1,4 +1,5 @@
-"""A plain PyTorch training loop. It knows nothing of Optuna or Hydra: it calls ``on_epoch``.
+"""A plain PyTorch training loop, and ``fit``, which builds a trial's model and optimizer and runs it. It knows
+nothing of Optuna or Hydra: it calls ``on_epoch``.
 
 Data sets that fit in memory live as tensors on the training device and are shuffled by index
 each epoch: a per-sample DataLoader's indexing and collation would cost a small model a large share of
@@ -12,13 +13,32 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
-__all__ = ["EpochMetrics", "TrainingDiverged", "evaluate", "resolve_device", "train"]
+from tuner.model import build_model, count_parameters
+from tuner.optim import build_optimizer
+
+if TYPE_CHECKING:
+    from tuner.data import Splits
+    from tuner.schema import TrialConfig
+
+__all__ = [
+    "EpochMetrics",
+    "LocalTrainer",
+    "Setup",
+    "TrainJob",
+    "Trainer",
+    "TrainingDiverged",
+    "evaluate",
+    "fit",
+    "resolve_device",
+    "train",
+]
 
 # How often (in steps) the running loss is checked for NaN/inf; each check syncs with the device.
 _FINITE_CHECK_EVERY = 25
@@ -143,3 +163,88 @@ def train(
         if on_epoch is not None:
             on_epoch(metrics)
     return history
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """What a trial trains: its resolved config, its seed and the device (``cuda``, ``cpu``, ...)."""
+
+    cfg: TrialConfig
+    seed: int
+    device: str
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Known once the model is built, before its first step: stored on the trial."""
+
+    param_count: int
+    device: str
+
+
+def fit(
+    job: TrainJob,
+    splits: Splits,
+    *,
+    on_setup: Callable[[Setup], None],
+    on_epoch: Callable[[EpochMetrics], None],
+) -> nn.Module:
+    """Build the trial's model and optimizer from its config and train it; ``on_epoch`` may raise to stop."""
+    cfg = job.cfg
+    device = torch.device(job.device)
+    torch.manual_seed(job.seed)  # the trial's initial weights
+    model = build_model(cfg.model, splits.input_shape, splits.num_classes).to(device)
+    optimizer, scheduler = build_optimizer(model.parameters(), cfg.optimizer, device=device)
+    on_setup(Setup(param_count=count_parameters(model), device=str(device)))
+    train(
+        model,
+        optimizer,
+        scheduler,
+        splits.x_train,
+        splits.y_train,
+        splits.x_val,
+        splits.y_val,
+        epochs=cfg.trainer.epochs,
+        batch_size=cfg.data.batch_size,
+        seed=job.seed,
+        eval_batch_size=cfg.trainer.eval_batch_size,
+        bf16=cfg.trainer.bf16,
+        on_epoch=on_epoch,
+    )
+    return model
+
+
+class Trainer(Protocol):
+    """Where a trial trains: here (``LocalTrainer``) or in a worker process (``tuner.workers.ProcessTrainer``)."""
+
+    def fit(
+        self,
+        job: TrainJob,
+        splits: Splits,
+        *,
+        on_setup: Callable[[Setup], None],
+        on_epoch: Callable[[EpochMetrics], None],
+        keep_model: Callable[[], bool],
+    ) -> nn.Module | None:
+        """Train ``job``; return the trained model, or ``None`` when ``keep_model()`` said it is not wanted."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class LocalTrainer:
+    """Trains in this process (``trainer.workers=1``, and the sweeper's one-trial jobs)."""
+
+    def fit(
+        self,
+        job: TrainJob,
+        splits: Splits,
+        *,
+        on_setup: Callable[[Setup], None],
+        on_epoch: Callable[[EpochMetrics], None],
+        keep_model: Callable[[], bool],
+    ) -> nn.Module | None:
+        return fit(job, splits, on_setup=on_setup, on_epoch=on_epoch)
+
+    def close(self) -> None:
+        pass

@@ -1,9 +1,8 @@
-"""Where a trial's model is built and trained: in the tuner process, or in a worker process of its own.
+"""Training in worker processes: the tuner process's ``ProcessTrainer`` and the worker's loop, over one pipe.
 
-``fit`` is the one place that turns a trial's config into a model (tuner.model), an optimizer
-(tuner.optim) and a training run (tuner.trainer). ``LocalTrainer`` calls it in this process;
-``ProcessTrainer`` calls it in a child process and relays every epoch's metrics back, so the objective
-reports and prunes exactly as in-process, and only the tuner process touches Optuna's storage.
+``ProcessTrainer`` sends a job to a child process, which runs ``tuner.trainer.fit`` and relays every epoch's
+metrics back, so the objective reports and prunes exactly as in-process (``tuner.trainer.LocalTrainer``), and
+only the tuner process touches Optuna's storage. The worker imports torch and tuner's training modules only.
 
 Why processes: a small model is per-op bound, so one torch thread leaves the other cores idle, and
 threads of one process share the GIL, so two models in two threads barely overlap while two processes do
@@ -27,31 +26,18 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
 
 from tuner.data import Splits, SplitsCache
 from tuner.faults import Interrupted, error_reason
-from tuner.model import build_model, count_parameters
-from tuner.optim import build_optimizer
-from tuner.schema import TrialConfig
-from tuner.trainer import EpochMetrics, train
+from tuner.model import build_model
+from tuner.trainer import EpochMetrics, Setup, TrainJob, fit
 
-__all__ = [
-    "LocalTrainer",
-    "ProcessTrainer",
-    "Setup",
-    "TrainJob",
-    "Trainer",
-    "WorkerDied",
-    "fit",
-    "resolve_workers",
-    "worker_main",
-]
+__all__ = ["ProcessTrainer", "WorkerDied", "resolve_workers", "worker_main"]
 
 # ``trainer.workers=auto`` on CPU: one worker per core this process may use, at most this many (each
 # holds its own copy of the data set: about 190 MB for Fashion-MNIST's 60k images).
@@ -62,95 +48,12 @@ _ORPHAN_CHECK_S = 1.0
 _EXIT_TIMEOUT_S = 5.0
 
 
-@dataclass(frozen=True)
-class TrainJob:
-    """What a trial trains: its resolved config, its seed and the device (``cuda``, ``cpu``, ...)."""
-
-    cfg: TrialConfig
-    seed: int
-    device: str
-
-
-@dataclass(frozen=True)
-class Setup:
-    """Known once the model is built, before its first step: stored on the trial."""
-
-    param_count: int
-    device: str
-
-
 class WorkerDied(RuntimeError):
     """The worker process training a trial exited (killed, out of host memory, a crash in native code)."""
 
 
 class _Stopped(Exception):
     """In a worker: the tuner process answered an epoch with "stop" (the trial was pruned, or failed there)."""
-
-
-def fit(
-    job: TrainJob,
-    splits: Splits,
-    *,
-    on_setup: Callable[[Setup], None],
-    on_epoch: Callable[[EpochMetrics], None],
-) -> nn.Module:
-    """Build the trial's model and optimizer from its config and train it; ``on_epoch`` may raise to stop."""
-    cfg = job.cfg
-    device = torch.device(job.device)
-    torch.manual_seed(job.seed)  # the trial's initial weights
-    model = build_model(cfg.model, splits.input_shape, splits.num_classes).to(device)
-    optimizer, scheduler = build_optimizer(model.parameters(), cfg.optimizer, device=device)
-    on_setup(Setup(param_count=count_parameters(model), device=str(device)))
-    train(
-        model,
-        optimizer,
-        scheduler,
-        splits.x_train,
-        splits.y_train,
-        splits.x_val,
-        splits.y_val,
-        epochs=cfg.trainer.epochs,
-        batch_size=cfg.data.batch_size,
-        seed=job.seed,
-        eval_batch_size=cfg.trainer.eval_batch_size,
-        bf16=cfg.trainer.bf16,
-        on_epoch=on_epoch,
-    )
-    return model
-
-
-class Trainer(Protocol):
-    def fit(
-        self,
-        job: TrainJob,
-        splits: Splits,
-        *,
-        on_setup: Callable[[Setup], None],
-        on_epoch: Callable[[EpochMetrics], None],
-        keep_model: Callable[[], bool],
-    ) -> nn.Module | None:
-        """Train ``job``; return the trained model, or ``None`` when ``keep_model()`` said it is not wanted."""
-        ...
-
-    def close(self) -> None: ...
-
-
-class LocalTrainer:
-    """Trains in this process (``trainer.workers=1``, and the sweeper's one-trial jobs)."""
-
-    def fit(
-        self,
-        job: TrainJob,
-        splits: Splits,
-        *,
-        on_setup: Callable[[Setup], None],
-        on_epoch: Callable[[EpochMetrics], None],
-        keep_model: Callable[[], bool],
-    ) -> nn.Module | None:
-        return fit(job, splits, on_setup=on_setup, on_epoch=on_epoch)
-
-    def close(self) -> None:
-        pass
 
 
 def resolve_workers(workers: int | None, threads: int | None, device: torch.device, *, processes: int = 1) -> int:
