@@ -18,6 +18,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from tuner.schema import (
+    KINDS,
     ConfigError,
     DashboardConfig,
     DataConfig,
@@ -180,7 +181,7 @@ def _section(raw: Mapping[str, Any], name: str) -> Mapping[str, Any]:
 
 # The sizes of tuner's own models are counts: at least 1 (a user's model checks its own arguments).
 _BUILTIN_COUNTS = ("hidden_units", "num_layers", "channels", "kernel_size")
-_EXPECTED = {"int": "an integer", "bool": "true or false", "float": "a number"}
+_ANNOTATED = {"int": int, "bool": bool, "float": float}  # a parameter's annotation, checked as the schema's types
 
 
 def check_target(
@@ -222,14 +223,9 @@ def check_target(
                 raise ConfigError(_unknown(key, value, known, f"{section}.", what))
             continue
         annotation = params[key].annotation
-        kind = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
-        wrong = (
-            (kind == "bool" and not isinstance(value, bool))
-            or (kind == "int" and (isinstance(value, bool) or not isinstance(value, int)))
-            or (kind == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))))
-        )
-        if wrong:
-            raise ConfigError(f"{section}.{key} must be {_EXPECTED[kind]}, but got {value!r}.")
+        kind = _ANNOTATED.get(annotation if isinstance(annotation, str) else getattr(annotation, "__name__", ""))
+        if kind is not None and not KINDS[kind][1](value):
+            raise ConfigError(f"{section}.{key} must be {KINDS[kind][0]}, but got {value!r}.")
         if target.startswith("tuner.model.") and key in _BUILTIN_COUNTS and value < 1:
             raise ConfigError(f"{section}.{key} must be an integer >= 1, but got {value!r}.")
     return target, options

@@ -27,6 +27,7 @@ __all__ = ["Splits", "SplitsCache", "load_splits", "source_key"]
 # Sources without a test set of their own give up this fraction of their samples to one.
 TEST_FRACTION = 0.2
 _ARRAYS = ("x_train", "y_train", "x_test", "y_test")
+_TENSORS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: comparing tensors with == has no single truth value
@@ -48,19 +49,11 @@ class Splits:
 
     def arrays(self) -> tuple[torch.Tensor, ...]:
         """The six tensors, in a fixed order (``tuner.definition.data_content`` fingerprints them)."""
-        return (self.x_train, self.y_train, self.x_val, self.y_val, self.x_test, self.y_test)
+        return tuple(getattr(self, name) for name in _TENSORS)
 
     def to(self, device: torch.device | str) -> Splits:
         """Return a copy with every tensor on ``device``."""
-        return replace(
-            self,
-            x_train=self.x_train.to(device),
-            y_train=self.y_train.to(device),
-            x_val=self.x_val.to(device),
-            y_val=self.y_val.to(device),
-            x_test=self.x_test.to(device),
-            y_test=self.y_test.to(device),
-        )
+        return replace(self, **{name: getattr(self, name).to(device) for name in _TENSORS})
 
 
 class _Source(NamedTuple):
@@ -199,13 +192,8 @@ def _split_and_normalize(source: _Source, cfg: DataConfig) -> Splits:
                 f"but got {cfg.train_subset}."
             )
         if cfg.train_subset < len(y):
-            subset, _ = _stratified(
-                y,
-                size=len(y) - cfg.train_subset,
-                seed=cfg.seed,
-                key="data.train_subset",
-                value=cfg.train_subset,
-            )
+            kept, n = len(y) - cfg.train_subset, cfg.train_subset
+            subset, _ = _stratified(y, size=kept, seed=cfg.seed, key="data.train_subset", value=n)
             x, y = x[subset], y[subset]
     train, val = _stratified(y, size=cfg.val_fraction, seed=cfg.seed, key="data.val_fraction", value=cfg.val_fraction)
     x_train, y_train, x_val, y_val = x[train], y[train], x[val], y[val]

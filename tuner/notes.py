@@ -15,6 +15,7 @@ from tuner.config import RunConfig
 from tuner.importance import EVALUATOR_TITLES, LESSON_ORDER, param_importances, tier_of
 from tuner.secrets import mask_password, safe_url
 from tuner.space import Param, describe_range, values_from_params
+from tuner.summary import fmt
 
 __all__ = ["REFINED_FROM_ATTR", "command_line", "end_note", "start_note", "write_end_note", "write_start_note"]
 
@@ -122,10 +123,7 @@ def end_note(study: optuna.Study, params: list[Param], *, evaluator: str = "ped_
     if isinstance(test, dict) and test.get("trial") == best.number:
         lines[-1] += f" Test accuracy {test['value']:.4f} on {test['samples']} held-out samples (scored once)."
     lines += ["", "| parameter | value |", "|---|---|"]
-    lines += [
-        f"| `{k}` | {v:.4g} |" if isinstance(v, float) else f"| `{k}` | {_cell(v)} |"
-        for k, v in values_from_params(params, best.params).items()
-    ]
+    lines += [f"| `{k}` | {_cell(fmt(v))} |" for k, v in values_from_params(params, best.params).items()]
     importances = param_importances(study, evaluator)
     title = EVALUATOR_TITLES.get(evaluator, evaluator)
     lines += ["", f"### What mattered ({title} importance over {len(complete)} completed trials)", ""]

@@ -26,6 +26,7 @@ from tuner.config import ConfigError, parse_command_section
 from tuner.importance import EVALUATOR_TITLES, EVALUATORS, LESSON_ORDER, make_evaluator, param_importances, tier_of
 from tuner.plots import learning_curves, value_vs_param
 from tuner.space import Param, values_from_params
+from tuner.summary import fmt, rows_table
 
 __all__ = ["Report", "build_figures", "main", "parse_report", "summary_text", "write_report"]
 
@@ -48,10 +49,6 @@ def parse_report(raw: dict[str, Any]) -> tuple[Path, str]:
     return Path(section.dir), section.evaluator
 
 
-def _fmt(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
 def summary_text(study: optuna.Study, params: list[Param], storage: str) -> str:
     trials = study.get_trials(deepcopy=False)
     states = ", ".join(
@@ -63,16 +60,15 @@ def summary_text(study: optuna.Study, params: list[Param], storage: str) -> str:
         best = study.best_trial
         rows += [
             ("best trial", f"#{best.number}"),
-            (study.metric_names[0] if study.metric_names else "value", _fmt(best.value)),
+            (study.metric_names[0] if study.metric_names else "value", fmt(best.value)),
         ]
         test = study.user_attrs.get("test_accuracy")
         if isinstance(test, dict) and test.get("trial") == best.number:
             rows.append(("test_accuracy", f"{test['value']:.4f} ({test['samples']} held-out samples)"))
-        rows += [(f"  {k}", _fmt(v)) for k, v in values_from_params(params, best.params).items()]
+        rows += [(f"  {k}", fmt(v)) for k, v in values_from_params(params, best.params).items()]
     else:
         rows.append(("best trial", "none completed yet"))
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+    return rows_table(rows)
 
 
 def importance_table(importances: dict[str, dict[str, float]], primary: str) -> str:

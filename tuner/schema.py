@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar, get_type_hints
 
 __all__ = [
+    "KINDS",
     "ConfigError",
     "DashboardConfig",
     "DataConfig",
@@ -235,7 +236,8 @@ class RunConfig:
     raw: dict[str, Any]
 
 
-_KINDS: dict[Any, tuple[str, Callable[[Any], bool]]] = {
+# Each type a schema key may have: how a message names it, and the test a value must pass.
+KINDS: dict[Any, tuple[str, Callable[[Any], bool]]] = {
     int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
     float: ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)),
     bool: ("true or false", lambda v: isinstance(v, bool)),
@@ -272,7 +274,7 @@ def check_section(cls: type[_Section], section: str, values: Mapping[str, Any], 
         if value is None and optional:
             kwargs[f.name] = None
             continue
-        name, is_kind = _KINDS.get(kind, ("", lambda v: True))
+        name, is_kind = KINDS.get(kind, ("", lambda v: True))
         expected = rule.get("expected") or name + (" or null" if optional else "")
         if not is_kind(value) or not rule.get("ok", lambda v: True)(value):
             raise ConfigError(f"{section}.{key} must be {expected}, but got {value!r}.")

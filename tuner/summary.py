@@ -13,15 +13,20 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
-__all__ = ["Progress", "Summary", "format_summary", "trial_line"]
+__all__ = ["Progress", "Summary", "fmt", "format_summary", "rows_table", "trial_line"]
 
 log = logging.getLogger("tuner")
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
+def fmt(value: Any) -> str:
+    """A setting's value as every printed table shows it (floats to 4 significant digits)."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def rows_table(rows: list[tuple[str, str]]) -> str:
+    """``key  value`` lines, the keys padded to one width."""
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 
 
 def trial_line(trial: FrozenTrial, best: FrozenTrial | None) -> str:
@@ -36,7 +41,7 @@ def trial_line(trial: FrozenTrial, best: FrozenTrial | None) -> str:
         result = str(trial.user_attrs.get("fail_reason", ""))
     seconds = trial.duration.total_seconds() if trial.duration else 0.0
     best_part = f" | best {best.value:.4f} (#{best.number})" if best is not None and best.value is not None else ""
-    params = " ".join(f"{k}={_fmt(v)}" for k, v in trial.params.items())
+    params = " ".join(f"{k}={fmt(v)}" for k, v in trial.params.items())
     return f"trial {trial.number} {state} {result} in {seconds:.1f}s{best_part} | {params}"
 
 
@@ -97,15 +102,14 @@ def format_summary(s: Summary) -> str:
         rows.append(("val_accuracy", f"{s.best_value:.4f}"))
         if s.test_accuracy is not None:
             rows.append(("test_accuracy", f"{s.test_accuracy:.4f} ({s.test_size} held-out samples, scored once)"))
-        rows += [(f"  {k}", _fmt(v)) for k, v in s.best_params.items()]
+        rows += [(f"  {k}", fmt(v)) for k, v in s.best_params.items()]
     if s.model_path:
         rows.append(("best model", s.model_path))
     rows.append(("storage", s.storage))
     artifacts = f" --artifact-dir {s.artifact_dir}" if s.artifact_dir else ""
     rows.append(("dashboard", f"optuna-dashboard {s.storage}{artifacts}  (or python -m tuner.dashboard)"))
     rows += [("next", hint) for hint in s.hints]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+    return rows_table(rows)
 
 
 def count_states(study: optuna.Study) -> dict[str, int]:
