@@ -119,7 +119,11 @@ SETTINGS: dict[str, tuple[str, ...] | None] = {
 
 def _unknown(key: str, value: Any, known: tuple[str, ...], prefix: str, what: str = "a tuner setting") -> str:
     close = difflib.get_close_matches(key, known, n=1)
-    hint = f"did you mean {prefix}{close[0]}?" if close else f"{prefix.rstrip('.') or 'tuner'} reads {', '.join(known)}"
+    hint = (
+        f"did you mean {prefix}{close[0]}?"
+        if close
+        else f"{prefix.rstrip('.') or 'tuner'} reads {', '.join(known) or 'no other keys'}"
+    )
     return f"{prefix}{key} is not {what} ({hint}), but got {prefix}{key}={value!r}."
 
 
@@ -203,7 +207,10 @@ def check_target(
             raise ConfigError(f"model._target_={target!r} is a class but not a torch.nn.Module.")
     if not callable(built):
         raise ConfigError(f"{section}._target_={target!r} is not a class or a function.")
-    signature = inspect.signature(built)
+    try:
+        signature = inspect.signature(built)
+    except (TypeError, ValueError):  # a builtin without one
+        raise ConfigError(f"{section}._target_={target!r} has no signature to check its keys against.") from None
     params = signature.parameters
     open_ended = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
     if section == "model" and not open_ended and not set(given) <= set(params):
