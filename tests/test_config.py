@@ -102,6 +102,7 @@ def test_config_trial_sections_parse_alone() -> None:
         ),
         ("+refine.topk=3", "refine.topk is not a tuner setting (did you mean refine.top_k?)"),
         ("+tuner.trail=3", "tuner.trail is not a tuner setting (did you mean tuner.trial?)"),
+        ("+worker=2", "worker is not a tuner setting"),  # joblib's jobs on one study are gone
         ("+foo=1", "foo is not a tuner setting (tuner reads study, optimizer, trainer, model, data, space, "),
         ("+optimiser.lr=0.1", "optimiser is not a tuner setting (did you mean optimizer?)"),
         ("data.zzz=1", "data.zzz is not a data setting or a parameter of tuner.datasets.mnist1d (data reads name, "),
@@ -130,7 +131,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 )
 def test_config_every_shipped_option_is_read_whole(override: str) -> None:
     extra = ["data.path=my.npz"] if override == "data=npz" else []
-    raw = compose_raw(override, *extra, "+tuner.trial=3", "+worker=2")  # the sweeper's and joblib's keys
+    raw = compose_raw(override, *extra, "+tuner.trial=3")  # the sweeper's key
     run = parse_run(raw)
     assert parse_space(raw["space"], raw) and run.raw["tuner"] == {"trial": 3}
 

@@ -108,11 +108,10 @@ ConfigStore.instance().store(name="tuner_schema", node=TunerConfig)
 
 # Every key some part of tuner reads, by section; anything else is a typo (``+trainer.epoch``) that would otherwise
 # be ignored. ``None``: checked where it is read: model, data, sampler and pruner against their ``_target_``'s
-# parameters (``check_target``), space by tuner.space, hydra by Hydra; worker is free (``+worker=range(4)``).
+# parameters (``check_target``), space by tuner.space, hydra by Hydra.
 SETTINGS: dict[str, tuple[str, ...] | None] = {
     **{name: tuple(schema_fields(cls)) if cls not in (None, DataConfig) else None for name, cls in SCHEMA.items()},
     "tuner": ("trial",),  # the tuner sweeper's +tuner.trial=N (tuner.handoff)
-    "worker": None,
     "hydra": None,
 }
 
