@@ -15,7 +15,7 @@ machine noise hits all alike:
 - ``memory``: tuner's real ``Objective`` and ``run_workers`` with in-memory storage, training in
   ``trainer.workers=auto`` worker processes (one per core, ``--threads`` torch threads each), as
   ``python -m tuner`` does by default;
-- ``sqlite``: the same with ``tuner.study.make_storage`` on a fresh SQLite file.
+- ``sqlite``: the same with ``tuner.storage.make_storage`` on a fresh SQLite file.
 
 Usage::
 
@@ -60,7 +60,7 @@ from tuner.model import build_model
 from tuner.objective import Objective, trial_seed
 from tuner.plugins import make_pruner, make_sampler
 from tuner.space import Param, suggest
-from tuner.study import make_storage, study_lock
+from tuner.storage import make_storage, study_lock
 from tuner.tune import prepare
 from tuner.workers import ProcessTrainer, resolve_workers
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import optuna
 
 from tuner.budget import Budget
-from tuner.study import make_storage, study_lock
+from tuner.storage import make_storage, study_lock
 
 
 def _objective(trial: optuna.Trial) -> float:

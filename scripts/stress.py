@@ -2,7 +2,7 @@
 
     python scripts/stress.py [--trials 300] [--workers 8] [--postgres postgresql://user@127.0.0.1:5432/db] [--compare]
 
-Each worker runs what ``python -m tuner`` runs around its objective: ``tuner.study.make_storage`` (WAL
+Each worker runs what ``python -m tuner`` runs around its objective: ``tuner.storage.make_storage`` (WAL
 SQLite, journal file or PostgreSQL, with heartbeats and RetryHeartbeatStaleTrialCallback), the start-up
 recovery of dead workers' trials, and tuner's loop (tuner.loop) with the shared trial budget. The objective
 is synthetic (5 reported steps of ~4 ms each) so the figures measure the storage and the coordination, not training.
@@ -44,7 +44,8 @@ LOCK_STALLS = re.compile(r"Forcibly releasing the lock file")
 def worker(url: str, study_name: str, n_trials: int, plain: bool) -> None:
     from tuner.budget import Budget, budget_used
     from tuner.loop import fail_stale_trials, run_trials
-    from tuner.study import FINISHED, make_storage, study_lock
+    from tuner.storage import make_storage, study_lock
+    from tuner.study import FINISHED
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")  # tuner's "given up for dead" lines
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -92,7 +93,7 @@ def _runs_a_trial(study: optuna.Study, pid: int) -> bool:
 
 def run_storage(label: str, url: str, n_trials: int, n_workers: int, tmp: Path, plain: bool) -> dict[str, float]:
     from tuner.budget import budget_used
-    from tuner.study import make_storage
+    from tuner.storage import make_storage
 
     name = f"stress-{uuid.uuid4().hex[:8]}"
     logs = [tmp / f"{label}-{'plain' if plain else 'tuner'}-{i}.log" for i in range(n_workers + 1)]

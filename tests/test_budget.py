@@ -9,7 +9,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from tuner.budget import Budget, BudgetReached, budget_used
-from tuner.study import make_storage, study_lock
+from tuner.storage import make_storage, study_lock
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 

@@ -24,7 +24,7 @@ from tests.conftest import SECRETS, Secret, compose_raw, leaks_in_files, postgre
 from tuner.budget import budget_used
 from tuner.config import ConfigError, parse_run
 from tuner.faults import FailureStreakError
-from tuner.study import make_storage
+from tuner.storage import make_storage
 from tuner.trainer import train
 from tuner.tune import prepare, tune
 

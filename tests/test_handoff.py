@@ -11,7 +11,7 @@ import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from tuner.handoff import TrialHandle, rebuild_trial
-from tuner.study import make_storage
+from tuner.storage import make_storage
 
 
 def _pruner() -> optuna.pruners.BasePruner:
@@ -38,7 +38,7 @@ def test_handoff_rebuilt_trial_reports_and_is_told_to_prune(tmp_path: Path) -> N
     job = (
         "import sys, optuna\n"
         "from tuner.handoff import TrialHandle, rebuild_trial\n"
-        "from tuner.study import make_storage\n"
+        "from tuner.storage import make_storage\n"
         "trial = rebuild_trial(make_storage(sys.argv[1]), TrialHandle(study=sys.argv[2], trial=int(sys.argv[3])),\n"
         "                      pruner=optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0))\n"
         "trial.report(0.5, 1)\n"

@@ -10,7 +10,7 @@ from optuna.trial import TrialState
 
 from tuner.journal import HeartbeatJournalStorage
 from tuner.loop import fail_stale_trials
-from tuner.study import make_storage
+from tuner.storage import make_storage
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning"),

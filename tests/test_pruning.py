@@ -9,7 +9,7 @@ import sqlalchemy
 from tuner.config import PluginConfig
 from tuner.plugins import make_pruner
 from tuner.pruning import CachedCompletedTrials
-from tuner.study import make_storage
+from tuner.storage import make_storage
 
 EPOCHS = 8
 MEDIAN = "optuna.pruners.MedianPruner"

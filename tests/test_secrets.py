@@ -29,7 +29,7 @@ from tuner.secrets import (
     remember,
     safe_url,
 )
-from tuner.study import check_storage_url, make_storage
+from tuner.storage import check_storage_url, make_storage
 
 BASE = "postgresql://tuner@db.example:5432/optuna"
 # One more spelling than the runs use: a quote, a percent sign and a space, percent-encoded in the URL.

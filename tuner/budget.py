@@ -37,7 +37,7 @@ def budget_used(trials: Iterable[FrozenTrial]) -> int:
 class Budget:
     """Ask trials for one study until ``n_trials`` (``None``: no limit) are used by all of its workers.
 
-    ``lock`` returns the study's lock (``tuner.study.study_lock``): held across the count and ``study.ask()``.
+    ``lock`` returns the study's lock (``tuner.storage.study_lock``): held across the count and ``study.ask()``.
     """
 
     def __init__(self, n_trials: int | None, lock: Callable[[], contextlib.AbstractContextManager[None]]) -> None:

@@ -44,7 +44,7 @@ def check_folder(key: str, value: str | Path, *, shown: str | None = None) -> No
 
 def check_run_paths(run: RunConfig) -> None:
     """Every folder ``python -m tuner`` writes: the best model's, the artifacts' and, when the data set is to be
-    downloaded, its ``data.root`` (``tuner.study.check_storage_url`` checks the storage file's). Raises
+    downloaded, its ``data.root`` (``tuner.storage.check_storage_url`` checks the storage file's). Raises
     ``ConfigError`` naming the key and the value."""
     study = run.study
     check_folder("study.output_dir", study.output_dir)

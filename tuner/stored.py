@@ -15,8 +15,9 @@ from optuna.storages import BaseStorage
 from tuner.config import ConfigError, RunConfig
 from tuner.definition import CONTENT_KEY, check_definition, definition
 from tuner.plugins import make_pruner, make_sampler
+from tuner.secrets import safe_url
 from tuner.space import Param, parse_space
-from tuner.study import JOURNAL_SCHEME, check_storage_url, make_storage, safe_url
+from tuner.storage import JOURNAL_SCHEME, check_storage_url, make_storage
 
 __all__ = ["check_experiment", "load_existing_study", "open_existing_storage", "study_names", "study_params"]
 

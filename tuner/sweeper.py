@@ -53,7 +53,8 @@ from tuner.handoff import TrialHandle
 from tuner.multirun import format_table, jobs_at_once, storage_url, study_row
 from tuner.secrets import mask_passwords_in_logs, safe_url
 from tuner.space import Param, describe, suggest
-from tuner.study import finished_trials, make_storage, open_study
+from tuner.storage import make_storage
+from tuner.study import finished_trials, open_study
 from tuner.summary import count_states, trial_line
 from tuner.trainer import TrainingDiverged
 

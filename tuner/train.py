@@ -36,7 +36,7 @@ def train_trial(raw: dict[str, object]) -> float | optuna.TrialPruned:
     """
     from tuner.objective import Objective  # torch is imported only once the config is composed
     from tuner.plugins import make_pruner
-    from tuner.study import make_storage
+    from tuner.storage import make_storage
     from tuner.tune import prepare
 
     try:

@@ -25,15 +25,10 @@ from tuner.notes import write_end_note, write_start_note
 from tuner.objective import Objective
 from tuner.plots import save_dashboard_plots
 from tuner.plugins import make_pruner, make_sampler
+from tuner.secrets import safe_url
 from tuner.space import Param, parse_space, values_from_params
-from tuner.study import (
-    check_storage_url,
-    finished_trials,
-    make_storage,
-    open_study,
-    safe_url,
-    study_lock,
-)
+from tuner.storage import check_storage_url, make_storage, study_lock
+from tuner.study import finished_trials, open_study
 from tuner.summary import Progress, Summary, count_states, format_summary
 from tuner.trainer import evaluate, resolve_device
 from tuner.workers import ProcessTrainer, resolve_workers

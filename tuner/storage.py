@@ -1,0 +1,301 @@
+"""Optuna's storages as they are, from ``study.storage``: opened, checked first, and the study's lock."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import sqlite3
+import time
+import warnings
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import optuna
+import sqlalchemy
+from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
+
+from tuner._compat import optuna_table_names
+from tuner.budget import file_lock, thread_lock
+from tuner.journal import HeartbeatJournalStorage, check_journal_file
+from tuner.schema import ConfigError
+from tuner.secrets import mask_password, safe_url
+
+__all__ = ["JOURNAL_SCHEME", "check_storage_url", "make_storage", "study_lock"]
+
+# SQLite waits this long for a lock before failing: long, so that many workers queue for the write lock instead.
+SQLITE_BUSY_TIMEOUT_S = 60.0
+SCHEMA_ATTEMPTS = 5  # tries at a new SQLite file that parallel workers are creating: 2 s of waits in all
+# study.storage=journal:///study.log (relative) or journal:////abs/study.log: Optuna's JournalStorage on a file.
+JOURNAL_SCHEME = "journal"
+# Any fixed 64-bit number: the PostgreSQL advisory lock that tuner workers take while creating tables.
+SCHEMA_LOCK_KEY = 0x7475_6E65_72
+BUDGET_LOCK_KEY = 0x7475_6E65  # with the study id: pg_advisory_lock(int, int)
+
+
+def check_storage_url(url: str) -> URL:
+    """Check ``study.storage`` without touching anything: parse it and, for SQLite, look at the file."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ConfigError(
+            f"study.storage must be a database URL such as sqlite:///tuner.db, but got {safe_url(url)!r}."
+        ) from None
+    if parsed.get_backend_name() == JOURNAL_SCHEME:
+        if not parsed.database:
+            raise ConfigError(f"study.storage must name a journal file, e.g. journal:///study.log, but got {url!r}.")
+        journal = Path(parsed.database)
+        if not journal.parent.is_dir():
+            raise ConfigError(f"study.storage={url!r}: the folder {str(journal.parent)!r} does not exist.")
+        _check_writable(url, journal)
+        check_journal_file(url, journal)
+        return parsed
+    if parsed.get_backend_name() != "sqlite":
+        return parsed
+    if not parsed.database or parsed.database == ":memory:":
+        raise ConfigError(f"study.storage must name a SQLite file, e.g. sqlite:///tuner.db, but got {url!r}.")
+    path = Path(parsed.database)
+    if not path.parent.is_dir():
+        raise ConfigError(f"study.storage={url!r}: the folder {str(path.parent)!r} does not exist.")
+    _check_writable(url, path)
+    if path.exists() and path.stat().st_size > 0:
+        _check_optuna_sqlite(url, path)
+    return parsed
+
+
+def _check_writable(url: str, path: Path) -> None:
+    """Every command writes its storage file (and SQLite its journal beside it): a read-only one is named first."""
+    for target in (path, path.parent) if path.exists() else (path.parent,):
+        if not os.access(target, os.W_OK):
+            what = "file" if target == path else "folder"
+            raise ConfigError(
+                f"study.storage={url!r}: the {what} {str(target)!r} is read-only, and tuner writes there "
+                "(SQLite keeps its journal beside the file); copy the study to a writable folder."
+            )
+
+
+def _check_optuna_sqlite(url: str, path: Path) -> None:
+    """Refuse a file that is not an Optuna database before anything writes to it."""
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    except sqlite3.DatabaseError as err:
+        raise ConfigError(f"study.storage={url!r} is not an Optuna database ({err}); it was left untouched.") from None
+    if not {"studies", "trials", "version_info"} <= tables:
+        # None or some of Optuna's tables and nothing else: a new file another worker is creating them in, one
+        # by one (SQLAlchemy's create_all on pysqlite commits each CREATE TABLE); RDBStorage adds the rest.
+        # No version is stamped yet to check.
+        if tables <= {*optuna_table_names(), "alembic_version"}:
+            return
+        raise ConfigError(
+            f"study.storage={url!r} is a SQLite file without Optuna's tables; it was left untouched. "
+            "Point study.storage at a new file or an Optuna database."
+        )
+    _check_optuna_schema(url, path)
+
+
+def _check_optuna_schema(url: str, path: Path) -> None:
+    """Let Optuna's own version check run on a read-only connection, so an old or newer schema is never touched.
+
+    RDBStorage (optuna 5.0) creates missing tables and then raises RuntimeError when the file's alembic
+    revision is not its head; on a read-only connection it only reads (the file's bytes stay the same).
+    """
+
+    def read_only() -> sqlite3.Connection:
+        return sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+
+    for attempt in range(SCHEMA_ATTEMPTS):
+        try:
+            storage = RDBStorage(url, engine_kwargs={"creator": read_only})
+        except (OperationalError, optuna.exceptions.StorageInternalError) as err:
+            # A half-made file: another worker that started at the same moment has created the tables but
+            # not yet stamped their version ("attempt to write a readonly database", or Optuna's
+            # StorageInternalError wrapping it when the write is a commit). The other worker finishes
+            # soon; a file that stays so is refused.
+            if attempt < SCHEMA_ATTEMPTS - 1:
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            message = str(err)
+        except Exception as err:  # RuntimeError for a schema mismatch
+            message = str(err)
+        else:
+            storage.engine.dispose()
+            return
+        raise ConfigError(
+            f"study.storage={url!r} is an Optuna database this Optuna cannot use; it was left untouched: "
+            + message.splitlines()[0]
+        ) from None
+
+
+def study_lock(url: str, name: str) -> contextlib.AbstractContextManager[None]:
+    """The lock that every tuner worker of study ``name`` takes to count its trials and ask one (tuner.budget).
+
+    A lock file beside a SQLite or journal file (the workers of one machine); on PostgreSQL a session advisory
+    lock keyed by the study's name (the workers of every machine); in memory, a lock of this process.
+    """
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend in ("sqlite", JOURNAL_SCHEME) and parsed.database and parsed.database != ":memory:":
+        return file_lock(f"{parsed.database}.tuner-lock")
+    if backend == "postgresql":
+        return _advisory_lock(_engine_url(parsed), zlib.crc32(name.encode()) - 2**31)
+    return thread_lock()
+
+
+@contextlib.contextmanager
+def _advisory_lock(url: URL, key: int) -> Iterator[None]:
+    engine = _lock_engine(url.render_as_string(hide_password=False))
+    keys = {"key": BUDGET_LOCK_KEY, "study": key}
+    with engine.connect() as conn:
+        conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key, :study)"), keys)
+        try:
+            yield
+        finally:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key, :study)"), keys)
+
+
+@functools.cache
+def _lock_engine(url: str) -> sqlalchemy.Engine:
+    # One small pool per server for this process's locks: a lock is taken before every trial.
+    return sqlalchemy.create_engine(url, pool_size=2, pool_pre_ping=True)
+
+
+def _engine_url(parsed: URL) -> URL:
+    # A bare postgresql:// would pick psycopg2, which tuner does not install: use psycopg 3.
+    return parsed.set(drivername="postgresql+psycopg") if parsed.drivername == "postgresql" else parsed
+
+
+def make_storage(
+    url: str,
+    *,
+    heartbeat_interval: int | None = 60,
+    grace_period: int | None = None,
+    max_retry: int | None = 3,
+) -> BaseStorage:
+    """Open the study's storage, with heartbeats so that a dead worker's trial is failed and retried.
+
+    SQLite runs in WAL mode with a long busy timeout; ``postgresql://`` goes through psycopg 3;
+    ``journal:///path`` is Optuna's JournalStorage on a file. A trial whose worker has sent no
+    heartbeat for ``grace_period`` seconds (Optuna's default: twice the interval) becomes FAIL and a
+    copy is queued by ``RetryHeartbeatStaleTrialCallback`` (at most ``max_retry`` times, null: always).
+    tuner's workers beat for their trials (tuner.loop): the storage only keeps the settings.
+    """
+    parsed = check_storage_url(url)
+    heartbeat: dict[str, Any] = {}
+    if heartbeat_interval is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # stable since optuna 2.8
+            retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+        heartbeat = {"heartbeat_interval": heartbeat_interval, "grace_period": grace_period}
+        heartbeat["heartbeat_stale_trial_callback"] = retry
+    if parsed.get_backend_name() == JOURNAL_SCHEME:
+        return HeartbeatJournalStorage(str(parsed.database), **heartbeat)
+    engine_kwargs: dict[str, Any] = {}
+    if parsed.get_backend_name() == "sqlite":
+        database = str(parsed.database)
+
+        def connect() -> sqlite3.Connection:
+            conn = sqlite3.connect(database, timeout=SQLITE_BUSY_TIMEOUT_S, check_same_thread=False)
+            # WAL lets readers (the dashboard, other workers) run beside the writer; synchronous=NORMAL is
+            # safe with WAL and saves an fsync at every commit.
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            return conn
+
+        engine_kwargs["creator"] = connect
+    else:
+        engine_kwargs["pool_pre_ping"] = True
+    rdb_url = _engine_url(parsed)
+    try:
+        with warnings.catch_warnings(), _schema_lock(rdb_url):
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
+            if parsed.get_backend_name() == "postgresql":
+                _check_optuna_server(rdb_url, url)
+            target = rdb_url.render_as_string(hide_password=False)
+            return _rdb_storage(
+                lambda: RDBStorage(target, engine_kwargs=engine_kwargs, **heartbeat),
+                retry=parsed.get_backend_name() == "sqlite",
+            )
+    except ConfigError:
+        raise
+    except Exception as err:  # driver and schema errors come in many types; all mean "cannot use it"
+        message = mask_password(str(err), url).splitlines()[0]
+        raise ConfigError(f"study.storage={safe_url(url)!r} cannot be opened: {message}") from None
+
+
+def _check_optuna_server(rdb_url: URL, url: str) -> None:
+    """Refuse a PostgreSQL database that tuner must not write to, before anything does.
+
+    RDBStorage (optuna 5.0) creates its tables in any database, among an application's own, and adds
+    missing tables to an older Optuna schema before its version check fails. So: an empty database is
+    fine (Optuna creates its tables); one with tables but not Optuna's is refused; one with Optuna's
+    tables passes Optuna's own check on a read-only session (``default_transaction_read_only``), which
+    creates nothing and fails on an old or newer schema.
+    """
+    engine = sqlalchemy.create_engine(rdb_url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        tables = set(sqlalchemy.inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+    if not tables:
+        return
+    shown = safe_url(url)
+    if not {"studies", "trials", "version_info"} <= tables:
+        raise ConfigError(
+            f"study.storage={shown!r} is a database with other tables and not Optuna's; it was left untouched. "
+            "Point study.storage at an empty database or an Optuna one."
+        )
+    read_only = {
+        "poolclass": sqlalchemy.pool.NullPool,
+        "connect_args": {"options": "-c default_transaction_read_only=on"},
+    }
+    try:
+        RDBStorage(rdb_url.render_as_string(hide_password=False), engine_kwargs=read_only).engine.dispose()
+    except Exception as err:  # RuntimeError for a schema mismatch; a read-only error if it tried to create a table
+        message = mask_password(str(err), url).splitlines()[0]
+        raise ConfigError(
+            f"study.storage={shown!r} is an Optuna database this Optuna cannot use; it was left untouched: {message}"
+        ) from None
+
+
+def _rdb_storage(open_storage: Callable[[], RDBStorage], *, retry: bool) -> RDBStorage:
+    """``RDBStorage``, tried again when parallel workers create a new SQLite file's tables at the same moment.
+
+    Processes opening one new file together can fail on alembic_version's UNIQUE constraint (optuna 5.0.0);
+    the tables are there when it tries again.
+    """
+    for attempt in range(SCHEMA_ATTEMPTS):
+        try:
+            return open_storage()
+        except (IntegrityError, OperationalError):
+            if not retry or attempt == SCHEMA_ATTEMPTS - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def _schema_lock(url: URL) -> Iterator[None]:
+    """On PostgreSQL, one worker at a time creates Optuna's tables.
+
+    RDBStorage creates missing tables at start; workers starting together on an empty database collide on
+    PostgreSQL's catalog (UniqueViolation on pg_type_typname_nsp_index). A session-level advisory lock
+    around the first open serializes them.
+    """
+    if url.get_backend_name() != "postgresql":
+        yield
+        return
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": SCHEMA_LOCK_KEY})
+    finally:
+        engine.dispose()
