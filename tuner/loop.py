@@ -33,6 +33,8 @@ log = logging.getLogger("tuner")
 
 # study.ask() warns when the storage has heartbeats, which only optimize() sends: here the loop sends them.
 warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used with Study.optimize", UserWarning)
+# Set once for the process: warnings.catch_warnings() in the worker threads would race on the filters.
+warnings.filterwarnings("ignore", ".*fail_stale_trials is experimental", optuna.exceptions.ExperimentalWarning)
 
 Told = Callable[[optuna.Study, FrozenTrial], None]  # called after each trial this process tells
 
@@ -42,9 +44,7 @@ def fail_stale_trials(study: optuna.Study, storage: BaseStorage) -> int:
     if isinstance(storage, HeartbeatJournalStorage):
         return len(storage.fail_stale_trials(study))
     before = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)  # a no-op without heartbeats
+    optuna.storages.fail_stale_trials(study)  # a no-op without heartbeats
     return len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,))) - before
 
 
