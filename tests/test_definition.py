@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import compose_raw
 from tuner.config import ConfigError
-from tuner.definition import CHANGES_ATTR, DEFINITION_ATTR, definition, differences
+from tuner.definition import CHANGES_ATTR, DEFINITION_ATTR, check_definition, definition, differences
 from tuner.space import parse_space
 from tuner.tune import prepare, tune
 
@@ -155,6 +155,22 @@ def test_accept_changes_adds_the_trials_and_records_the_change(tmp_path: Path) -
 
 
 @pytest.mark.slow
+def test_a_study_whose_data_keys_were_named_otherwise_takes_accept_changes_when_its_data_is_the_same() -> None:
+    raw = compose_raw("data=digits")
+    now = definition(raw, parse_space(raw["space"], raw), "sha256:0123")
+    # As a tuner before the schema stored it: no data._target_, every data set with data.num_samples.
+    earlier = {k: v for k, v in now.items() if k != "data._target_"} | {"data.num_samples": "5000"}
+    study = optuna.create_study()
+    study.set_user_attr(DEFINITION_ATTR, earlier)
+
+    with pytest.raises(ConfigError, match=r"data.num_samples: 5000 -> \(absent\).*or study.accept_changes=true"):
+        check_definition(study, now, url="memory")
+    check_definition(study, now, url="memory", accept=True)
+    assert study.user_attrs[DEFINITION_ATTR] == now and len(study.user_attrs[CHANGES_ATTR]) == 1
+    with pytest.raises(ConfigError, match="other data is another experiment"):  # a changed fingerprint is other data
+        check_definition(study, {**now, "data.content": "sha256:4567"}, url="memory", accept=True)
+
+
 def test_a_study_from_an_earlier_tuner_is_checked_against_its_stored_config(tmp_path: Path) -> None:
     _run(*_base(tmp_path))
     _stored(tmp_path).set_user_attr(DEFINITION_ATTR, None)  # as an earlier tuner left it: the config only

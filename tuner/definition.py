@@ -156,7 +156,9 @@ def check_definition(
             study.set_user_attr(DEFINITION_ATTR, now)
         return
     listed = "; ".join(f"{k}: {old} -> {new}" for k, old, new in ((k, *v) for k, v in diff.items()))
-    data_changed = any(k.startswith("data.") and k != "data.batch_size" for k in diff)  # batch size: training
+    # The fingerprint says what the data is; its keys only name it (an earlier tuner's data.num_samples on every set).
+    same_data = CONTENT_KEY in stored and CONTENT_KEY in now and CONTENT_KEY not in diff
+    data_changed = not same_data and any(k.startswith("data.") and k != "data.batch_size" for k in diff)
     if accept and not data_changed and record:
         changes = list(study.user_attrs.get(CHANGES_ATTR) or [])
         at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
