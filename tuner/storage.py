@@ -9,7 +9,7 @@ import sqlite3
 import time
 import warnings
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import optuna
 import sqlalchemy
 from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
+from sqlalchemy.exc import ArgumentError, OperationalError
 
 from tuner._compat import optuna_table_names
 from tuner.budget import file_lock, thread_lock
@@ -32,9 +32,10 @@ SQLITE_BUSY_TIMEOUT_S = 60.0
 SCHEMA_ATTEMPTS = 5  # tries at a new SQLite file that parallel workers are creating: 2 s of waits in all
 # study.storage=journal:///study.log (relative) or journal:////abs/study.log: Optuna's JournalStorage on a file.
 JOURNAL_SCHEME = "journal"
-# Any fixed 64-bit number: the PostgreSQL advisory lock that tuner workers take while creating tables.
+# Any fixed numbers: the PostgreSQL advisory locks that tuner workers take while creating tables, and (with
+# a study's key) while asking a trial.
 SCHEMA_LOCK_KEY = 0x7475_6E65_72
-BUDGET_LOCK_KEY = 0x7475_6E65  # with the study id: pg_advisory_lock(int, int)
+BUDGET_LOCK_KEY = 0x7475_6E65
 
 
 def check_storage_url(url: str) -> URL:
@@ -45,24 +46,19 @@ def check_storage_url(url: str) -> URL:
         raise ConfigError(
             f"study.storage must be a database URL such as sqlite:///tuner.db, but got {safe_url(url)!r}."
         ) from None
-    if parsed.get_backend_name() == JOURNAL_SCHEME:
-        if not parsed.database:
-            raise ConfigError(f"study.storage must name a journal file, e.g. journal:///study.log, but got {url!r}.")
-        journal = Path(parsed.database)
-        if not journal.parent.is_dir():
-            raise ConfigError(f"study.storage={url!r}: the folder {str(journal.parent)!r} does not exist.")
-        _check_writable(url, journal)
-        check_journal_file(url, journal)
-        return parsed
-    if parsed.get_backend_name() != "sqlite":
+    journal = parsed.get_backend_name() == JOURNAL_SCHEME
+    if not journal and parsed.get_backend_name() != "sqlite":
         return parsed
     if not parsed.database or parsed.database == ":memory:":
-        raise ConfigError(f"study.storage must name a SQLite file, e.g. sqlite:///tuner.db, but got {url!r}.")
+        kind, example = ("journal", "journal:///study.log") if journal else ("SQLite", "sqlite:///tuner.db")
+        raise ConfigError(f"study.storage must name a {kind} file, e.g. {example}, but got {url!r}.")
     path = Path(parsed.database)
     if not path.parent.is_dir():
         raise ConfigError(f"study.storage={url!r}: the folder {str(path.parent)!r} does not exist.")
     _check_writable(url, path)
-    if path.exists() and path.stat().st_size > 0:
+    if journal:
+        check_journal_file(url, path)
+    elif path.exists() and path.stat().st_size > 0:
         _check_optuna_sqlite(url, path)
     return parsed
 
@@ -142,20 +138,21 @@ def study_lock(url: str, name: str) -> contextlib.AbstractContextManager[None]:
     if backend in ("sqlite", JOURNAL_SCHEME) and parsed.database and parsed.database != ":memory:":
         return file_lock(f"{parsed.database}.tuner-lock")
     if backend == "postgresql":
-        return _advisory_lock(_engine_url(parsed), zlib.crc32(name.encode()) - 2**31)
+        return _advisory_lock(_engine_url(parsed), BUDGET_LOCK_KEY, zlib.crc32(name.encode()) - 2**31)
     return thread_lock()
 
 
 @contextlib.contextmanager
-def _advisory_lock(url: URL, key: int) -> Iterator[None]:
-    engine = _lock_engine(url.render_as_string(hide_password=False))
-    keys = {"key": BUDGET_LOCK_KEY, "study": key}
-    with engine.connect() as conn:
-        conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key, :study)"), keys)
+def _advisory_lock(url: URL, *keys: int) -> Iterator[None]:
+    """A PostgreSQL session advisory lock on one or two integer keys."""
+    args = ", ".join(f":k{i}" for i in range(len(keys)))
+    values = {f"k{i}": key for i, key in enumerate(keys)}
+    with _lock_engine(url.render_as_string(hide_password=False)).connect() as conn:
+        conn.execute(sqlalchemy.text(f"SELECT pg_advisory_lock({args})"), values)
         try:
             yield
         finally:
-            conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key, :study)"), keys)
+            conn.execute(sqlalchemy.text(f"SELECT pg_advisory_unlock({args})"), values)
 
 
 @functools.cache
@@ -211,15 +208,11 @@ def make_storage(
         engine_kwargs["pool_pre_ping"] = True
     rdb_url = _engine_url(parsed)
     try:
-        with warnings.catch_warnings(), _schema_lock(rdb_url):
+        with warnings.catch_warnings(), _creation_lock(rdb_url):
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
             if parsed.get_backend_name() == "postgresql":
                 _check_optuna_server(rdb_url, url)
-            target = rdb_url.render_as_string(hide_password=False)
-            return _rdb_storage(
-                lambda: RDBStorage(target, engine_kwargs=engine_kwargs, **heartbeat),
-                retry=parsed.get_backend_name() == "sqlite",
-            )
+            return RDBStorage(rdb_url.render_as_string(hide_password=False), engine_kwargs=engine_kwargs, **heartbeat)
     except ConfigError:
         raise
     except Exception as err:  # driver and schema errors come in many types; all mean "cannot use it"
@@ -262,40 +255,13 @@ def _check_optuna_server(rdb_url: URL, url: str) -> None:
         ) from None
 
 
-def _rdb_storage(open_storage: Callable[[], RDBStorage], *, retry: bool) -> RDBStorage:
-    """``RDBStorage``, tried again when parallel workers create a new SQLite file's tables at the same moment.
+def _creation_lock(url: URL) -> contextlib.AbstractContextManager[None]:
+    """One process at a time opens a storage, so that only one creates Optuna's tables.
 
-    Processes opening one new file together can fail on alembic_version's UNIQUE constraint (optuna 5.0.0);
-    the tables are there when it tries again.
+    Processes opening one new SQLite file together fail on alembic_version's UNIQUE constraint, and on an
+    empty PostgreSQL database they collide on its catalog (UniqueViolation on pg_type_typname_nsp_index):
+    RDBStorage (optuna 5.0) creates missing tables when it opens.
     """
-    for attempt in range(SCHEMA_ATTEMPTS):
-        try:
-            return open_storage()
-        except (IntegrityError, OperationalError):
-            if not retry or attempt == SCHEMA_ATTEMPTS - 1:
-                raise
-            time.sleep(0.2 * (attempt + 1))
-    raise AssertionError("unreachable")
-
-
-@contextlib.contextmanager
-def _schema_lock(url: URL) -> Iterator[None]:
-    """On PostgreSQL, one worker at a time creates Optuna's tables.
-
-    RDBStorage creates missing tables at start; workers starting together on an empty database collide on
-    PostgreSQL's catalog (UniqueViolation on pg_type_typname_nsp_index). A session-level advisory lock
-    around the first open serializes them.
-    """
-    if url.get_backend_name() != "postgresql":
-        yield
-        return
-    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
-    try:
-        with engine.connect() as conn:
-            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
-            try:
-                yield
-            finally:
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": SCHEMA_LOCK_KEY})
-    finally:
-        engine.dispose()
+    if url.get_backend_name() == "postgresql":
+        return _advisory_lock(url, SCHEMA_LOCK_KEY)
+    return file_lock(f"{url.database}.tuner-lock")
