@@ -16,11 +16,13 @@ from tuner.config import DataConfig, RunConfig, TrialConfig, parse_trial, set_pa
 from tuner.data import Splits, SplitsCache
 from tuner.faults import Interrupted, error_reason, interrupts_allowed, interrupts_deferred
 from tuner.space import Param, suggest
-from tuner.trainer import EpochMetrics, LocalTrainer, Setup, Trainer, TrainingDiverged, TrainJob, resolve_device
+from tuner.trainer import EpochMetrics, LocalTrainer, Setup, TrainingDiverged, TrainJob, resolve_device
+from tuner.workers import ProcessTrainer
 
 __all__ = ["Objective", "release_memory", "trial_seed"]
 
 METRIC = "val_accuracy"
+Trainer = LocalTrainer | ProcessTrainer
 
 
 def trial_seed(study_seed: int, number: int) -> int:
@@ -44,12 +46,8 @@ class _SavedBest:
 
 
 class Objective:
-    """Callable for ``study.optimize``; keeps each data set in memory on its device across trials.
-
-    ``trainer`` trains each trial here (``LocalTrainer``) or in a worker process (``ProcessTrainer``);
-    the objective reports, prunes and saves the best model in this process either way. Objectives made by
-    ``for_worker`` share one data cache and one record of the saved best with this one.
-    """
+    """Callable for ``study.optimize``: trains each trial with ``trainer`` (here, or in a worker process) and
+    reports, prunes and saves the best model here; its ``for_worker`` copies share its data cache and saved best."""
 
     def __init__(
         self, run: RunConfig, params: list[Param], *, best_model_path: Path, trainer: Trainer | None = None

@@ -1,9 +1,7 @@
-"""A plain PyTorch training loop, and ``fit``, which builds a trial's model and optimizer and runs it. It knows
-nothing of Optuna or Hydra: it calls ``on_epoch``.
+"""A plain PyTorch training loop that knows nothing of Optuna or Hydra (it calls ``on_epoch``), and ``fit``.
 
-Data sets that fit in memory live as tensors on the training device and are shuffled by index
-each epoch: a per-sample DataLoader's indexing and collation would cost a small model a large share of
-each step; a slice of one gathered tensor costs almost nothing (docs/benchmarks.md).
+The data live as tensors on the training device, shuffled by index each epoch: a per-sample DataLoader's
+collation would cost a small model a large share of each step (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -13,7 +11,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +30,6 @@ __all__ = [
     "LocalTrainer",
     "Setup",
     "TrainJob",
-    "Trainer",
     "TrainingDiverged",
     "evaluate",
     "fit",
@@ -129,11 +126,8 @@ def train(
     bf16: bool = False,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
 ) -> list[EpochMetrics]:
-    """Train for ``epochs`` and return the per-epoch metrics.
-
-    ``on_epoch`` may raise to stop early (the objective raises ``optuna.TrialPruned`` there).
-    Raises ``TrainingDiverged`` as soon as the loss is NaN or infinite.
-    """
+    """Train for ``epochs`` and return the per-epoch metrics; ``on_epoch`` may raise to stop early.
+    Raises ``TrainingDiverged`` as soon as the loss is NaN or infinite."""
     device = x_train.device
     generator = torch.Generator().manual_seed(seed)
     history: list[EpochMetrics] = []
@@ -214,26 +208,9 @@ def fit(
     return model
 
 
-class Trainer(Protocol):
-    """Where a trial trains: here (``LocalTrainer``) or in a worker process (``tuner.workers.ProcessTrainer``)."""
-
-    def fit(
-        self,
-        job: TrainJob,
-        splits: Splits,
-        *,
-        on_setup: Callable[[Setup], None],
-        on_epoch: Callable[[EpochMetrics], None],
-        keep_model: Callable[[], bool],
-    ) -> nn.Module | None:
-        """Train ``job``; return the trained model, or ``None`` when ``keep_model()`` said it is not wanted."""
-        ...
-
-    def close(self) -> None: ...
-
-
 class LocalTrainer:
-    """Trains in this process (``trainer.workers=1``, and the sweeper's one-trial jobs)."""
+    """Trains in this process (``trainer.workers=1``, and the sweeper's one-trial jobs); as
+    ``tuner.workers.ProcessTrainer``, but keeps the model whether wanted or not."""
 
     def fit(
         self,

@@ -1,17 +1,11 @@
-"""Training in worker processes: the tuner process's ``ProcessTrainer`` and the worker's loop, over one pipe.
+"""Training in worker processes: ``ProcessTrainer`` sends each job down a pipe to a child that runs
+``tuner.trainer.fit`` and relays every epoch back, so the objective reports and prunes as in-process and only the
+tuner process touches Optuna's storage.
 
-``ProcessTrainer`` sends a job to a child process, which runs ``tuner.trainer.fit`` and relays every epoch's
-metrics back, so the objective reports and prunes exactly as in-process (``tuner.trainer.LocalTrainer``), and
-only the tuner process touches Optuna's storage. The worker imports torch and tuner's training modules only.
-
-Why processes: a small model is per-op bound, so one torch thread leaves the other cores idle, and
-threads of one process share the GIL, so two models in two threads barely overlap while two processes do
-(docs/benchmarks.md, "Workers: processes against threads"). Optuna's ``study.optimize(n_jobs=...)`` runs
-trials in threads (and reseeds the sampler every trial, so ``study.seed`` no longer fixes the draws); its
-multi-process recipe is several processes on one RDB storage, with no in-memory storage and one output per
-process; ``torch.multiprocessing`` shares tensors but runs no training loop. So the protocol below is ours: a
-pipe per worker, a job in, one message per epoch out, the answer "go on" or "stop" back, and the weights only
-when the trial is the study's new best.
+Processes, not threads: a small model is per-op bound and threads share the GIL (docs/benchmarks.md, "Workers:
+processes against threads"); Optuna's ``n_jobs`` runs threads and reseeds the sampler each trial, so ``study.seed``
+would no longer fix the draws; its multi-process recipe (processes on one RDB storage) and torch.multiprocessing
+run no epoch loop that reports back. The weights come back only when the trial is the study's new best.
 """
 
 from __future__ import annotations
@@ -57,12 +51,9 @@ class _Stopped(Exception):
 
 
 def resolve_workers(workers: int | None, threads: int | None, device: torch.device, *, processes: int = 1) -> int:
-    """``trainer.workers``: a number as given; ``auto`` (None) is one per usable core on CPU, else 1.
-
-    ``processes``: tuner processes running at once on this machine (a joblib multirun's ``n_jobs``),
-    which share the cores. With ``trainer.threads`` unset each model would use every core itself, so
-    auto is then 1 too.
-    """
+    """``trainer.workers``: a number as given; ``auto`` (None) is one per usable core on CPU, shared by the
+    ``processes`` tuner processes on this machine; else 1, and 1 when ``trainer.threads`` is unset (each model
+    would use every core)."""
     if workers is not None:
         return workers
     if device.type != "cpu" or threads is None:
@@ -71,11 +62,8 @@ def resolve_workers(workers: int | None, threads: int | None, device: torch.devi
 
 
 class _Pipe(multiprocessing.connection.Connection):
-    """One end of a worker's socket, pickling with the standard pickler.
-
-    Importing torch makes multiprocessing's pickler send a tensor as a shared-memory handle, which only a
-    multiprocessing-started child can claim; here the weights travel by value (a few MB per new best).
-    """
+    """One end of a worker's socket, with the standard pickler: multiprocessing's sends a tensor as a
+    shared-memory handle that only a multiprocessing-started child can claim; here weights travel by value."""
 
     def send(self, obj: Any) -> None:
         self.send_bytes(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
@@ -127,12 +115,9 @@ def _serve(conn: _Pipe, threads: int | None) -> None:
 
 
 def _launch(threads: int | None) -> tuple[subprocess.Popen[bytes], _Pipe]:
-    """Start a worker: a fresh interpreter that imports only tuner's training code.
-
-    Not ``multiprocessing``'s spawn: that re-runs the parent's ``__main__`` (all of Hydra) in the child
-    and fails inside joblib's loky workers (hydra/launcher=joblib), whose start method it cannot find.
-    The worker gets a process group of its own, so Ctrl-C reaches only the tuner process, which ends it.
-    """
+    """Start a worker: a fresh interpreter, not ``multiprocessing``'s spawn, which re-runs the parent's
+    ``__main__`` (all of Hydra) and fails inside joblib's loky workers. Its own process group keeps Ctrl-C
+    to the tuner process, which ends it."""
     ours, theirs = socket.socketpair()
     package_root = str(Path(__file__).resolve().parent.parent)  # tuner importable from a plain checkout too
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
@@ -162,11 +147,8 @@ def _exit_when_orphaned(parent: int) -> None:
 
 
 class ProcessTrainer:
-    """Trains each job in a worker process of its own (started on first use, and again after it died).
-
-    One ``ProcessTrainer`` serves one thread of the tuner process at a time. ``interrupt`` (from the main
-    thread, on Ctrl-C or SIGTERM) ends the worker; the trial it was training then raises ``Interrupted``.
-    """
+    """Trains each job in a worker process of its own (started on first use, and again after it died), for
+    one thread of the tuner process at a time."""
 
     def __init__(self, threads: int | None) -> None:
         self.threads = threads
@@ -179,11 +161,8 @@ class ProcessTrainer:
     def pid(self) -> int | None:
         return None if self._process is None else self._process.pid
 
-    def start(self) -> None:
-        """Start the worker process now, not at the first job (its start-up is slow: torch's import)."""
-        self._start()
-
-    def _start(self) -> _Pipe:
+    def start(self) -> _Pipe:
+        """Start the worker process unless it runs: early, before the first job, since torch's import is slow."""
         with self._lock:
             if self._interrupted is not None:
                 raise Interrupted(self._interrupted)
@@ -196,8 +175,7 @@ class ProcessTrainer:
 
     def _recv(self, conn: _Pipe) -> tuple[str, Any]:
         try:
-            message: tuple[str, Any] = conn.recv()
-            return message
+            return conn.recv()
         except (EOFError, OSError):
             raise self._died() from None
 
@@ -227,7 +205,7 @@ class ProcessTrainer:
         on_epoch: Callable[[EpochMetrics], None],
         keep_model: Callable[[], bool],
     ) -> nn.Module | None:
-        conn = self._start()
+        conn = self.start()
         self._send(conn, job)
         while True:
             kind, payload = self._recv(conn)
