@@ -1,31 +1,10 @@
 """``hydra/sweeper=tuner``: each Hydra job is one trial of one Optuna study, and jobs can be pruned.
 
-    python -m tuner.train -m hydra/sweeper=tuner data=digits \\
-        'optimizer.lr=tag(log, interval(1e-4, 1))' 'optimizer.momentum=tag(reverse_log, interval(0.9, 0.999))' \\
-        'model.hidden_units=tag(log, int(interval(32, 512)))' 'data.batch_size=choice(32, 64, 128, 256)'
-
-The sweeper owns the trials (``study.ask`` / ``study.tell``) in the storage of ``study.storage``; each job
-(``python -m tuner.train``) gets its values and its trial's identity as overrides, rebuilds the live trial
-(``tuner.handoff``), reports each epoch and raises ``TrialPruned``, which the sweeper tells as PRUNED.
-
-Hydra's sweep grammar becomes a ``space`` (``tuner.space``), so distributions are checked and sampled
-exactly as in ``python -m tuner``:
-
-=========================================  =======================================================
-``interval(a, b)``                         float in [a, b]
-``tag(log, interval(a, b))``               float, log scale
-``tag(reverse_log, interval(a, b))``       1 - 10^r (stored as ``1-<path>``, see ``tuner.space``)
-``int(interval(a, b))``                    int in [a, b]; with ``tag(log, ...)``: int, log scale
-``choice(x, y, ...)`` or ``x,y,...``       categorical
-``range(a, b[, step])``                    as Hydra's basic sweeper: a, a+step, ... below b (int
-                                           with step; float or ``shuffle(range(...))``: categorical)
-=========================================  =======================================================
-
-With no sweep on the command line, the ``space`` config group is the search space (``space=lr``), so one
-space file serves both entries. Launchers that run jobs in other processes (``hydra/launcher=joblib``) get
-``n_jobs`` trials at once, each in its own slot: a finished job frees its slot for the next trial at once.
-Hydra's ``Launcher.launch`` blocks until a whole batch ends, so each slot is a thread that launches
-batches of one (checked in hydra-core 1.3.8 and hydra-joblib-launcher 1.2.0).
+The sweeper asks and tells the trials; each job (``python -m tuner.train``) gets its values and its trial's
+identity as overrides, rebuilds the live trial (``tuner.handoff``) and reports each epoch. Hydra's sweep grammar
+becomes a ``space`` (docs/architecture.md has the table), or the ``space`` group is used when there is no sweep.
+Hydra's ``Launcher.launch`` blocks until a whole batch ends, so each of the ``n_jobs`` slots is a thread that
+launches batches of one (hydra-core 1.3.8, hydra-joblib-launcher 1.2.0).
 """
 
 from __future__ import annotations
