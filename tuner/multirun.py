@@ -1,20 +1,10 @@
 """``python -m tuner -m ...``: one study per Hydra job, named from the job's overrides, and one table at the end.
 
-A multirun job's study is named ``<data>-<model>`` (the single-run name) followed by the job's other
-overrides that change what is trained, in Hydra's ``override_dirname`` form::
-
-    python -m tuner -m model=mlp,cnn data=digits,mnist1d optimizer.name=sgd,adam
-    # studies: digits-mlp,optimizer.name=sgd  digits-mlp,optimizer.name=adam  ...
-
-Overrides that only say where or how long to run (``study.*`` except ``study.seed``, ``hydra.*``,
-``trainer.device``, ``trainer.threads``, ``trainer.workers``, ``trainer.eval_batch_size``) are left out:
-they do not make another experiment. An explicit ``study.name=...`` wins over all of this. One machine's
-parallel trials are ``trainer.workers``; many machines run the same command on one study.
-
-Each job writes ``study.json`` (study name and storage, its password masked) into its Hydra output folder;
-``StudiesTable`` (a Hydra callback, see ``hydra.callbacks`` in conf/config.yaml) reads them back at the
-end of the multirun, with the password of the sweep's ``study.storage`` (held in memory, never on disk),
-and prints one table built from the storage.
+A job's study is ``<data>-<model>`` followed by its other overrides in Hydra's ``override_dirname`` form
+(``digits-mlp,optimizer.name=sgd``), leaving out those that only say where or how long to run (``study.*``
+but ``study.seed``, ``hydra.*``, the free ``trainer.*`` keys); ``study.name=...`` wins over all of this.
+Each job writes ``study.json`` (its password masked) into its output folder, and ``StudiesTable`` (a Hydra
+callback) reads them back with the sweep's own ``study.storage``, whose password is held in memory only.
 """
 
 from __future__ import annotations
@@ -31,6 +21,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from tuner.definition import FREE
 from tuner.secrets import mask_passwords_in_logs, safe_url
 from tuner.summary import count_states
 
@@ -51,13 +42,8 @@ log = logging.getLogger("tuner")
 JOB_RECORD = "study.json"
 # Keys already in the base name (<data>-<model>), or that say where/how long to run, not what is trained.
 _BASE_KEYS = ("data", "model")
-_EXCLUDED_KEYS = (
-    "trainer.device",
-    "trainer.threads",
-    "trainer.workers",
-    "trainer.eval_batch_size",
-    "study.seed",
-)
+# Not the free data.* keys: a multirun over data.path is one study per file.
+_EXCLUDED_KEYS = frozenset(k for k in FREE if k.startswith("trainer."))
 _EXCLUDED_PREFIXES = ("study.", "hydra.", "hydra/")
 
 
@@ -75,11 +61,8 @@ def jobs_at_once(n_jobs: object) -> int:
 
 
 def name_suffix(overrides: list[str]) -> str | None:
-    """The part a multirun job adds to the study name, or ``None`` when ``study.name`` is given explicitly.
-
-    Overrides are parsed with Hydra's own parser (``+key``/``++key`` count as ``key``), sorted by key like
-    Hydra's ``hydra.job.override_dirname``.
-    """
+    """The part a multirun job adds to the study name, or ``None`` when ``study.name`` is given explicitly;
+    parsed by Hydra (``+key``/``++key`` count as ``key``) and sorted by key like ``hydra.job.override_dirname``."""
     parsed = OverridesParser.create().parse_overrides(overrides)
     items: list[tuple[str, str]] = []
     for override in parsed:
@@ -99,9 +82,7 @@ class _NotTheSummary(logging.Filter):
 
 def keep_summary_in_job_log() -> None:
     """Send each job's end-of-study summary to its own ``tuner.log`` only: the table at the end covers it.
-
-    Hydra's job logging has a console handler and a file handler on the root logger (hydra-core 1.3.8).
-    """
+    Hydra's job logging has a console and a file handler on the root logger (hydra-core 1.3.8)."""
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
             handler.addFilter(_NotTheSummary())
