@@ -1,11 +1,5 @@
-"""Storage passwords: each is masked, in every spelling, wherever tuner or Hydra writes.
-
-One password has many spellings: as written in the URL (often percent-encoded), decoded, encoded again
-(``quote``, ``quote_plus``, SQLAlchemy's rendering), escaped for Hydra's override grammar (``\\:``), for YAML,
-JSON or a Python repr, and folded across two lines by YAML. ``mask_password`` replaces every one of them.
-A URL named with ``remember`` is masked in every log record (``MaskPasswords``) and in everything written
-to ``sys.stdout`` and ``sys.stderr`` once ``mask_streams`` wrapped them; so is any ``scheme://user:pw@`` that
-tuner was not told of, as long as its password has no space.
+"""Storage passwords, masked in every spelling wherever tuner or Hydra writes: as written in the URL, decoded,
+encoded again, escaped for Hydra's overrides, YAML, JSON or a repr, and folded across two lines by YAML.
 """
 
 from __future__ import annotations
@@ -28,7 +22,6 @@ from sqlalchemy.exc import ArgumentError
 from tuner._compat import LAUNCHER_LOGGERS
 
 __all__ = [
-    "MASK",
     "MaskPasswords",
     "mask",
     "mask_password",
@@ -130,11 +123,8 @@ def mask_password(text: str, url: str) -> str:
 
 
 def safe_url(url: str) -> str:
-    """The storage URL with its password masked in every spelling, for logs and messages.
-
-    A value without ``://`` is no URL and holds no password: it is shown as it is, so that a message names
-    what the user typed.
-    """
+    """The storage URL with its password masked in every spelling, for logs and messages; a value without
+    ``://`` holds no password and is shown as typed."""
     if "://" not in url:
         return url
     try:
@@ -149,8 +139,7 @@ def safe_url(url: str) -> str:
 
 
 def remember(url: str) -> None:
-    """Mask ``url``'s password in every log record (``MaskPasswords``) and in the wrapped ``sys.stdout`` and
-    ``sys.stderr`` (``mask_streams``) from now on."""
+    """Mask ``url``'s password in every log record and wrapped stream (``mask``) from now on."""
     if "://" in url and url not in _remembered:
         _remembered.append(url)
 
@@ -163,8 +152,7 @@ def mask(text: str) -> str:
 
 
 class MaskPasswords(logging.Filter):
-    """Mask passwords in a log record (``mask``): Hydra's launchers log every job's overrides,
-    ``study.storage`` included, before tuner's code runs."""
+    """Mask passwords in a log record (``mask``): Hydra's launchers log every job's overrides first."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
@@ -179,8 +167,7 @@ class MaskPasswords(logging.Filter):
 
 
 def mask_passwords_in_logs(url: str | None = None) -> None:
-    """Put ``MaskPasswords`` on the root logger's handlers and on the loggers that print job overrides;
-    ``remember`` ``url`` first."""
+    """``remember`` ``url``; put ``MaskPasswords`` on the root logger's handlers and the job-override loggers."""
     if url is not None:
         remember(url)
     targets: list[logging.Filterer] = [*logging.getLogger().handlers]
@@ -191,7 +178,7 @@ def mask_passwords_in_logs(url: str | None = None) -> None:
 
 
 class _MaskedStream:
-    """A text stream that masks passwords (``mask``) in what is written to it; all else goes to the stream."""
+    """A text stream that masks passwords (``mask``) in what is written to it."""
 
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
@@ -209,9 +196,8 @@ class _MaskedStream:
 
 
 def mask_streams() -> None:
-    """Wrap ``sys.stdout`` and ``sys.stderr`` so that nothing written through them shows a password: Hydra
-    prints ``--cfg job`` and its errors before tuner's code runs. Each write is masked whole, so a password
-    split across two writes is not; ``print`` and logging write each message at once."""
+    """Wrap ``sys.stdout`` and ``sys.stderr`` to mask each write whole (Hydra prints ``--cfg job`` and its errors
+    before tuner's code runs); ``print`` and logging write each message at once."""
     if not isinstance(sys.stdout, _MaskedStream):
         sys.stdout = cast(TextIO, _MaskedStream(sys.stdout))
     if not isinstance(sys.stderr, _MaskedStream):
@@ -219,11 +205,8 @@ def mask_streams() -> None:
 
 
 def mask_password_in_files(url: str, paths: Iterable[Path]) -> None:
-    """Replace every spelling of the storage URL's password with *** in files that copied the command line
-    (Hydra's .hydra/*.yaml, multirun.yaml).
-
-    Each file is replaced whole (temp file + rename): parallel jobs mask one multirun.yaml at once.
-    """
+    """Mask the storage URL's password in files that copied the command line (Hydra's .hydra/*.yaml,
+    multirun.yaml), each replaced whole (temp file + rename): parallel jobs mask one multirun.yaml at once."""
     for path in paths:
         text = path.read_text(encoding="utf-8")
         masked = mask_password(text, url)
