@@ -1,13 +1,6 @@
-"""Files a person opens from a trial's page in optuna-dashboard: the model, its learning curve, its confusion matrix.
-
-Stored with Optuna's own artifact API (``FileSystemArtifactStore`` + ``upload_artifact``); the dashboard lists
-them when started with ``--artifact-dir`` on the same folder.
-
-Which trials get them: each completed trial that is the study's best when it finishes, the moment the
-Core writes ``best_model.pt``. Only those trials have a saved model to show, and a study of n random trials
-has about ln(n) + 0.6 such records, so the cost grows with the log of the study's size, not with it (the
-overhead is measured by scripts/bench_artifacts.py). Every trial's validation-accuracy curve is in storage
-anyway as intermediate values, which the dashboard and ``tuner.report`` plot.
+"""Files a person opens from a trial's page in optuna-dashboard: the model, its learning curve, its confusion matrix,
+stored with Optuna's artifact API. Only a trial that is the study's new best gets them (it alone has a saved model):
+about ln(n) + 0.6 of n random trials, so the cost grows with the log of the study's size (scripts/bench_artifacts.py).
 """
 
 from __future__ import annotations
@@ -30,15 +23,7 @@ from torch import nn
 from tuner.config import StudyConfig
 from tuner.trainer import EpochMetrics
 
-__all__ = [
-    "artifact_dir",
-    "artifact_store",
-    "confusion_matrix",
-    "plot_confusion_matrix",
-    "plot_learning_curve",
-    "restore_checkpoint",
-    "upload_best_artifacts",
-]
+__all__ = ["artifact_dir", "artifact_store", "confusion_matrix", "restore_checkpoint", "upload_best_artifacts"]
 
 CHECKPOINT_NAME = "best_model.pt"
 CURVE_NAME = "learning_curve.png"
@@ -143,13 +128,9 @@ def upload_best_artifacts(
 def restore_checkpoint(
     trial: FrozenTrial, storage: optuna.storages.BaseStorage, store: FileSystemArtifactStore, path: Path
 ) -> bool:
-    """Put ``trial``'s uploaded checkpoint at ``path`` (atomically); ``False``, with one warning, when it has none.
-
-    Parallel workers share one ``best_model.pt``: two that finish new bests together may leave the lesser
-    one there. Each trial's own upload is its own, so the study's best is always recoverable from it, unless
-    the artifact folder is gone (the database was copied elsewhere, or ``study.artifact_dir`` was removed):
-    then one warning says so and the caller goes on without it.
-    """
+    """Put ``trial``'s uploaded checkpoint at ``path`` (atomically); ``False``, with one warning, when it has none
+    or the artifact folder is gone. Parallel workers share one ``best_model.pt`` and may leave the lesser of two
+    new bests there; each trial's own upload is the one to trust."""
     metas = [m for m in get_all_artifact_meta(trial, storage=storage) if m.filename == CHECKPOINT_NAME]
     if not metas:
         log.warning("trial %d has no checkpoint artifact: its model is not scored", trial.number)

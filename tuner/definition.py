@@ -1,10 +1,7 @@
 """What a stored study means: the settings that decide what its trials are, and the data they train on.
 
-A study is one experiment. Its definition is stored with it when it is created (the user attribute
-``definition``); a later command on the same study compares its own and stops, naming each differing key as
-``stored -> now``, before anything is trained or written. What only says where or how long to run may change.
-``study.accept_changes=true`` adds a changed definition to the study and records the change; a change of data
-is never accepted: other data is another experiment.
+A study is one experiment: a later command on it compares its definition with the stored one and stops on a
+difference before anything is trained; ``study.accept_changes=true`` records the change, except of the data.
 """
 
 from __future__ import annotations
@@ -20,6 +17,7 @@ import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from tuner.config import ConfigError
+from tuner.space import parse_space
 
 __all__ = ["CHANGES_ATTR", "DEFINITION_ATTR", "check_definition", "data_content", "definition", "differences"]
 
@@ -110,7 +108,7 @@ def differences(
     }
 
 
-def _stored_definition(study: optuna.Study, parse_space: Any) -> tuple[dict[str, str] | None, bool]:
+def _stored_definition(study: optuna.Study) -> tuple[dict[str, str] | None, bool]:
     """The study's stored definition, or one rebuilt from the config an earlier tuner stored (without the data's
     fingerprint: ``(definition, rebuilt)``); ``None`` for a study with no trace of either."""
     attrs = study.user_attrs
@@ -141,9 +139,7 @@ def check_definition(
     ``ignore``: key prefixes a command does not compare (tuner.report: the data's fingerprint, it loads no data).
     ``record=False`` only compares (the read-only commands).
     """
-    from tuner.space import parse_space
-
-    stored, rebuilt = _stored_definition(study, parse_space)
+    stored, rebuilt = _stored_definition(study)
     if stored is None:  # a new study, or one tuner did not write
         if record:
             study.set_user_attr(DEFINITION_ATTR, now)

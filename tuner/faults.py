@@ -130,11 +130,8 @@ class FailureStreakError(RuntimeError):
 
 class FailureStreak:
     """Called with each told trial: set ``message``, and the workers stop, when the last ``limit`` finished
-    trials (all workers) failed with one error type.
-
-    A trial that fails for a reason of its own (a diverging learning rate) leaves the study going; a
-    broken setup that fails every trial (a missing file, a model too big for the GPU) stops it early.
-    """
+    trials (all workers) failed with one error type: a broken setup (a missing file, a model too big for the
+    GPU), not a trial's own failure (a diverging learning rate)."""
 
     def __init__(self, limit: int | None) -> None:
         self.limit = limit

@@ -1,14 +1,10 @@
 """Hand a running trial to another process: the one place that rebuilds ``optuna.trial.Trial`` from storage.
 
-The tuner sweeper (``hydra/sweeper=tuner``) owns each trial: it calls ``study.ask()`` and, when the job
-ends, ``study.tell()``. The job (``python -m tuner.train``), in another process, must ``report()`` each
-epoch and ask ``should_prune()``. Optuna has no public call for "this trial, from another process":
-``optuna.trial.Trial(study, trial_id)`` works with an RDB storage (checked with optuna 5.0.0, see
-LIBRARY-NOTES), but its docstring says direct construction is not recommended. So it lives here only,
-with its own test (tests/test_handoff.py) to catch an Optuna release that changes it.
-
-The pruner is not stored with the study, so the job must load it with the same pruner the sweeper uses.
-After the owner calls ``tell``, the rebuilt trial raises ``optuna.exceptions.UpdateFinishedTrialError``.
+The sweeper asks and tells each trial; its job, in another process, reports and asks ``should_prune()``.
+Optuna has no public call for that: ``optuna.trial.Trial(study, trial_id)`` works on an RDB storage (optuna
+5.0.0) but is "not recommended", so it lives here only, with tests/test_handoff.py to catch a change. The pruner
+is not stored with the study: the job loads it as the sweeper does. Once told, the trial raises
+``optuna.exceptions.UpdateFinishedTrialError``.
 """
 
 from __future__ import annotations

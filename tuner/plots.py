@@ -1,8 +1,5 @@
-"""Plotly figures that say more to a person than Optuna's built-in ones, for the dashboard and the report.
-
-Optuna's ``plot_intermediate_values`` draws pruned and completed trials alike, and its slice plot puts
-every param in its own panel; these two tell pruned from completed and show accuracy against the
-learning rate, the param the lesson tunes first, on a log axis.
+"""Plotly figures for the dashboard and the report: unlike Optuna's ``plot_intermediate_values`` and slice plot,
+they tell pruned trials from completed ones and show accuracy against the learning rate on a log axis.
 """
 
 from __future__ import annotations
