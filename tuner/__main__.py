@@ -70,13 +70,12 @@ def set_on_command_line() -> list[str]:
     """The trial settings (``optimizer.lr``, ``model.num_layers``, ...) this command's overrides set to one value."""
     if not HydraConfig.initialized():
         return []
-    paths: list[str] = []
-    for override in OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task)):
-        key = override.key_or_group
-        if override.is_sweep_override() or override.is_delete() or key.split(".")[0] not in TRIAL_SECTIONS:
-            continue
-        paths.append(key)
-    return paths
+    overrides = OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task))
+    return [
+        o.key_or_group
+        for o in overrides
+        if not (o.is_sweep_override() or o.is_delete()) and o.key_or_group.split(".")[0] in TRIAL_SECTIONS
+    ]
 
 
 def mask_saved_password(cfg: DictConfig) -> None:
@@ -120,23 +119,7 @@ def urls_on_command_line(args: list[str]) -> list[str]:
     return urls
 
 
-_Entry = TypeVar("_Entry")
 _Result = TypeVar("_Result")
-
-
-def masks_passwords(entry: Callable[[], _Entry]) -> Callable[[], _Entry]:
-    """``entry`` (a ``hydra.main`` function) that prints no storage password from its command line, from
-    Hydra's first line on: ``--cfg job``, ``--cfg hydra`` and Hydra's errors are printed before tuner's code
-    runs. The job itself masks the composed config's password (``mask_saved_password``)."""
-
-    @functools.wraps(entry)
-    def masked() -> _Entry:
-        for url in urls_on_command_line(sys.argv[1:]):
-            remember(url)
-        mask_streams()
-        return entry()
-
-    return masked
 
 
 def command(work: Callable[[dict[str, Any]], _Result]) -> Callable[[], _Result]:
@@ -145,13 +128,17 @@ def command(work: Callable[[dict[str, Any]], _Result]) -> Callable[[], _Result]:
     named, passwords are masked, the config is checked (``parse_run``), and ``work`` gets the plain dict. Bad input
     (``ConfigError``) is one line and exit 2, a study stopped by failing trials one line and exit 1."""
 
-    @masks_passwords
     @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
     @functools.wraps(work)
     def entry(cfg: DictConfig) -> _Result:
         from tuner.faults import FailureStreakError
 
-        _name_multirun_job(cfg)
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode == RunMode.MULTIRUN:  # name the job's study from its overrides (tuner.multirun)
+            keep_summary_in_job_log()
+            suffix = name_suffix(list(hydra_cfg.overrides.task))
+            if suffix:
+                cfg.study.name = f"{cfg.study.name}{suffix}"
         mask_saved_password(cfg)
         try:
             raw = to_container(cfg)
@@ -164,16 +151,27 @@ def command(work: Callable[[dict[str, Any]], _Result]) -> Callable[[], _Result]:
             log.error("%s", err)
             sys.exit(1)
 
-    return entry
+    @functools.wraps(entry)
+    def masked() -> _Result:
+        # Hydra prints --cfg job, --cfg hydra and its errors before tuner's code runs: mask the command line's
+        # passwords from its first line on (the job masks the composed config's, mask_saved_password).
+        for url in urls_on_command_line(sys.argv[1:]):
+            remember(url)
+        mask_streams()
+        return entry()
+
+    return masked
 
 
 def _tune(raw: dict[str, Any]) -> float | None:
     from tuner.tune import prepare, tune  # torch is imported only once the config is composed
 
+    hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
         run, params = prepare(raw)
         # The jobs of a multirun that run at once share the cores (trainer.workers=auto).
-        summary = tune(run, params, processes=_jobs_at_once())
+        summary = tune(run, params, processes=jobs_at_once(hydra_cfg.launcher.get("n_jobs", 1)) if multirun else 1)
     except KeyboardInterrupt as err:
         name = str(err) or "SIGINT"  # tuner.faults.Interrupted carries the signal's name
         log.error(
@@ -182,30 +180,12 @@ def _tune(raw: dict[str, Any]) -> float | None:
             name,
         )
         sys.exit(143 if name == "SIGTERM" else 130)
-    hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode == RunMode.MULTIRUN:
+    if multirun:
         write_job_record(str(hydra_cfg.runtime.output_dir), study=run.study.name, storage=run.study.storage)
     return summary.best_value
 
 
 main = command(_tune)
-
-
-def _jobs_at_once() -> int:
-    """Jobs that a multirun's launcher runs at the same time (1 in a single run or with the basic launcher)."""
-    hydra_cfg = HydraConfig.get()
-    return jobs_at_once(hydra_cfg.launcher.get("n_jobs", 1)) if hydra_cfg.mode == RunMode.MULTIRUN else 1
-
-
-def _name_multirun_job(cfg: DictConfig) -> None:
-    """In a multirun, name the job's study from its overrides (``tuner.multirun``), for every command alike."""
-    hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode != RunMode.MULTIRUN:
-        return
-    keep_summary_in_job_log()
-    suffix = name_suffix(list(hydra_cfg.overrides.task))
-    if suffix:
-        cfg.study.name = f"{cfg.study.name}{suffix}"
 
 
 def _sigterm(signum: int, frame: object) -> None:
@@ -233,9 +213,8 @@ def input_error(err: BaseException) -> str | None:
 
 
 def cli(entry: Callable[[], object] = main) -> None:
-    """Run a command's ``entry`` (``python -m tuner`` and the ``tuner`` command: ``main``): what the user did ends the
-    run with one message and a non-zero exit, never a traceback; so does a signal outside the study (Hydra's start-up
-    and teardown)."""
+    """Run a command's ``entry`` (default: ``python -m tuner``): what the user did, or a signal outside the study, ends
+    the run with one message and a non-zero exit, never a traceback."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _sigterm)
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra raises its errors here instead of printing tracebacks

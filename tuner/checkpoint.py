@@ -51,11 +51,8 @@ def save_checkpoint(
 
 
 def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the saved model in eval mode; returns it with the checkpoint's other fields.
-
-    Inputs to the model must be normalized as the checkpoint's ``normalization`` says:
-    ``(x - mean) / std`` with image pixels scaled to [0, 1] first.
-    """
+    """Rebuild the saved model in eval mode, with the checkpoint's other fields. Normalize its inputs as
+    ``normalization`` says: ``(x - mean) / std``, image pixels scaled to [0, 1] first."""
     payload = torch.load(path, map_location=map_location, weights_only=True)
     options = {k: v for k, v in payload["model"].items() if k != "_target_"}
     model_cfg = ModelConfig(target=payload["model"]["_target_"], options=options)

@@ -1,7 +1,4 @@
-"""``python -m tuner.dashboard``: optuna-dashboard on the study's own storage and artifact folder.
-
-Takes the same config and overrides as ``python -m tuner``, plus ``dashboard.host`` and ``dashboard.port``.
-"""
+"""``python -m tuner.dashboard``: optuna-dashboard on the study's own storage and artifact folder."""
 
 from __future__ import annotations
 

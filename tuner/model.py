@@ -1,8 +1,5 @@
-"""Classifiers that return logits: BatchNorm MLP, BatchNorm CNN and softmax regression, and ``build_model``,
-which builds these or a user's own ``torch.nn.Module`` from ``model._target_``.
-
-The loss is cross-entropy on the logits (``F.cross_entropy``): no softmax layer in the training
-path; softmax appears only where probabilities are shown (``predict_proba``).
+"""Classifiers that return logits (BatchNorm MLP and CNN, softmax regression), and ``build_model`` for these or a
+user's ``torch.nn.Module``. The loss is ``F.cross_entropy`` on the logits: softmax is only in ``predict_proba``.
 """
 
 from __future__ import annotations

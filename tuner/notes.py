@@ -17,7 +17,7 @@ from tuner.secrets import mask_password, safe_url
 from tuner.space import Param, describe_range, values_from_params
 from tuner.summary import fmt
 
-__all__ = ["REFINED_FROM_ATTR", "command_line", "end_note", "start_note", "write_end_note", "write_start_note"]
+__all__ = ["REFINED_FROM_ATTR", "command_line", "end_note", "write_end_note", "write_start_note"]
 
 # Study user attr set by tuner.refine: {"study", "top_k", "completed", "space_file", "changes": [[path, before, after]]}
 REFINED_FROM_ATTR = "refined_from"
@@ -73,9 +73,7 @@ def start_note(run: RunConfig, params: list[Param], *, command: str, refined_fro
         f"| training | {t.trainer.epochs} epochs per trial, device {t.trainer.device} |",
         f"| sampler | {_cell(_plugin(run.sampler.name, {**run.sampler.options, 'seed': s.seed}))} |",
         f"| pruner | {_cell(_plugin(run.pruner.name, run.pruner.options))} |",
-        f"| objective | maximize val_accuracy, {s.n_trials} trials in total |"
-        if s.direction == "maximize"
-        else f"| objective | minimize val_accuracy, {s.n_trials} trials in total |",
+        f"| objective | {s.direction} val_accuracy, {s.n_trials} trials in total |",
         f"| storage | {_cell(safe_url(s.storage))} |",
         "",
         "## Search space",

@@ -1,7 +1,5 @@
-"""The folders a run writes, checked before the first trial: a file in the way, or a folder tuner may not write.
-
-Nothing is created here. A folder that does not exist yet is fine when its nearest existing parent is a folder
-tuner can write into: the run makes it when it first writes there.
+"""The folders a run writes, checked before the first trial (nothing is created here): a missing folder is fine
+when its nearest existing parent is one tuner can write into.
 """
 
 from __future__ import annotations
@@ -32,10 +30,8 @@ def _problem(path: Path) -> str | None:
 
 
 def check_folder(key: str, value: str | Path, *, shown: str | None = None) -> None:
-    """Refuse ``value`` (the setting ``key``) unless it is a writable folder or can be created as one.
-
-    ``shown``: how the setting reads when ``value`` was derived from it (a default).
-    """
+    """Refuse ``value`` (the setting ``key``) unless it is a writable folder or can be created as one; ``shown``:
+    how the setting reads when ``value`` was derived from it (a default)."""
     problem = _problem(Path(value))
     if problem is not None:
         setting = shown if shown is not None else f"{key}={str(value)!r}"
@@ -43,9 +39,8 @@ def check_folder(key: str, value: str | Path, *, shown: str | None = None) -> No
 
 
 def check_run_paths(run: RunConfig) -> None:
-    """Every folder ``python -m tuner`` writes: the best model's, the artifacts' and, when the data set is to be
-    downloaded, its ``data.root`` (``tuner.storage.check_storage_url`` checks the storage file's). Raises
-    ``ConfigError`` naming the key and the value."""
+    """Every folder ``python -m tuner`` writes: the best model's, the artifacts' and a data set's download folder
+    (``tuner.storage.check_storage_url`` checks the storage file's)."""
     study = run.study
     check_folder("study.output_dir", study.output_dir)
     artifacts = artifact_dir(study)

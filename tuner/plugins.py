@@ -31,10 +31,7 @@ def _build(group: str, cfg: PluginConfig, base: type, **extra: Any) -> Any:
 def make_sampler(cfg: PluginConfig, *, seed: int) -> optuna.samplers.BaseSampler:
     """The sampler, seeded from ``study.seed`` (a sampler class that takes a ``seed``)."""
     takes_seed = "seed" in inspect.signature(locate(cfg.target)).parameters
-    sampler: optuna.samplers.BaseSampler = _build(
-        "sampler", cfg, optuna.samplers.BaseSampler, **({"seed": seed} if takes_seed else {})
-    )
-    return sampler
+    return _build("sampler", cfg, optuna.samplers.BaseSampler, **({"seed": seed} if takes_seed else {}))
 
 
 def make_pruner(cfg: PluginConfig) -> optuna.pruners.BasePruner:

@@ -1,10 +1,5 @@
-"""``python -m tuner.refine``: coarse to fine. Narrow a finished study's space around its best trials.
-
-Takes the same config and overrides as ``python -m tuner`` (``study.name`` is the parent) plus the
-``refine`` node. From the parent's top ``refine.top_k`` completed trials it writes a space YAML, each
-param in its own scale (log for log params, log(1 - value) for reverse-log ones, the winning choices for
-categoricals), creates a study named after the parent whose note says where it came from and how each
-range changed, enqueues the parent's top configurations as warm starts, and runs it.
+"""``python -m tuner.refine``: coarse to fine. Narrow a finished study's (``study.name``) space around its top
+``refine.top_k`` trials into a space YAML, and create, warm-start and run the child study.
 """
 
 from __future__ import annotations
@@ -60,16 +55,15 @@ def _narrow_numeric(param: Param, values: list[float], margin: float) -> tuple[f
     pad = margin * (to_scale(dist.high) - to_scale(dist.low))
     low = max(dist.low, from_scale(to_scale(min(values)) - pad))
     high = min(dist.high, from_scale(to_scale(max(values)) + pad))
-    if isinstance(dist, IntDistribution):
+    if dist.step is not None:  # snap outward to the parent's grid
         step = dist.step
         low = dist.low + math.floor((low - dist.low) / step + 1e-9) * step
         high = dist.low + math.ceil((high - dist.low) / step - 1e-9) * step
+    if isinstance(dist, IntDistribution):
         if low == high:  # an int range needs two values: take one step toward the side with room
-            high, low = (high + step, low) if high + step <= dist.high else (high, low - step)
+            high, low = (high + dist.step, low) if high + dist.step <= dist.high else (high, low - dist.step)
         return int(low), int(min(high, dist.high))
     if dist.step is not None:
-        low = dist.low + math.floor((low - dist.low) / dist.step + 1e-9) * dist.step
-        high = dist.low + math.ceil((high - dist.low) / dist.step - 1e-9) * dist.step
         return float(f"{low:.12g}"), float(f"{min(high, dist.high):.12g}")
     return max(dist.low, _round_out(low, down=True)), min(dist.high, _round_out(high, down=False))
 
@@ -77,10 +71,8 @@ def _narrow_numeric(param: Param, values: list[float], margin: float) -> tuple[f
 def narrow(
     params: Sequence[Param], entries: Mapping[str, Mapping[str, Any]], top: Sequence[FrozenTrial], *, margin: float
 ) -> tuple[dict[str, Any], list[Change]]:
-    """The refined space (a tree like conf/space/*.yaml) and each param's change.
-
-    ``entries`` are the parent's space entries by config path; each new entry keeps its ``when``.
-    """
+    """The refined space (a tree like conf/space/*.yaml) and each param's change; ``entries`` are the parent's
+    space entries by config path, and each new entry keeps its ``when``."""
     space: dict[str, Any] = {}
     changes = []
     for param in params:

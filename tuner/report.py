@@ -1,9 +1,6 @@
-"""``python -m tuner.report``: what mattered in a study, printed and as an HTML folder.
-
-Takes the same config and overrides as ``python -m tuner`` (``study.name`` and ``study.storage`` pick the
-study, running or finished) plus ``report.dir`` and ``report.evaluator``. Writes ``index.html`` (Optuna's
-plotly figures and tuner's own), ``plotly.min.js`` beside it so the page opens offline, ``summary.txt`` and
-``importances.json``.
+"""``python -m tuner.report``: what mattered in a study (running or finished), printed and as ``report.dir``:
+``index.html`` (Optuna's plotly figures and tuner's own) with ``plotly.min.js`` beside it so it opens offline,
+``summary.txt`` and ``importances.json``.
 """
 
 from __future__ import annotations
@@ -12,7 +9,6 @@ import html
 import json
 import logging
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +24,9 @@ from tuner.plots import learning_curves, value_vs_param
 from tuner.space import Param, values_from_params
 from tuner.summary import fmt, rows_table
 
-__all__ = ["Report", "build_figures", "main", "parse_report", "summary_text", "write_report"]
+__all__ = ["build_figures", "main"]
 
 log = logging.getLogger("tuner")
-
-
-@dataclass(frozen=True)
-class Report:
-    folder: Path
-    summary: str
-    # {evaluator: {param: importance}}, each highest first; empty where too few trials to say
-    importances: dict[str, dict[str, float]]
 
 
 def parse_report(raw: dict[str, Any]) -> tuple[Path, str]:
@@ -106,11 +94,12 @@ def build_figures(study: optuna.Study, params: list[Param], evaluator: str) -> d
     return figures
 
 
-def write_report(study: optuna.Study, params: list[Param], folder: Path, *, storage: str, evaluator: str) -> Report:
-    """Compute everything first, then write the folder."""
+def write_report(study: optuna.Study, params: list[Param], folder: Path, *, storage: str, evaluator: str) -> str:
+    """Compute everything first, then write the folder; returns the summary and the importance table."""
     if not study.get_trials(deepcopy=False):
         raise ConfigError(f"study.name={study.study_name!r} has no trials yet: nothing to report.")
     summary = summary_text(study, params, storage)
+    # {evaluator: {param: importance}}, each highest first; empty where too few trials to say
     importances = {name: param_importances(study, name) for name in EVALUATORS}
     table = importance_table(importances, evaluator)
     figures = build_figures(study, params, evaluator)
@@ -137,7 +126,7 @@ def write_report(study: optuna.Study, params: list[Param], folder: Path, *, stor
     (folder / "importances.json").write_text(
         json.dumps({"sorted_by": evaluator, "importances": importances}, indent=2), encoding="utf-8"
     )
-    return Report(folder=folder, summary=summary, importances=importances)
+    return f"{summary}\n\nparameter importance\n{table}"
 
 
 def report(raw: dict[str, Any]) -> None:
@@ -153,9 +142,8 @@ def report(raw: dict[str, Any]) -> None:
     check_folder("report.dir", folder)
     study = load_existing_study(run)
     check_experiment(study, run)
-    report = write_report(study, study_params(study), folder, storage=safe_url(run.study.storage), evaluator=evaluator)
-    table = importance_table(report.importances, evaluator)
-    print(f"{report.summary}\n\nparameter importance\n{table}\n\nreport: {report.folder / 'index.html'}", flush=True)
+    text = write_report(study, study_params(study), folder, storage=safe_url(run.study.storage), evaluator=evaluator)
+    print(f"{text}\n\nreport: {folder / 'index.html'}", flush=True)
 
 
 main = command(report)

@@ -1,7 +1,5 @@
-"""Studies already in storage, for the commands that read them (dashboard, report, refine).
-
-They never create a storage file or a study: a typo in ``study.storage`` or ``study.name`` is an error
-that lists what is there, not a new empty database.
+"""Studies already in storage, for the commands that read them (dashboard, report, refine): a typo in
+``study.storage`` or ``study.name`` is an error that lists what is there, not a new empty database.
 """
 
 from __future__ import annotations

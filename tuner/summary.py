@@ -56,20 +56,17 @@ class Progress:
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         with self._lock:
-            self._update(study, trial)
-
-    def _update(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        self.counts[trial.state.name.lower()] += 1
-        try:
-            best: FrozenTrial | None = study.best_trial
-        except ValueError:
-            best = None
-        log.info(trial_line(trial, best))
-        postfix: dict[str, object] = dict(self.counts)
-        if best is not None and best.value is not None:
-            postfix["best"] = round(best.value, 4)
-        self.bar.set_postfix(postfix, refresh=False)
-        self.bar.update(1)
+            self.counts[trial.state.name.lower()] += 1
+            try:
+                best: FrozenTrial | None = study.best_trial
+            except ValueError:
+                best = None
+            log.info(trial_line(trial, best))
+            postfix: dict[str, object] = dict(self.counts)
+            if best is not None and best.value is not None:
+                postfix["best"] = round(best.value, 4)
+            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(1)
 
     def close(self) -> None:
         self.bar.close()

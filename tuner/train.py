@@ -1,8 +1,5 @@
-"""``python -m tuner.train``: one job of ``hydra/sweeper=tuner`` trains one trial that the sweeper asked for.
-
-The job's config holds the trial's values (as overrides) and its identity (``study.name`` and
-``+tuner.trial``, see ``tuner.handoff``). It rebuilds the live trial, trains with the Core's objective,
-which reports each epoch and raises ``optuna.TrialPruned``; the sweeper tells the result.
+"""``python -m tuner.train``: one job of ``hydra/sweeper=tuner`` trains the trial its config names (its values as
+overrides, its identity as ``study.name`` and ``+tuner.trial``, see ``tuner.handoff``); the sweeper tells the result.
 """
 
 from __future__ import annotations
@@ -29,11 +26,8 @@ Plugins.instance().register(TunerSweeper)
 
 
 def train_trial(raw: dict[str, object]) -> float | optuna.TrialPruned:
-    """Train the trial named in ``raw`` (a composed config): its val_accuracy, or the ``TrialPruned`` it raised.
-
-    Pruning is returned, not raised: Hydra prints "Error executing job" for every job that raises, and
-    the sweeper reads the job's return value either way.
-    """
+    """Train the trial named in ``raw``: its val_accuracy, or the ``TrialPruned`` it raised, returned because Hydra
+    prints "Error executing job" for every job that raises (the sweeper reads the return value either way)."""
     from tuner.objective import Objective  # torch is imported only once the config is composed
     from tuner.plugins import make_pruner
     from tuner.storage import make_storage
