@@ -1,7 +1,6 @@
 """The schema (``tuner.schema``) in Hydra's ConfigStore, and the composed config checked once, into typed settings.
 
 ``conf/config.yaml`` extends the stored ``tuner_schema``: the YAML files only choose and override values.
-``DictConfig`` stops at the entry point (``tuner.__main__``); everything below takes the typed settings.
 """
 
 from __future__ import annotations
@@ -49,7 +48,6 @@ __all__ = [
     "StudyConfig",
     "TrainerConfig",
     "TrialConfig",
-    "check_known_keys",
     "check_target",
     "composition_error",
     "get_path",
@@ -156,11 +154,8 @@ def get_path(raw: Mapping[str, Any], path: str, default: Any = _MISSING) -> Any:
 
 
 def set_path(raw: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
-    """Return ``raw`` with each dotted path in ``values`` set; ``raw`` itself is left as it was.
-
-    Only the mappings along the set paths are copied; the rest is shared with ``raw``: this runs for every
-    sampled value, and a deep copy of the whole config each time is a noticeable share of a short trial.
-    """
+    """``raw`` with each dotted path in ``values`` set. Only the mappings along those paths are copied, not the
+    whole config: this runs for every sampled value, and a deep copy is a noticeable share of a short trial."""
     out: dict[str, Any] = dict(raw)
     copied: set[tuple[str, ...]] = set()
     for path, value in values.items():
@@ -282,12 +277,12 @@ def composition_error(err: BaseException) -> ConfigError | None:
     section, _, key = str(cause.full_key).partition(".")
     declared = schema_fields(SECTIONS[section]) if section in SECTIONS else {}
     if isinstance(cause, ValidationError) and key in declared:
-        kind, _, f = declared[key]
+        kind, optional, f = declared[key]
         try:
             check_section(SECTIONS[section], section, {key: cause.value})
         except ConfigError as refused:
             return refused
-        expected = f.metadata.get("expected") or f"a value of type {kind.__name__}"
+        expected = (f.metadata.get("expected") or f"a value of type {kind.__name__}") + (" or null" if optional else "")
         return ConfigError(f"{cause.full_key} must be {expected}, but got {cause.value!r}.")
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and declared:
         typed = re.search(r"use \+\S+?=(.*)$", str(err), re.MULTILINE)

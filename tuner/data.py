@@ -1,12 +1,10 @@
 """Data sets as ready tensors: train, validation and test splits, normalized, on one device.
 
-``data._target_`` names a loader (tuner's own in ``tuner.datasets``, or a user's) called with the data section's
-other keys, and ``seed=data.seed`` when it takes one. It returns the arrays or tensors ``x_train`` and
-``y_train`` (integer labels), optionally ``x_test`` and ``y_test``, as a mapping (which may also give the class
-names as ``classes``) or a tuple in that order. Every source then goes through the same checks (shapes, integer
-labels, finite values) and the same pipeline (``_split_and_normalize``): the test set (or a seeded, stratified
-20% carved off when there is none), an optional stratified ``train_subset``, a stratified validation split, and
-one global mean/std computed on the training part only.
+``data._target_`` names a loader (``tuner.datasets``, or a user's) called with the data section's other keys, and
+``seed=data.seed`` when it takes one. It returns ``x_train``, ``y_train`` (integer labels) and optionally ``x_test``,
+``y_test`` as a mapping (which may name the ``classes``) or a tuple in that order. Every source gets the same checks
+and the same splits: a test set (20% carved off when it has none), ``train_subset``, a validation split (each
+stratified and seeded), and one mean/std from the training part only.
 """
 
 from __future__ import annotations

@@ -1,8 +1,6 @@
-"""tuner's built-in data sets: loaders that ``data._target_`` names, each taking only its own options.
-
-Each returns the arrays as read (``tuner.data.load_splits`` checks, splits and normalizes them): Fashion-MNIST
-and MNIST from IDX files (found on disk or downloaded, MD5-checked), scikit-learn's digits, generated MNIST-1D,
-and a user's ``.npz`` file.
+"""tuner's built-in data sets, for ``data._target_``: Fashion-MNIST and MNIST from IDX files (found on disk or
+downloaded, MD5-checked), scikit-learn's digits, generated MNIST-1D and a user's ``.npz`` file. Each returns the
+arrays as read; ``tuner.data.load_splits`` checks, splits and normalizes them.
 """
 
 from __future__ import annotations
@@ -14,7 +12,7 @@ import random
 import tempfile
 import urllib.request
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
@@ -72,20 +70,14 @@ _DOWNLOAD_TIMEOUT_S = 30.0
 _CHUNK = 1 << 16
 
 
-class _Idx(NamedTuple):
-    name: str  # fashion_mnist or mnist
-    root: str | None
-    download: bool
-
-
 def fashion_mnist(root: str | None = "~/.cache/tuner/fashion_mnist", download: bool = True) -> dict[str, Any]:
     """Fashion-MNIST's official 60k/10k split, from ``root``, Debian's package folder, or downloaded into root."""
-    return _load_idx_set(_Idx("fashion_mnist", root, download))
+    return _load_idx_set("fashion_mnist", root, download)
 
 
 def mnist(root: str | None = "~/.cache/tuner/mnist", download: bool = True) -> dict[str, Any]:
     """MNIST's official 60k/10k split, from ``root`` or downloaded into it."""
-    return _load_idx_set(_Idx("mnist", root, download))
+    return _load_idx_set("mnist", root, download)
 
 
 def download_folder(cfg: DataConfig) -> Path | None:
@@ -93,31 +85,24 @@ def download_folder(cfg: DataConfig) -> Path | None:
     loader = {f"tuner.datasets.{name}": name for name in MIRRORS}.get(cfg.target)
     if loader is None or not cfg.options.get("download", True):
         return None
-    src = _Idx(loader, cfg.options.get("root", f"~/.cache/tuner/{loader}"), True)
-    target, searched = _folders(src)
+    target, searched = _folders(loader, cfg.options.get("root", f"~/.cache/tuner/{loader}"))
     return None if any(not _missing(folder) for folder in searched) else target
 
 
 # --- IDX files: Fashion-MNIST and MNIST --------------------------------------------------------------------
 
 
-def _load_idx_set(src: _Idx) -> dict[str, Any]:
-    folder = _find_or_download(src)
-    arrays = {name: _read_idx(_existing(folder, name)) for name in IDX_FILES}
-    x, y, x_test, y_test = (arrays[name] for name in IDX_FILES)  # counts and labels: tuner.data checks them
-    classes = FASHION_CLASSES if src.name == "fashion_mnist" else DIGIT_CLASSES
+def _load_idx_set(name: str, root: str | None, download: bool) -> dict[str, Any]:
+    folder = _find_or_download(name, root, download)
+    # Each file raw if present, else its .gz; counts and labels: tuner.data checks them
+    x, y, x_test, y_test = (_read_idx(folder / f if (folder / f).is_file() else folder / f"{f}.gz") for f in IDX_FILES)
+    classes = FASHION_CLASSES if name == "fashion_mnist" else DIGIT_CLASSES
     return {"x_train": _pixels(x), "y_train": y, "x_test": _pixels(x_test), "y_test": y_test, "classes": classes}
 
 
 def _pixels(images: np.ndarray) -> np.ndarray:
     """uint8 images (N, H, W) as float32 in [0, 1] with one channel: (N, 1, H, W)."""
     return (images.astype(np.float32) / np.float32(255.0))[:, None]
-
-
-def _existing(folder: Path, name: str) -> Path:
-    """The raw file if present, else its .gz."""
-    raw = folder / name
-    return raw if raw.is_file() else folder / f"{name}.gz"
 
 
 def _missing(folder: Path) -> list[str]:
@@ -152,61 +137,47 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 
-def _folders(src: _Idx) -> tuple[Path, list[Path]]:
+def _folders(name: str, root: str | None) -> tuple[Path, list[Path]]:
     """Where a download goes (data.root, else the user cache) and the folders searched, in order."""
-    default = Path("~/.cache/tuner").expanduser() / src.name
-    target = Path(src.root).expanduser() if src.root is not None else default
-    searched = [target] if src.root is not None else []
-    searched += [Path(d) for d in SYSTEM_DIRS.get(src.name, ())]
-    if src.root is None:
+    default = Path("~/.cache/tuner").expanduser() / name
+    target = Path(root).expanduser() if root is not None else default
+    searched = [target] if root is not None else []
+    searched += [Path(d) for d in SYSTEM_DIRS.get(name, ())]
+    if root is None:
         searched.append(default)  # where an earlier run with data.root=null downloaded them
     return target, searched
 
 
-def _find_or_download(src: _Idx) -> Path:
+def _find_or_download(name: str, root: str | None, download: bool) -> Path:
     """The first folder holding all four IDX files, downloading them into data.root when allowed."""
-    target, searched = _folders(src)
+    target, searched = _folders(name, root)
     for folder in searched:
         if not _missing(folder):
             return folder
     problem = "data.download is false, so nothing was downloaded."
-    if src.download:
-        made = _created_by(target)
+    if download:
+        # The folders that making target creates, deepest first: a failed download removes them while empty.
+        made = [p for p in (target.absolute(), *target.absolute().parents) if not p.exists()]
         try:
-            _download(src.name, target, _missing(target))
+            _download(name, target, _missing(target))
             return target
         except OSError as error:  # offline, refused, DNS failure, HTTP error, unwritable folder
-            problem = f"Downloading from {MIRRORS[src.name]} into {target} failed: {error}."
+            problem = f"Downloading from {MIRRORS[name]} into {target} failed: {error}."
         finally:
             if _missing(target):
-                _remove_empty(made)
-    title = _TITLES[src.name]
-    how = "apt-get install dataset-fashion-mnist, or " if src.name == "fashion_mnist" else ""
+                for folder in made:
+                    try:
+                        folder.rmdir()
+                    except OSError:  # not empty (a file that did arrive), or never made
+                        break
+    title = _TITLES[name]
+    how = "apt-get install dataset-fashion-mnist, or " if name == "fashion_mnist" else ""
     raise ConfigError(
         f"data.root must be a folder holding the {title} files {', '.join(IDX_FILES)} (each raw or .gz), "
-        f"but got {src.root!r} and none of the folders looked in has all four: "
+        f"but got {root!r} and none of the folders looked in has all four: "
         f"{', '.join(str(p) for p in searched)}. {problem} To get them: {how}run once with network access "
         f"and data.download=true, or put the four files in data.root."
     )
-
-
-def _created_by(target: Path) -> list[Path]:
-    """The folders that making ``target`` would create, deepest first."""
-    made: list[Path] = []
-    folder = target.absolute()
-    while not folder.exists() and folder != folder.parent:
-        made.append(folder)
-        folder = folder.parent
-    return made
-
-
-def _remove_empty(folders: list[Path]) -> None:
-    """Remove the folders a failed download created, deepest first, as long as they are empty."""
-    for folder in folders:
-        try:
-            folder.rmdir()
-        except OSError:  # not empty (a file that did arrive), or never made
-            return
 
 
 def _download(name: str, target: Path, files: list[str]) -> None:

@@ -1,8 +1,7 @@
 """The config's schema: each section's keys, types, defaults and allowed values, declared once.
 
-``tuner.config`` stores these dataclasses in Hydra's ConfigStore (they are the defaults ``conf/*.yaml`` override)
-and checks a composed config against them with ``check_section``. Trials train with the same classes. Nothing here
-imports Hydra, OmegaConf or Optuna: a training worker imports this module.
+``tuner.config`` stores them in Hydra's ConfigStore (``conf/*.yaml`` override their defaults) and checks a composed
+config with ``check_section``. Nothing here imports Hydra, OmegaConf or Optuna: a training worker imports this module.
 """
 
 from __future__ import annotations
@@ -43,8 +42,8 @@ def _rule(expected: str, ok: Callable[[Any], bool] = lambda v: True, **more: Any
     return {"expected": expected, "ok": ok, **more}
 
 
-def count(minimum: int, *, optional: bool = False) -> dict[str, Any]:
-    return _rule(f"an integer >= {minimum}" + (" or null" if optional else ""), lambda v: v >= minimum)
+def count(minimum: int) -> dict[str, Any]:
+    return _rule(f"an integer >= {minimum}", lambda v: v >= minimum)
 
 
 def number(
@@ -53,12 +52,11 @@ def number(
     *,
     open_low: bool = False,
     open_high: bool = False,
-    optional: bool = False,
 ) -> dict[str, Any]:
     lo = "(" if open_low or low is None else "["
     hi = ")" if open_high or high is None else "]"
     bounds = f"{'-inf' if low is None else f'{low:g}'}, {'inf' if high is None else f'{high:g}'}"
-    expected = f"a number in {lo}{bounds}{hi}" + (" or null" if optional else "")
+    expected = f"a number in {lo}{bounds}{hi}"
 
     def ok(v: float) -> bool:
         above = low is None or v > low or (not open_low and v == low)
@@ -96,7 +94,7 @@ class StudyConfig:
         _rule(_ONE_FOLDER, lambda v: "/" not in v and "\\" not in v and not v.startswith("."), longest=MAX_STUDY_NAME),
     )
     n_trials: int = setting(50, count(1))  # the total the study should reach; rerunning continues to it
-    timeout: float | None = setting(None, number(0.0, open_low=True, optional=True))  # seconds for this run
+    timeout: float | None = setting(None, number(0.0, open_low=True))  # seconds for this run
     direction: str = setting("maximize", choice("maximize", "minimize"))  # of val_accuracy
     storage: str = "sqlite:///tuner.db"
     seed: int = setting(0, count(0))
@@ -106,10 +104,10 @@ class StudyConfig:
     artifact_dir: str | None = None
     # Seconds between a running trial's heartbeats; a trial silent for grace_period is a dead worker's: FAIL,
     # then retried. None turns heartbeats off.
-    heartbeat_interval: int | None = setting(60, count(1, optional=True))
-    grace_period: int | None = setting(None, count(1, optional=True))  # None: 2 x heartbeat_interval
-    max_retry: int | None = setting(3, count(0, optional=True))  # times a dead worker's trial is queued again
-    max_failure_streak: int | None = setting(5, count(1, optional=True))  # recent trials failing alike: stop
+    heartbeat_interval: int | None = setting(60, count(1))
+    grace_period: int | None = setting(None, count(1))  # None: 2 x heartbeat_interval
+    max_retry: int | None = setting(3, count(0))  # times a dead worker's trial is queued again
+    max_failure_streak: int | None = setting(5, count(1))  # recent trials failing alike: stop
     accept_changes: bool = False  # a stored study takes this run's changed settings (tuner.definition), not data
 
 
@@ -134,7 +132,7 @@ class TrainerConfig:
     eval_batch_size: int = setting(2048, count(1))
     # Torch CPU threads; None keeps torch's default. Small models are per-op bound, so more threads per model
     # only wait on each other (docs/benchmarks.md).
-    threads: int | None = setting(1, count(1, optional=True))
+    threads: int | None = setting(1, count(1))
     # Trials trained at once, each in its own process: auto (None once checked) = one per CPU core (at most 8)
     # on CPU, 1 on CUDA (tuner.workers.resolve_workers); 1 trains in this process.
     workers: Any = setting(  # noqa: RUF009 (Any: a string or a number; the rule checks it)
@@ -154,8 +152,7 @@ def short_name(target: str) -> str:
 
 @dataclass
 class ModelConfig:
-    """``model._target_`` (a ``torch.nn.Module`` class, or a function that builds one) and the section's other
-    keys, which ``tuner.model.build_model`` passes to it with ``input_shape`` and ``num_classes``."""
+    """``model._target_`` (an ``nn.Module`` class or a function that builds one) and its other keys (``options``)."""
 
     target: str
     options: dict[str, Any] = field(default_factory=dict)
@@ -167,15 +164,14 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """``data._target_``, a loader (``tuner.data.load_splits``), its own keys (``options``), and the settings
-    that every data set shares, built-in or a user's."""
+    """``data._target_`` (a loader), its own keys (``options``), and the settings every data set shares."""
 
     target: str = field(default="", metadata={"key": "_target_"})
     options: dict[str, Any] = field(default_factory=dict, metadata={"key": None})  # the loader's keyword arguments
     name: str = "${tuner_name:${data._target_}}"  # the last part of data._target_ (mnist1d, digits, ...)
     batch_size: int = setting(128, count(2))  # BatchNorm needs at least two samples for batch statistics
     val_fraction: float = setting(0.1, number(0.0, 1.0, open_low=True, open_high=True))  # stratified, of train
-    train_subset: int | None = setting(None, count(2, optional=True))  # a stratified subset of the training samples
+    train_subset: int | None = setting(None, count(2))  # a stratified subset of the training samples
     seed: int = setting(0, count(0))  # the test, subset and validation splits; NumPy takes no negative seed
 
 
@@ -275,7 +271,7 @@ def check_section(cls: type[_Section], section: str, values: Mapping[str, Any], 
             kwargs[f.name] = None
             continue
         name, is_kind = KINDS.get(kind, ("", lambda v: True))
-        expected = rule.get("expected") or name + (" or null" if optional else "")
+        expected = (rule.get("expected") or name) + (" or null" if optional else "")
         if not is_kind(value) or not rule.get("ok", lambda v: True)(value):
             raise ConfigError(f"{section}.{key} must be {expected}, but got {value!r}.")
         longest = rule.get("longest")

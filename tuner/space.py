@@ -1,16 +1,12 @@
-"""The search space as data: one entry per config path it sets.
-
-A space mirrors the config it changes::
+"""The search space as data, mirroring the config it changes: a node with a ``type`` key is an entry::
 
     optimizer:
       lr:       {type: float, low: 1.0e-4, high: 1.0, log: true}          # alpha = 10^r, r in [-4, 0]
       momentum: {type: float, low: 0.9, high: 0.999, reverse_log: true,   # beta = 1 - 10^r, r in [-3, -1]
                  when: {optimizer.name: sgd}}
 
-A node with a ``type`` key is an entry; any other mapping is a level of the config tree.
-Optuna has no reverse-log distribution (optuna#5959 leaves such transforms to the user), so a
-``reverse_log`` entry is stored as ``1-<path>`` with a log-uniform distribution over ``1 - high``
-to ``1 - low``, and the value actually used is stored as the user attribute ``<path>``.
+Optuna has no reverse-log distribution (optuna#5959), so a ``reverse_log`` entry is stored as ``1-<path>``,
+log-uniform over ``1 - high`` to ``1 - low``, and the value used as the user attribute ``<path>``.
 """
 
 from __future__ import annotations
@@ -180,10 +176,8 @@ def _check_values(key: str, param: Param, raw: Mapping[str, Any]) -> None:
 
 
 def parse_space(space: Mapping[str, Any] | None, raw: Mapping[str, Any]) -> list[Param]:
-    """Read and check a space against the composed config ``raw`` it will change.
-
-    Unconditional entries come first, so conditions can depend on sampled values.
-    """
+    """Read and check a space against the composed config ``raw``; unconditional entries come first, so
+    conditions can depend on sampled values."""
     params: list[Param] = []
     entries = _flatten(space or {})
     searched = {path for path, _ in entries}
@@ -249,12 +243,8 @@ def _refusal(raw: Mapping[str, Any], path: str, value: Any) -> str | None:
 def _check_condition(
     entry: str, when: Mapping[str, tuple[Any, ...]], params: list[Param], raw: Mapping[str, Any]
 ) -> None:
-    """A ``when`` value that its key can never take (a typo such as ``sgdd``) would leave the entry unsampled.
-
-    The key can take any value the config accepts for it. A value that only this run never gives it is fine:
-    one space file serves runs that fix ``optimizer.name`` differently, the shipped space lists ``rmsprop``
-    beside choices without it, and ``tuner.refine`` keeps Adam's entries when its top trials all used SGD.
-    """
+    """Refuse a ``when`` value its key can never take (a typo such as ``sgdd``), which would leave the entry
+    unsampled. A value only this run never gives is fine: one space file serves runs that fix it differently."""
     for path, allowed in when.items():
         for value in allowed:
             refusal = _refusal(raw, path, value)
@@ -279,10 +269,7 @@ def _suggest_one(trial: optuna.Trial, name: str, dist: BaseDistribution) -> Any:
 
 
 def suggest(trial: optuna.Trial, params: list[Param], raw: Mapping[str, Any]) -> dict[str, Any]:
-    """Sample the active params and return ``{config path: value used}``.
-
-    Reverse-log values are also stored on the trial as user attributes, where the dashboard shows them.
-    """
+    """Sample the active params: ``{config path: value used}``; reverse-log values also as user attributes."""
     values: dict[str, Any] = {}
     current = dict(raw)
     for param in params:
