@@ -134,11 +134,8 @@ def check_definition(
     record: bool = True,
 ) -> None:
     """Stop with one line if ``study``'s stored definition differs from ``now``; store it on a new study.
-
-    ``accept`` (``study.accept_changes``) stores ``now`` and records the change instead, unless the data differ.
-    ``ignore``: key prefixes a command does not compare (tuner.report: the data's fingerprint, it loads no data).
-    ``record=False`` only compares (the read-only commands).
-    """
+    ``accept`` (``study.accept_changes``) stores ``now`` and records the change instead, unless the data differ;
+    ``ignore``: key prefixes not compared (tuner.report loads no data); ``record=False`` only compares."""
     stored, rebuilt = _stored_definition(study)
     if stored is None:  # a new study, or one tuner did not write
         if record:

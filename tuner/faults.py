@@ -63,13 +63,9 @@ def _in_main_thread() -> bool:
 
 @contextlib.contextmanager
 def interruptible() -> Iterator[None]:
-    """Turn SIGINT and SIGTERM into ``Interrupted`` (naming the signal) while the study runs.
-
-    A signal interrupts at once only inside ``interrupts_allowed`` (training, loading data). Elsewhere (Optuna's
-    ask and tell, sampling, storage writes, saving the best model) it waits for the next safe point
-    (``check_interrupt``), so that no trial is left half-told: each one it stops ends FAIL and is queued again.
-    A second signal while one waits interrupts at once: the user insists.
-    """
+    """Turn SIGINT and SIGTERM into ``Interrupted`` (naming the signal) while the study runs: at once inside
+    ``interrupts_allowed`` (training, loading data), elsewhere (ask, tell, storage writes, saving the best model)
+    at the next ``check_interrupt``, so that no trial is left half-told. A second signal interrupts at once."""
 
     def handler(signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name

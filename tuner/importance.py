@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 from tuner.config import ConfigError
 from tuner.space import REVERSE_PREFIX
 
-__all__ = ["EVALUATORS", "LESSON_ORDER", "LESSON_TIER", "param_importances", "tier_of"]
+__all__ = ["EVALUATORS", "EVALUATOR_TITLES", "LESSON_ORDER", "make_evaluator", "param_importances", "tier_of"]
 
 # Optuna 5's get_param_importances defaults to PED-ANOVA; fANOVA and MDI can rank the same trials differently.
 EVALUATORS: dict[str, type[BaseImportanceEvaluator]] = {

@@ -46,8 +46,6 @@ _WRITTEN_PASSWORD = re.compile(r"^[\w+]+://[^:/]*:([^@]*)@")
 _HYDRA_ESCAPED = re.compile(r"([\\()\[\]{}:=, \t])")
 # YAML folds a long plain or single-quoted scalar at a space: a line break and the indentation instead.
 _FOLDED_SPACE = r"(?:\ |\n\ *)"
-# libpq takes a password from the URL's query too: postgresql://user@host/db?password=...
-_QUERY_PASSWORD = "password"
 
 _remembered: list[str] = []  # the URLs whose passwords mask() hides
 
@@ -96,7 +94,7 @@ def _secrets(url: str) -> list[tuple[str, str | None]]:
         found.append((written.group(1), None if decoded is None else str(decoded)))
     for pair in url.partition("?")[2].split("&"):
         key, _, value = pair.partition("=")
-        if key == _QUERY_PASSWORD and value:
+        if key == "password" and value:  # libpq takes one from the query too: postgresql://u@host/db?password=...
             found.append((value, unquote_plus(value)))
     return found
 
