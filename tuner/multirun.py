@@ -90,8 +90,7 @@ def keep_summary_in_job_log() -> None:
 
 def write_job_record(output_dir: str | Path, *, study: str, storage: str) -> None:
     """Leave the job's study where ``StudiesTable`` finds it, with any storage password masked."""
-    path = Path(output_dir) / JOB_RECORD
-    path.write_text(json.dumps({"study": study, "storage": safe_url(storage)}) + "\n")
+    (Path(output_dir) / JOB_RECORD).write_text(json.dumps({"study": study, "storage": safe_url(storage)}) + "\n")
 
 
 def _unmasked(recorded: str, configured: str | None) -> str | None:
@@ -145,11 +144,11 @@ class StudiesTable(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
-        configured = OmegaConf.select(config, "study.storage", default=None)
+        configured = storage_url(config)
         seen: dict[tuple[str, str], None] = {}  # ordered set: several workers share one study
         for record in sorted(sweep_dir.glob(f"*/{JOB_RECORD}"), key=lambda p: _job_order(p.parent.name)):
             data = json.loads(record.read_text())
-            storage = _unmasked(data["storage"], configured if isinstance(configured, str) else None)
+            storage = _unmasked(data["storage"], configured)
             if storage is None:
                 log.warning(
                     "study %r in %s is left out of the table: its password is not kept on disk",

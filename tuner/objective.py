@@ -69,9 +69,6 @@ class Objective:
     def splits(self, cfg: DataConfig, device: torch.device) -> Splits:
         return self._splits.get(cfg, device)
 
-    def trial_config(self, trial: optuna.Trial) -> TrialConfig:
-        return parse_trial(set_path(self.run.raw, suggest(trial, self.params, self.run.raw)))
-
     def __call__(self, trial: optuna.Trial) -> float:
         """Train one trial; a trial that fails records why in its ``fail_reason`` user attr."""
         self.last_trial_number = trial.number
@@ -95,7 +92,7 @@ class Objective:
         raise torch.OutOfMemoryError(oom)
 
     def _train_trial(self, trial: optuna.Trial) -> float:
-        cfg = self.trial_config(trial)
+        cfg = parse_trial(set_path(self.run.raw, suggest(trial, self.params, self.run.raw)))
         device = resolve_device(cfg.trainer.device)
         seed = cfg.trainer.seed if cfg.trainer.seed is not None else trial_seed(self.run.study.seed, trial.number)
         if cfg.trainer.seed is None and isinstance(trial.user_attrs.get("seed"), int):

@@ -168,9 +168,7 @@ def mask_passwords_in_logs(url: str | None = None) -> None:
     """``remember`` ``url``; put ``MaskPasswords`` on the root logger's handlers and the job-override loggers."""
     if url is not None:
         remember(url)
-    targets: list[logging.Filterer] = [*logging.getLogger().handlers]
-    targets += [logging.getLogger(name) for name in LAUNCHER_LOGGERS]
-    for target in targets:
+    for target in [*logging.getLogger().handlers, *map(logging.getLogger, LAUNCHER_LOGGERS)]:
         if not any(isinstance(f, MaskPasswords) for f in target.filters):
             target.addFilter(MaskPasswords())
 

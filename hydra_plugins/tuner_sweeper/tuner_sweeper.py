@@ -28,11 +28,13 @@ ConfigStore.instance().store(group="hydra/sweeper", name="tuner", node=TunerSwee
 
 
 class TunerSweeper(Sweeper):
+    # Set by setup, which Hydra calls before sweep.
+    hydra_context: HydraContext
+    config: DictConfig
+    launcher: Launcher
+
     def __init__(self, n_jobs: int | None = None) -> None:
         self.n_jobs = n_jobs
-        self.hydra_context: HydraContext | None = None
-        self.config: DictConfig | None = None
-        self.launcher: Launcher | None = None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.hydra_context = hydra_context
@@ -44,5 +46,4 @@ class TunerSweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> Any:
         from tuner.sweeper import sweep_or_exit
 
-        assert self.hydra_context is not None and self.config is not None and self.launcher is not None
         return sweep_or_exit(self.hydra_context, self.config, self.launcher, list(arguments), n_jobs=self.n_jobs)
