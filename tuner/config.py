@@ -46,7 +46,6 @@ __all__ = [
     "PluginConfig",
     "RunConfig",
     "StudyConfig",
-    "TrainerConfig",
     "TrialConfig",
     "check_target",
     "composition_error",

@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from tuner.__main__ import cli, command
-from tuner.config import parse_run
+from tuner.config import parse_command_section, parse_run
 from tuner.secrets import safe_url
 
 __all__ = ["dashboard", "exposure_warning", "main"]
@@ -38,7 +38,6 @@ def dashboard(raw: dict[str, Any]) -> None:
     from optuna.artifacts import FileSystemArtifactStore
 
     from tuner.artifacts import artifact_dir
-    from tuner.config import parse_command_section
     from tuner.paths import check_folder
     from tuner.stored import open_existing_storage, study_names
 

@@ -50,7 +50,6 @@ class Splits:
         return tuple(getattr(self, name) for name in _TENSORS)
 
     def to(self, device: torch.device | str) -> Splits:
-        """Return a copy with every tensor on ``device``."""
         return replace(self, **{name: getattr(self, name).to(device) for name in _TENSORS})
 
 

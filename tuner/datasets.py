@@ -89,9 +89,6 @@ def download_folder(cfg: DataConfig) -> Path | None:
     return None if any(not _missing(folder) for folder in searched) else target
 
 
-# --- IDX files: Fashion-MNIST and MNIST --------------------------------------------------------------------
-
-
 def _load_idx_set(name: str, root: str | None, download: bool) -> dict[str, Any]:
     folder = _find_or_download(name, root, download)
     # Each file raw if present, else its .gz; counts and labels: tuner.data checks them
@@ -212,9 +209,6 @@ def _download(name: str, target: Path, files: list[str]) -> None:
         finally:
             if os.path.exists(part):
                 os.unlink(part)
-
-
-# --- Other sources ---------------------------------------------------------------------------------------
 
 
 def digits() -> dict[str, Any]:

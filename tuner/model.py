@@ -63,13 +63,11 @@ def cnn(
     layers: list[nn.Module] = []
     width = channels
     for _ in range(num_layers):
-        # Pool only while the map is at least 2 wide, so 8x8 digits and 40-sample signals both work.
-        can_pool = min(spatial) >= 2
         layers.append(conv(in_channels, width, kernel_size, padding=kernel_size // 2, bias=not batch_norm))
         if batch_norm:
             layers.append(norm(width))
         layers.append(nn.ReLU())
-        if can_pool:
+        if min(spatial) >= 2:  # pool only while the map is 2+ wide, so 8x8 digits and 40-sample signals both work
             layers.append(pool(2))
             spatial = [s // 2 for s in spatial]
         in_channels, width = width, width * 2

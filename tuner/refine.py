@@ -18,7 +18,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner.__main__ import cli, command
-from tuner.config import ConfigError, get_path, set_path
+from tuner.config import ConfigError, get_path, parse_command_section, parse_run, set_path
 from tuner.space import Param, describe_range, entry_param, parse_space
 
 __all__ = ["Change", "main", "narrow", "refine", "space_yaml"]
@@ -138,7 +138,6 @@ def _child_output_dir(output_dir: str, parent: str, child: str) -> str:
 
 def refine(raw: dict[str, Any]) -> None:
     """``python -m tuner.refine``: write the narrowed space, create the child study and run it."""
-    from tuner.config import parse_command_section, parse_run
     from tuner.data import load_splits
     from tuner.definition import data_content
     from tuner.notes import REFINED_FROM_ATTR, write_start_note

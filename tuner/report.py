@@ -18,11 +18,11 @@ from optuna.trial import TrialState
 from plotly.offline import get_plotlyjs
 
 from tuner.__main__ import cli, command
-from tuner.config import ConfigError, parse_command_section
+from tuner.config import ConfigError, parse_command_section, parse_run
 from tuner.importance import EVALUATOR_TITLES, EVALUATORS, LESSON_ORDER, make_evaluator, param_importances, tier_of
 from tuner.plots import learning_curves, value_vs_param
 from tuner.space import Param, values_from_params
-from tuner.summary import fmt, rows_table
+from tuner.summary import count_states, fmt, rows_table
 
 __all__ = ["build_figures", "main"]
 
@@ -39,9 +39,7 @@ def parse_report(raw: dict[str, Any]) -> tuple[Path, str]:
 
 def summary_text(study: optuna.Study, params: list[Param], storage: str) -> str:
     trials = study.get_trials(deepcopy=False)
-    states = ", ".join(
-        f"{n} {state.name.lower()}" for state in TrialState if (n := sum(t.state == state for t in trials))
-    )
+    states = ", ".join(f"{n} {state.lower()}" for state, n in count_states(study).items())
     rows = [("study", study.study_name), ("storage", storage), ("trials", f"{len(trials)} ({states})")]
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if complete:
@@ -131,7 +129,6 @@ def write_report(study: optuna.Study, params: list[Param], folder: Path, *, stor
 
 def report(raw: dict[str, Any]) -> None:
     """``python -m tuner.report``: write the report of ``study.name`` and print its summary."""
-    from tuner.config import parse_run
     from tuner.paths import check_folder
     from tuner.secrets import safe_url
     from tuner.stored import check_experiment, load_existing_study, study_params

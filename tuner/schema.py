@@ -71,8 +71,6 @@ def choice(*choices: str) -> dict[str, Any]:
 
 def setting(default: Any, rule: dict[str, Any] | None = None) -> Any:
     """A dataclass field: its default and what values it allows (``check_section`` applies the rule)."""
-    if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: type(default)(default), metadata=rule or {})
     return field(default=default, metadata=rule or {})
 
 

@@ -30,7 +30,6 @@ def rows_table(rows: list[tuple[str, str]]) -> str:
 
 
 def trial_line(trial: FrozenTrial, best: FrozenTrial | None) -> str:
-    """One log line for a finished trial."""
     state = trial.state.name
     if trial.state == TrialState.COMPLETE and trial.value is not None:
         result = f"val_accuracy={trial.value:.4f}"
