@@ -14,6 +14,7 @@ import optuna
 import pytest
 
 from tests.conftest import run_with_read_only
+from tuner.__main__ import without_entries
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["data=digits", "study.n_trials=3", "trainer.epochs=2"]
@@ -215,3 +216,14 @@ def test_main_a_value_on_the_command_line_wins_over_the_space(tmp_path: Path) ->
         assert all(path not in t.params for t in study.trials)
         assert study.user_attrs["definition"][path] == str(value)  # the study records the fixed value
         assert f"space.{path}" not in study.user_attrs["definition"]
+
+
+def test_main_without_entries_drops_given_paths_and_empty_sections() -> None:
+    space = {
+        "optimizer": {"lr": {"type": "float", "low": 0.1, "high": 1.0}},
+        "model": {"hidden_units": {"type": "int", "low": 1, "high": 4}},
+    }
+    out, removed = without_entries(space, ["optimizer.lr", "optimizer.momentum", "data.batch_size"])
+    assert removed == ["optimizer.lr"]
+    assert out == {"model": {"hidden_units": {"type": "int", "low": 1, "high": 4}}}
+    assert "lr" in space["optimizer"]  # the original is left as it was

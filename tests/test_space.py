@@ -10,7 +10,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 
 from tests.conftest import compose_raw
 from tuner.config import ConfigError, get_path
-from tuner.space import describe, describe_range, entry_param, parse_space, suggest, values_from_params, without_entries
+from tuner.space import describe, describe_range, entry_param, parse_space, suggest, values_from_params
 
 
 def _sample(space: dict[str, Any], raw: dict[str, Any], n: int) -> list[dict[str, Any]]:
@@ -213,17 +213,6 @@ def test_space_lr_option_searches_only_the_learning_rate() -> None:
     raw = compose_raw("space=lr")
     assert [p.path for p in parse_space(raw["space"], raw)] == ["optimizer.lr"]
     assert math.isclose(parse_space(raw["space"], raw)[0].distribution.low, 1e-4)  # type: ignore[attr-defined]
-
-
-def test_space_without_entries_drops_given_paths_and_empty_sections() -> None:
-    space = {
-        "optimizer": {"lr": {"type": "float", "low": 0.1, "high": 1.0}},
-        "model": {"hidden_units": {"type": "int", "low": 1, "high": 4}},
-    }
-    out, removed = without_entries(space, ["optimizer.lr", "optimizer.momentum", "data.batch_size"])
-    assert removed == ["optimizer.lr"]
-    assert out == {"model": {"hidden_units": {"type": "int", "low": 1, "high": 4}}}
-    assert "lr" in space["optimizer"]  # the original is left as it was
 
 
 @pytest.mark.parametrize("model", ["softmax", "mlp", "cnn"])

@@ -17,10 +17,11 @@ if __name__ == "__main__":
     for _sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(_sig, _stop_during_start_up)
 
-import functools  # noqa: E402  (after the start-up handlers above)
+import copy  # noqa: E402  (after the start-up handlers above)
+import functools  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
-from collections.abc import Callable  # noqa: E402
+from collections.abc import Callable, Iterable, Mapping  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, TypeVar  # noqa: E402
 
@@ -36,7 +37,6 @@ from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 from tuner.config import TRIAL_SECTIONS, ConfigError, composition_error, get_path, parse_run  # noqa: E402
 from tuner.multirun import jobs_at_once, keep_summary_in_job_log, name_suffix, storage_url, write_job_record  # noqa: E402
 from tuner.secrets import mask_password_in_files, mask_passwords_in_logs, mask_streams, remember  # noqa: E402
-from tuner.space import without_entries  # noqa: E402
 
 log = logging.getLogger("tuner")
 
@@ -76,6 +76,29 @@ def set_on_command_line() -> list[str]:
         for o in overrides
         if not (o.is_sweep_override() or o.is_delete()) and o.key_or_group.split(".")[0] in TRIAL_SECTIONS
     ]
+
+
+def without_entries(space: Mapping[str, Any] | None, paths: Iterable[str]) -> tuple[dict[str, Any], list[str]]:
+    """``space`` less the entries for ``paths`` (settings given explicitly, which then are not searched), and the
+    paths it held among them. Sections left empty go too."""
+    out: dict[str, Any] = copy.deepcopy(dict(space or {}))
+    removed: list[str] = []
+    for path in paths:
+        *parents, leaf = path.split(".")
+        chain = [out]
+        for part in parents:
+            node = chain[-1].get(part)
+            if not isinstance(node, dict) or "type" in node:
+                break
+            chain.append(node)
+        else:
+            if isinstance(chain[-1].get(leaf), dict) and "type" in chain[-1][leaf]:
+                del chain[-1][leaf]
+                removed.append(path)
+                for parent, part in zip(reversed(chain[:-1]), reversed(parents), strict=True):
+                    if not parent[part]:
+                        del parent[part]
+    return out, removed
 
 
 def mask_saved_password(cfg: DictConfig) -> None:

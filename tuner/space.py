@@ -11,8 +11,7 @@ log-uniform over ``1 - high`` to ``1 - low``, and the value used as the user att
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +33,6 @@ __all__ = [
     "parse_space",
     "suggest",
     "values_from_params",
-    "without_entries",
 ]
 _MISSING_PATH = object()
 _ENTRY_KEYS = {"type", "low", "high", "log", "step", "reverse_log", "choices", "when"}
@@ -310,26 +308,3 @@ def entry_param(path: str, entry: Mapping[str, Any]) -> Param:
 def values_from_params(params: list[Param], sampled: Mapping[str, Any]) -> dict[str, Any]:
     """``{config path: value used}`` for a finished trial's stored params (its ``FrozenTrial.params``)."""
     return {p.path: p.value(sampled[p.name]) for p in params if p.name in sampled}
-
-
-def without_entries(space: Mapping[str, Any] | None, paths: Iterable[str]) -> tuple[dict[str, Any], list[str]]:
-    """``space`` less the entries for ``paths`` (settings given explicitly, which then are not searched), and the
-    paths it held among them. Sections left empty go too."""
-    out: dict[str, Any] = copy.deepcopy(dict(space or {}))
-    removed: list[str] = []
-    for path in paths:
-        *parents, leaf = path.split(".")
-        chain = [out]
-        for part in parents:
-            node = chain[-1].get(part)
-            if not isinstance(node, dict) or "type" in node:
-                break
-            chain.append(node)
-        else:
-            if isinstance(chain[-1].get(leaf), dict) and "type" in chain[-1][leaf]:
-                del chain[-1][leaf]
-                removed.append(path)
-                for parent, part in zip(reversed(chain[:-1]), reversed(parents), strict=True):
-                    if not parent[part]:
-                        del parent[part]
-    return out, removed
