@@ -46,8 +46,7 @@ def dashboard(raw: dict[str, Any]) -> None:
     host, port = settings.host, settings.port
     storage = open_existing_storage(run.study.storage)
     check_folder("study.artifact_dir", artifact_dir(run.study))  # made below when missing
-    warning = exposure_warning(host)
-    if warning:
+    if warning := exposure_warning(host):
         log.warning("%s", warning)
     folder = artifact_dir(run.study).resolve()
     folder.mkdir(parents=True, exist_ok=True)

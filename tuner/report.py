@@ -29,14 +29,6 @@ __all__ = ["build_figures", "main"]
 log = logging.getLogger("tuner")
 
 
-def parse_report(raw: dict[str, Any]) -> tuple[Path, str]:
-    """``report.dir`` and ``report.evaluator``, checked (the evaluators are tuner.importance's)."""
-    section = parse_command_section(raw, "report")
-    if section.evaluator not in EVALUATORS:
-        raise ConfigError(f"report.evaluator must be one of {', '.join(EVALUATORS)}, but got {section.evaluator!r}.")
-    return Path(section.dir), section.evaluator
-
-
 def summary_text(study: optuna.Study, params: list[Param], storage: str) -> str:
     trials = study.get_trials(deepcopy=False)
     states = ", ".join(f"{n} {state.lower()}" for state, n in count_states(study).items())
@@ -135,7 +127,9 @@ def report(raw: dict[str, Any]) -> None:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     run = parse_run(raw)
-    folder, evaluator = parse_report(raw)
+    section = parse_command_section(raw, "report")
+    folder, evaluator = Path(section.dir), section.evaluator
+    make_evaluator(evaluator)  # an unknown report.evaluator stops here, before the study is read
     check_folder("report.dir", folder)
     study = load_existing_study(run)
     check_experiment(study, run)

@@ -46,20 +46,12 @@ def count(minimum: int) -> dict[str, Any]:
     return _rule(f"an integer >= {minimum}", lambda v: v >= minimum)
 
 
-def number(
-    low: float | None = None,
-    high: float | None = None,
-    *,
-    open_low: bool = False,
-    open_high: bool = False,
-) -> dict[str, Any]:
-    lo = "(" if open_low or low is None else "["
-    hi = ")" if open_high or high is None else "]"
-    bounds = f"{'-inf' if low is None else f'{low:g}'}, {'inf' if high is None else f'{high:g}'}"
-    expected = f"a number in {lo}{bounds}{hi}"
+def number(low: float, high: float | None = None, *, open_low: bool = False, open_high: bool = False) -> dict[str, Any]:
+    lo, hi = "(" if open_low else "[", ")" if open_high or high is None else "]"
+    expected = f"a number in {lo}{low:g}, {'inf' if high is None else f'{high:g}'}{hi}"
 
     def ok(v: float) -> bool:
-        above = low is None or v > low or (not open_low and v == low)
+        above = v > low or (not open_low and v == low)
         return above and (high is None or v < high or (not open_high and v == high))
 
     return _rule(expected, ok)
