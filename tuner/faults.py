@@ -1,5 +1,4 @@
-"""Surviving a long study: Ctrl-C and SIGTERM at safe points, and stopping when every recent trial fails
-the same way."""
+"""Surviving a long study: Ctrl-C and SIGTERM at safe points, and a stop when recent trials all fail alike."""
 
 from __future__ import annotations
 

@@ -165,7 +165,6 @@ class Objective:
             std=splits.std,
             meta={"study": trial.study.study_name, "trial": trial.number, METRIC: value, "data": cfg.data.name},
         )
-        # The dashboard's artifacts for each new best: the checkpoint, learning curve, confusion matrix.
         upload_best_artifacts(
             trial,
             artifact_store(self.run.study),

@@ -13,7 +13,7 @@ import sys
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, TextIO, cast
+from typing import Any, TextIO
 from urllib.parse import quote, quote_plus, unquote, unquote_plus
 
 from sqlalchemy.engine import URL, make_url
@@ -194,10 +194,9 @@ class _MaskedStream:
 def mask_streams() -> None:
     """Wrap ``sys.stdout`` and ``sys.stderr`` to mask each write whole (Hydra prints ``--cfg job`` and its errors
     before tuner's code runs); ``print`` and logging write each message at once."""
-    if not isinstance(sys.stdout, _MaskedStream):
-        sys.stdout = cast(TextIO, _MaskedStream(sys.stdout))
-    if not isinstance(sys.stderr, _MaskedStream):
-        sys.stderr = cast(TextIO, _MaskedStream(sys.stderr))
+    for name in ("stdout", "stderr"):
+        if not isinstance(getattr(sys, name), _MaskedStream):
+            setattr(sys, name, _MaskedStream(getattr(sys, name)))
 
 
 def mask_password_in_files(url: str, paths: Iterable[Path]) -> None:

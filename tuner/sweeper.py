@@ -234,7 +234,6 @@ def sweep_or_exit(
         log.error("%s", err)
         sys.exit(2)
     score_sweep(plan)
-    # The same table as python -m tuner -m prints.
     log.info("%s", format_table([study_row(plan.run.study.name, plan.run.study.storage)]))
     return states
 

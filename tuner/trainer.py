@@ -209,8 +209,7 @@ def fit(
 
 
 class LocalTrainer:
-    """Trains in this process (``trainer.workers=1``, and the sweeper's one-trial jobs); as
-    ``tuner.workers.ProcessTrainer``, but keeps the model whether wanted or not."""
+    """Trains in this process (``trainer.workers=1``, the sweeper's jobs); keeps the model, wanted or not."""
 
     def fit(
         self,
