@@ -15,7 +15,7 @@ from tuner.config import RunConfig
 from tuner.importance import EVALUATOR_TITLES, LESSON_ORDER, param_importances, tier_of
 from tuner.secrets import mask_password, safe_url
 from tuner.space import Param, describe_range, values_from_params
-from tuner.summary import fmt
+from tuner.summary import count_states, fmt
 
 __all__ = ["REFINED_FROM_ATTR", "command_line", "end_note", "write_end_note", "write_start_note"]
 
@@ -102,17 +102,9 @@ def start_note(run: RunConfig, params: list[Param], *, command: str, refined_fro
 
 def end_note(study: optuna.Study, params: list[Param], *, evaluator: str = "ped_anova") -> str:
     """The Results section: best trial, counts by state, importance beside the lesson's priority list."""
-    trials = study.get_trials(deepcopy=False)
-    counts = {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState}
-    lines = [
-        RESULTS_HEADING,
-        "",
-        f"Run ended {time.strftime('%Y-%m-%d %H:%M:%S %Z')}. Trials: "
-        + ", ".join(f"{n} {state}" for state, n in counts.items() if n)
-        + ".",
-        "",
-    ]
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    states = ", ".join(f"{n} {state.lower()}" for state, n in count_states(study).items())
+    lines = [RESULTS_HEADING, "", f"Run ended {time.strftime('%Y-%m-%d %H:%M:%S %Z')}. Trials: {states}.", ""]
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         return "\n".join([*lines, "No trial completed."]) + "\n"
     best = study.best_trial
