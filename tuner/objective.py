@@ -49,13 +49,11 @@ class Objective:
     """Callable for ``study.optimize``: trains each trial with ``trainer`` (here, or in a worker process) and
     reports, prunes and saves the best model here; its ``for_worker`` copies share its data cache and saved best."""
 
-    def __init__(
-        self, run: RunConfig, params: list[Param], *, best_model_path: Path, trainer: Trainer | None = None
-    ) -> None:
+    def __init__(self, run: RunConfig, params: list[Param], *, best_model_path: Path) -> None:
         self.run = run
         self.params = params
         self.best_model_path = best_model_path
-        self.trainer: Trainer = trainer if trainer is not None else LocalTrainer()
+        self.trainer: Trainer = LocalTrainer()  # for_worker gives a copy a worker process's trainer
         self._splits = SplitsCache()
         self._saved = _SavedBest()  # shared by the objectives of this process's worker threads
         self.last_trial_number: int | None = None
