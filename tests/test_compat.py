@@ -10,7 +10,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from tuner._compat import LAUNCHER_LOGGERS, optuna_table_names, startup_trials
+from tuner._compat import LAUNCHER_LOGGERS, optuna_table_names, startup_trials, trial_id
 
 
 @pytest.mark.parametrize("pruner", [optuna.pruners.MedianPruner, optuna.pruners.PercentilePruner])
@@ -32,3 +32,13 @@ def test_compat_launcher_loggers_are_the_launchers_own(name: str) -> None:
     # Each launcher module logs its jobs' overrides through a module logger of its own name.
     module = importlib.import_module(name)
     assert isinstance(module.log, logging.Logger) and module.log.name == name
+
+
+def test_compat_trial_id_is_the_storages_id_of_the_trial(tmp_path: Path) -> None:
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'o.db'}")
+    study = optuna.create_study(storage=storage, study_name="s")
+    study.tell(study.ask(), 0.0)  # ids and numbers differ across studies: a second study makes them part
+    other = optuna.create_study(storage=storage, study_name="t")
+    trial = other.ask()
+    study_id = storage.get_study_id_from_name("t")
+    assert trial_id(trial) == storage.get_trial_id_from_study_id_trial_number(study_id, trial.number) != trial.number

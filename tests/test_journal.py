@@ -30,10 +30,10 @@ def test_journal_dead_workers_trial_fails_and_is_retried_with_its_history(tmp_pa
     storage.record_heartbeat(storage.get_trial_id_from_study_id_trial_number(0, trial.number))
 
     other = optuna.load_study(study_name="s", storage=storage)
-    assert fail_stale_trials(other, storage) == 0  # within the grace period: still alive
+    fail_stale_trials(other, storage)  # within the grace period: still alive
     assert [t.state for t in other.get_trials()] == [TrialState.RUNNING]
     time.sleep(2.2)
-    assert fail_stale_trials(other, storage) == 1
+    fail_stale_trials(other, storage)
     dead, retry = other.get_trials()
     assert dead.state == TrialState.FAIL
     assert retry.state == TrialState.WAITING and retry.params == dead.params

@@ -21,6 +21,7 @@ import optuna
 from optuna.storages import BaseStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
+from tuner._compat import trial_id
 from tuner.budget import Budget, BudgetReached
 from tuner.faults import Interrupted, check_interrupt, interrupts_allowed
 from tuner.journal import HeartbeatJournalStorage
@@ -36,16 +37,19 @@ warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used w
 # Set once for the process: warnings.catch_warnings() in the worker threads would race on the filters.
 warnings.filterwarnings("ignore", ".*fail_stale_trials is experimental", optuna.exceptions.ExperimentalWarning)
 
+# A worker looks for other workers' dead trials at most this often (Optuna looks before every trial): each look
+# reads the study's running trials.
+STALE_CHECK_S = 1.0
+
 Told = Callable[[optuna.Study, FrozenTrial], None]  # called after each trial this process tells
 
 
-def fail_stale_trials(study: optuna.Study, storage: BaseStorage) -> int:
-    """Fail the trials of dead workers (no heartbeat for the grace period) and queue their retries; return how many."""
+def fail_stale_trials(study: optuna.Study, storage: BaseStorage) -> None:
+    """Fail the trials of dead workers (no heartbeat for the grace period) and queue their retries."""
     if isinstance(storage, HeartbeatJournalStorage):
-        return len(storage.fail_stale_trials(study))
-    before = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
-    optuna.storages.fail_stale_trials(study)  # a no-op without heartbeats
-    return len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,))) - before
+        storage.fail_stale_trials(study)
+    else:
+        optuna.storages.fail_stale_trials(study)  # a no-op without heartbeats
 
 
 @contextlib.contextmanager
@@ -83,11 +87,9 @@ def _run_trial(
     interval: int | None,
 ) -> FrozenTrial:
     """Train ``trial`` and tell its end; a failure is recorded (``fail_reason``) and the study goes on."""
-    study_id = storage.get_study_id_from_name(study.study_name)
-    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
     value: float | None = None
     given_up = False
-    with _beating(storage, trial_id, interval):
+    with _beating(storage, trial_id(trial), interval):
         try:
             value, state = objective(trial), TrialState.COMPLETE
         except optuna.TrialPruned:
@@ -129,8 +131,11 @@ def run_trials(
     and the worker goes on (a failure streak stops it through ``should_stop``), an interrupt fails it and
     goes on up.
     """
+    checked = time.monotonic()  # tune() failed the stale trials as this worker started
     while not should_stop() and (deadline is None or time.monotonic() < deadline):
-        fail_stale_trials(study, storage)
+        if time.monotonic() - checked > STALE_CHECK_S:
+            fail_stale_trials(study, storage)
+            checked = time.monotonic()
         try:
             trial = budget.ask(study)
         except BudgetReached:

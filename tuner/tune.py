@@ -96,7 +96,9 @@ def _recover_stale_trials(study: optuna.Study, storage: BaseStorage) -> None:
 
     Each worker does the same before each trial (tuner.loop); doing it first makes the budget right.
     """
-    failed = fail_stale_trials(study, storage)
+    before = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
+    fail_stale_trials(study, storage)
+    failed = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,))) - before
     if failed:
         log.warning("%d trial(s) of a dead worker marked FAIL and queued again (up to study.max_retry times)", failed)
 
