@@ -94,7 +94,7 @@ def test_space_condition_on_fixed_config_value_never_samples() -> None:
             {"optimizer.name": ["sgdd"]},
             "space.optimizer.momentum.when gives optimizer.name the value 'sgdd', which it can never take "
             "(optimizer.name must be one of sgd, adam, rmsprop, but got 'sgdd'); here it takes 'sgd' (its config "
-            "value) or one of ['sgd', 'adam'] (space.optimizer.name.choices).",
+            "value) or a value in {sgd, adam} (space.optimizer.name).",
         ),
         ({"optimizer.name": ["sgd", "sggd"]}, "gives optimizer.name the value 'sggd', which it can never take"),
         ({"model.batch_norm": "yes"}, "the value 'yes', which it can never take (model.batch_norm must be true or"),

@@ -213,15 +213,6 @@ def _never_active(when: Mapping[str, tuple[Any, ...]], searched: set[str], raw: 
     return any(get_path(raw, path) not in when[path] for path in fixed)
 
 
-def _range_words(param: Param) -> str:
-    dist = param.distribution
-    if isinstance(dist, CategoricalDistribution):
-        return f"one of {list(dist.choices)!r} (space.{param.path}.choices)"
-    assert isinstance(dist, (FloatDistribution, IntDistribution))
-    low, high = sorted((param.value(dist.low), param.value(dist.high)))
-    return f"a value in [{low:g}, {high:g}] (space.{param.path})"
-
-
 def _refusal(raw: Mapping[str, Any], path: str, value: Any) -> str | None:
     """Why no run could give ``path`` the value ``value``; ``None`` when some run could."""
     current = get_path(raw, path)
@@ -250,7 +241,7 @@ def _check_condition(
                 continue
             current = get_path(raw, path)
             now = "true or false" if isinstance(current, bool) else f"{current!r} (its config value)"
-            takes = [now, *(_range_words(p) for p in params if p.path == path)]
+            takes = [now, *(f"a value in {describe_range(p)} (space.{p.path})" for p in params if p.path == path)]
             raise ConfigError(
                 f"space.{entry}.when gives {path} the value {value!r}, which it can never take ({refusal}); "
                 f"here it takes {' or '.join(takes)}."
