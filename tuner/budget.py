@@ -1,10 +1,7 @@
 """``study.n_trials`` as one budget for every worker sharing a study.
 
-Optuna's ``MaxTrialsCallback`` checks after each trial, so W workers overshoot by up to W-1 trials,
-and a check before ``study.ask()`` still races with the other workers. Here each worker counts and asks
-under one lock that every worker of the study takes (a PostgreSQL advisory lock; a lock file beside a
-SQLite or journal file, for the workers of one machine), so the count cannot change between the two.
-A queued (WAITING) retry takes the place of the dead trial it copies, so popping it always fits.
+Optuna's ``MaxTrialsCallback`` checks after each trial, so W workers overshoot by up to W-1 trials; here
+each worker counts and asks under the study's lock (tuner.storage.study_lock), so no other worker asks between.
 """
 
 from __future__ import annotations
@@ -25,20 +22,15 @@ class BudgetReached(Exception):
 
 
 def budget_used(trials: Iterable[FrozenTrial]) -> int:
-    """Finished and running trials, less the dead or interrupted ones whose retry replaces them.
-
-    A trial retried by ``RetryHeartbeatStaleTrialCallback`` appears in its copy's ``retry_history``.
-    """
+    """Finished and running trials, less the dead or interrupted ones whose retry (``retry_history``) replaces them."""
     trials = list(trials)
     replaced = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
     return sum((t.state.is_finished() or t.state == TrialState.RUNNING) and t.number not in replaced for t in trials)
 
 
 class Budget:
-    """Ask trials for one study until ``n_trials`` (``None``: no limit) are used by all of its workers.
-
-    ``lock`` returns the study's lock (``tuner.storage.study_lock``): held across the count and ``study.ask()``.
-    """
+    """Ask trials for one study until ``n_trials`` (``None``: no limit) are used by all of its workers;
+    ``lock()`` is held across the count and ``study.ask()``."""
 
     def __init__(self, n_trials: int | None, lock: Callable[[], contextlib.AbstractContextManager[None]]) -> None:
         if n_trials is not None and n_trials < 1:

@@ -1,10 +1,8 @@
 """Optuna's JournalStorage on a file, with the heartbeats that Optuna 5.0 gives only RDBStorage.
 
-Optuna 5.0's ``JournalStorage`` has no heartbeats (checked in optuna/storages/journal/_storage.py), so a
-SIGKILLed worker's trial would stay RUNNING forever. tuner's workers beat for their trials (tuner.loop); here a
-beat is a system attr holding the worker's wall clock, and ``fail_stale_trials`` fails and retries a trial
-as Optuna's own ``fail_stale_trials`` does on RDBStorage, with the same ``RetryHeartbeatStaleTrialCallback``.
-Workers sharing one journal file must share a clock (one machine, or NTP).
+Without them a SIGKILLed worker's trial would stay RUNNING forever. A beat is a system attr holding the worker's
+wall clock (workers sharing a file must share a clock), and ``fail_stale_trials`` fails and retries a trial as
+Optuna's own does on RDBStorage, with the same ``RetryHeartbeatStaleTrialCallback``.
 """
 
 from __future__ import annotations

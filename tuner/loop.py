@@ -1,9 +1,7 @@
-"""The workers' loop, on Optuna's ask-and-tell: ask within the budget, beat while the trial trains, tell.
+"""The workers' loop on Optuna's ask-and-tell: ask within the budget, beat while the trial trains, tell.
 
-``study.optimize`` asks outside any lock (so W workers overshoot ``study.n_trials``) and starts its heartbeat
-thread through private names; tuner's loop asks under the study's lock (tuner.budget), beats through each
-storage's public ``record_heartbeat``, and fails and retries a dead worker's trial before each ask as
-``optimize`` does (Optuna's ``fail_stale_trials``; the journal's own, tuner.journal).
+Not ``study.optimize``: it asks outside any lock (W workers overshoot ``study.n_trials``) and beats only on
+RDBStorage, through private names; here each storage's public ``record_heartbeat`` is used.
 """
 
 from __future__ import annotations
@@ -125,12 +123,8 @@ def run_trials(
     deadline: float | None,
     should_stop: Callable[[], bool],
 ) -> None:
-    """One worker's trials, until the budget is used, the time is up, or ``should_stop()``.
-
-    ``objective`` returns the trial's value or raises ``optuna.TrialPruned``; any other error fails the trial
-    and the worker goes on (a failure streak stops it through ``should_stop``), an interrupt fails it and
-    goes on up.
-    """
+    """One worker's trials, until the budget is used, the time is up, or ``should_stop()``; a failing trial
+    is recorded and the worker goes on, an interrupt fails the trial and goes on up."""
     checked = time.monotonic()  # tune() failed the stale trials as this worker started
     while not should_stop() and (deadline is None or time.monotonic() < deadline):
         if time.monotonic() - checked > STALE_CHECK_S:
@@ -161,13 +155,8 @@ def _requeue_interrupted(study: optuna.Study, objective: Objective, max_retry: i
 
 @contextlib.contextmanager
 def _heap_frozen() -> Iterator[None]:
-    """Keep the objects alive when the workers start out of Python's full garbage collections until they end.
-
-    This process holds torch, SQLAlchemy, Optuna, Hydra and matplotlib; a full collection walks all of it with
-    the GIL held and stalls every worker thread meanwhile. ``gc.freeze`` moves those objects to a permanent
-    generation that collections skip; ``gc.unfreeze`` hands them back afterwards, so garbage among them is
-    still collected then.
-    """
+    """Keep the objects alive when the workers start out of full garbage collections until they end: a full
+    collection walks torch, SQLAlchemy, Optuna and Hydra with the GIL held and stalls every worker thread."""
     gc.freeze()
     try:
         yield
@@ -188,12 +177,9 @@ def run_workers(
     max_retry: int | None = None,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> None:
-    """One worker per ``(study, objective)`` pair on one storage: alone in this thread, else a thread each.
-
-    Each study is a handle of its own on the same stored study (its own sampler seed, see ``open_study``);
-    each objective's trainer trains in a process of its own (tuner.workers). On Ctrl-C or SIGTERM
-    (``Interrupted`` here, in the main thread) every worker process is ended, each interrupted trial is
-    queued again and the interrupt goes on up. A worker that fails stops the others after their trial.
+    """One worker per ``(study, objective)`` pair (a study handle each, with its own sampler seed): alone in
+    this thread, else a thread each. On Ctrl-C or SIGTERM every worker process is ended, each interrupted
+    trial is queued again and the interrupt goes on up; a worker that fails stops the others after their trial.
     """
     stop = threading.Event()
 

@@ -1,11 +1,9 @@
 """Median and percentile pruning without re-reading the study from storage at every epoch.
 
-Optuna's ``PercentilePruner`` (and ``MedianPruner``, its subclass) calls
-``study.get_trials(states=(COMPLETE,))`` at every ``should_prune``; on SQLite that query loads the running
-trial and every new trial through the ORM each epoch (Optuna 5.0 has no option to cache it). Completed
-trials never change, so ``CachedCompletedTrials`` reads them at each new trial, after ``refresh_s`` (other
-workers' trials), and at every call while fewer than ``n_startup_trials`` have completed. In one worker its
-decisions are exactly Optuna's; with several, a decision may miss trials completed in the last ``refresh_s``.
+Optuna's ``PercentilePruner`` (and ``MedianPruner``) reads the completed trials at every ``should_prune``,
+which on SQLite loads the running trials through the ORM each epoch. ``CachedCompletedTrials`` reads them at
+each new trial, after ``refresh_s`` and while fewer than ``n_startup_trials`` have completed: in one worker its
+decisions are exactly Optuna's; with several, one may miss trials completed in the last ``refresh_s``.
 """
 
 from __future__ import annotations

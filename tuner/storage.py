@@ -95,11 +95,8 @@ def _check_optuna_sqlite(url: str, path: Path) -> None:
 
 
 def _check_optuna_schema(url: str, path: Path) -> None:
-    """Let Optuna's own version check run on a read-only connection, so an old or newer schema is never touched.
-
-    RDBStorage (optuna 5.0) creates missing tables and then raises RuntimeError when the file's alembic
-    revision is not its head; on a read-only connection it only reads (the file's bytes stay the same).
-    """
+    """Optuna's own version check on a read-only connection: RDBStorage creates missing tables before it
+    raises for an old or newer schema, so a writable one would touch the file."""
 
     def read_only() -> sqlite3.Connection:
         return sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
@@ -128,11 +125,8 @@ def _check_optuna_schema(url: str, path: Path) -> None:
 
 
 def study_lock(url: str, name: str) -> contextlib.AbstractContextManager[None]:
-    """The lock that every tuner worker of study ``name`` takes to count its trials and ask one (tuner.budget).
-
-    A lock file beside a SQLite or journal file (the workers of one machine); on PostgreSQL a session advisory
-    lock keyed by the study's name (the workers of every machine); in memory, a lock of this process.
-    """
+    """The lock every tuner worker of study ``name`` takes to count its trials and ask one (tuner.budget): a
+    lock file beside a SQLite or journal file, a PostgreSQL advisory lock keyed by the name, or this process's."""
     parsed = make_url(url)
     backend = parsed.get_backend_name()
     if backend in ("sqlite", JOURNAL_SCHEME) and parsed.database and parsed.database != ":memory:":
@@ -173,14 +167,9 @@ def make_storage(
     grace_period: int | None = None,
     max_retry: int | None = 3,
 ) -> BaseStorage:
-    """Open the study's storage, with heartbeats so that a dead worker's trial is failed and retried.
-
-    SQLite runs in WAL mode with a long busy timeout; ``postgresql://`` goes through psycopg 3;
-    ``journal:///path`` is Optuna's JournalStorage on a file. A trial whose worker has sent no
-    heartbeat for ``grace_period`` seconds (Optuna's default: twice the interval) becomes FAIL and a
-    copy is queued by ``RetryHeartbeatStaleTrialCallback`` (at most ``max_retry`` times, null: always).
-    tuner's workers beat for their trials (tuner.loop): the storage only keeps the settings.
-    """
+    """Open the study's storage: SQLite in WAL mode with a long busy timeout, PostgreSQL through psycopg 3, or
+    a journal file. A trial without a heartbeat (tuner.loop sends them) for ``grace_period`` seconds becomes
+    FAIL and ``RetryHeartbeatStaleTrialCallback`` queues a copy, at most ``max_retry`` times (None: always)."""
     parsed = check_storage_url(url)
     heartbeat: dict[str, Any] = {}
     if heartbeat_interval is not None:
@@ -221,14 +210,9 @@ def make_storage(
 
 
 def _check_optuna_server(rdb_url: URL, url: str) -> None:
-    """Refuse a PostgreSQL database that tuner must not write to, before anything does.
-
-    RDBStorage (optuna 5.0) creates its tables in any database, among an application's own, and adds
-    missing tables to an older Optuna schema before its version check fails. So: an empty database is
-    fine (Optuna creates its tables); one with tables but not Optuna's is refused; one with Optuna's
-    tables passes Optuna's own check on a read-only session (``default_transaction_read_only``), which
-    creates nothing and fails on an old or newer schema.
-    """
+    """Refuse a database of other tables, or of an Optuna schema this Optuna cannot use, before anything writes:
+    RDBStorage creates its tables among an application's own, and adds missing ones to an older schema before its
+    version check fails. The check runs on a read-only session."""
     engine = sqlalchemy.create_engine(rdb_url, poolclass=sqlalchemy.pool.NullPool)
     try:
         tables = set(sqlalchemy.inspect(engine).get_table_names())
@@ -256,12 +240,8 @@ def _check_optuna_server(rdb_url: URL, url: str) -> None:
 
 
 def _creation_lock(url: URL) -> contextlib.AbstractContextManager[None]:
-    """One process at a time opens a storage, so that only one creates Optuna's tables.
-
-    Processes opening one new SQLite file together fail on alembic_version's UNIQUE constraint, and on an
-    empty PostgreSQL database they collide on its catalog (UniqueViolation on pg_type_typname_nsp_index):
-    RDBStorage (optuna 5.0) creates missing tables when it opens.
-    """
+    """One process at a time opens a storage, so only one creates Optuna's tables: together they fail on
+    alembic_version's UNIQUE constraint (SQLite) or on PostgreSQL's catalog (pg_type_typname_nsp_index)."""
     if url.get_backend_name() == "postgresql":
         return _advisory_lock(url, SCHEMA_LOCK_KEY)
     return file_lock(f"{url.database}.tuner-lock")

@@ -63,10 +63,8 @@ def _quiet_libraries() -> None:
 
 
 def score_best(study: optuna.Study, storage: BaseStorage, objective: Objective) -> tuple[float, int] | None:
-    """Score the best trial's saved model once on the held-out test split: ``(accuracy, test samples)``.
-
-    Stored on the study as the ``test_accuracy`` user attribute; ``None`` when there is no model to score.
-    """
+    """Score the best trial's saved model once on the held-out test split, stored as the ``test_accuracy``
+    user attribute: ``(accuracy, test samples)``, or ``None`` when there is no model to score."""
     best = study.best_trial
     model_path = objective.best_model_path
     cfg = parse_trial(set_path(objective.run.raw, values_from_params(objective.params, best.params)))
@@ -92,10 +90,7 @@ def score_best(study: optuna.Study, storage: BaseStorage, objective: Objective) 
 
 
 def _recover_stale_trials(study: optuna.Study, storage: BaseStorage) -> None:
-    """At worker start: a dead worker's trial (no heartbeat for the grace period) becomes FAIL and is queued again.
-
-    Each worker does the same before each trial (tuner.loop); doing it first makes the budget right.
-    """
+    """At start, fail and queue again the trials of dead workers, so that the budget counts their retries."""
     before = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
     fail_stale_trials(study, storage)
     failed = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,))) - before
@@ -121,13 +116,11 @@ def _note_running(study: optuna.Study, run: RunConfig) -> None:
 
 
 def tune(run: RunConfig, params: list[Param], *, processes: int = 1) -> Summary:
-    """Run (or continue) the study until it has ``study.n_trials`` finished trials.
+    """Run (or continue) the study until it has ``study.n_trials`` finished trials, with ``trainer.workers``
+    workers; ``processes``: how many tuner processes share this machine's cores (``trainer.workers=auto``).
 
-    ``trainer.workers`` workers run in this process, each training in a process of its own; ``processes``:
-    how many tuner processes share this machine's cores (``trainer.workers=auto``).
-
-    Ctrl-C and SIGTERM raise ``tuner.faults.Interrupted``; they stop loading data and training at once and wait
-    for the next safe point anywhere else, so every trial they stop is queued again and none is half-written.
+    Ctrl-C and SIGTERM stop loading data and training at once and wait for the next safe point elsewhere, so
+    every trial they stop is queued again and none is half-written.
     """
     with interruptible():
         return _tune(run, params, processes=processes)
