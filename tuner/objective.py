@@ -46,7 +46,7 @@ class _SavedBest:
 
 
 class Objective:
-    """Callable for ``study.optimize``: trains each trial with ``trainer`` (here, or in a worker process) and
+    """The objective of tuner.loop's workers: trains each trial with ``trainer`` (here, or in a worker process) and
     reports, prunes and saves the best model here; its ``for_worker`` copies share its data cache and saved best."""
 
     def __init__(self, run: RunConfig, params: list[Param], *, best_model_path: Path) -> None:

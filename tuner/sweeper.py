@@ -189,7 +189,7 @@ def run_sweep(plan: SweepPlan, launcher: Launcher, config: DictConfig, *, n_jobs
                 study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             else:
                 study.tell(trial, float(value))
-        frozen = study.trials[trial.number]
+        frozen = study.get_trials(deepcopy=False)[trial.number]  # study.trials deep-copies every trial
         try:
             best: optuna.trial.FrozenTrial | None = study.best_trial
         except ValueError:
