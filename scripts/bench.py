@@ -34,6 +34,7 @@ import platform
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -52,7 +53,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset, RandomSampler, TensorDataset
 
 from tuner.__main__ import config_dir
-from tuner.budget import Budget, thread_lock
+from tuner.budget import Budget
 from tuner.config import OptimizerConfig, RunConfig, TrialConfig
 from tuner.data import Splits
 from tuner.loop import run_workers
@@ -389,7 +390,8 @@ def bench_dataset(dataset: str, args: argparse.Namespace, workdir: Path) -> list
     def one(variant: str, rnd: int, seed: int, trials: int) -> Result:
         plan = sample_plan(run, params, seed, trials)
         storage: optuna.storages.BaseStorage = optuna.storages.InMemoryStorage()
-        budget = Budget(trials, thread_lock)  # parallel workers stop at exactly the round's trials
+        lock = threading.Lock()
+        budget = Budget(trials, lambda: lock)  # parallel workers stop at exactly the round's trials
         if variant == "sqlite":
             db = workdir / f"{dataset}-{rnd}-{seed}.db"
             db.unlink(missing_ok=True)

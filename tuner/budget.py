@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import threading
 from collections.abc import Callable, Iterable, Iterator
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-__all__ = ["Budget", "BudgetReached", "budget_used", "file_lock", "thread_lock"]
+__all__ = ["Budget", "BudgetReached", "budget_used", "file_lock"]
 
 
 class BudgetReached(Exception):
@@ -32,7 +31,7 @@ class Budget:
     """Ask trials for one study until ``n_trials`` (``None``: no limit) are used by all of its workers;
     ``lock()`` is held across the count and ``study.ask()``."""
 
-    def __init__(self, n_trials: int | None, lock: Callable[[], contextlib.AbstractContextManager[None]]) -> None:
+    def __init__(self, n_trials: int | None, lock: Callable[[], contextlib.AbstractContextManager[object]]) -> None:
         if n_trials is not None and n_trials < 1:
             raise ValueError(f"n_trials must be at least 1 or None, but got {n_trials=}.")
         self.n_trials = n_trials
@@ -58,13 +57,3 @@ def file_lock(path: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-_THREADS = threading.Lock()
-
-
-@contextlib.contextmanager
-def thread_lock() -> Iterator[None]:
-    """The lock of a storage that lives in this process only (in-memory): its threads exclude each other."""
-    with _THREADS:
-        yield

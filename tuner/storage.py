@@ -6,6 +6,7 @@ import contextlib
 import functools
 import os
 import sqlite3
+import threading
 import time
 import warnings
 import zlib
@@ -20,7 +21,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 
 from tuner._compat import optuna_table_names
-from tuner.budget import file_lock, thread_lock
+from tuner.budget import file_lock
 from tuner.journal import HeartbeatJournalStorage, check_journal_file
 from tuner.schema import ConfigError
 from tuner.secrets import mask_password, safe_url
@@ -124,7 +125,10 @@ def _check_optuna_schema(url: str, path: Path) -> None:
         ) from None
 
 
-def study_lock(url: str, name: str) -> contextlib.AbstractContextManager[None]:
+_PROCESS_LOCK = threading.Lock()  # a storage of this process only (in memory): its threads exclude each other
+
+
+def study_lock(url: str, name: str) -> contextlib.AbstractContextManager[object]:
     """The lock every tuner worker of study ``name`` takes to count its trials and ask one (tuner.budget): a
     lock file beside a SQLite or journal file, a PostgreSQL advisory lock keyed by the name, or this process's."""
     parsed = make_url(url)
@@ -133,7 +137,7 @@ def study_lock(url: str, name: str) -> contextlib.AbstractContextManager[None]:
         return file_lock(f"{parsed.database}.tuner-lock")
     if backend == "postgresql":
         return _advisory_lock(_engine_url(parsed), BUDGET_LOCK_KEY, zlib.crc32(name.encode()) - 2**31)
-    return thread_lock()
+    return _PROCESS_LOCK
 
 
 @contextlib.contextmanager
