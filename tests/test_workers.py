@@ -95,6 +95,81 @@ def test_workers_a_pruned_trial_stops_at_that_epoch_and_the_worker_takes_the_nex
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("epoch", [2, 3])
+def test_workers_a_trial_pruned_later_or_at_its_last_epoch_leaves_the_worker_ready(
+    trainer: ProcessTrainer, splits: Splits, epoch: int
+) -> None:
+    # The worker trains the next epoch before it reads the answer to the last one (tuner.workers._Relay).
+    def prune(metrics: EpochMetrics) -> None:
+        if metrics.epoch == epoch:
+            raise optuna.TrialPruned(f"pruned at epoch {metrics.epoch}")
+
+    seen: list[int] = []
+    with pytest.raises(optuna.TrialPruned, match=f"pruned at epoch {epoch}"):
+        _fit(trainer, _cfg(), splits, on_epoch=lambda m: (seen.append(m.epoch), prune(m)))
+    assert seen == list(range(1, epoch + 1))  # the epoch trained ahead is never reported
+    model, history = _fit(trainer, _cfg("trainer.epochs=2"), splits)
+    assert [m.epoch for m in history] == [1, 2] and model is not None
+
+
+class FailsInEpoch2(torch.nn.Module):
+    """A user's model whose forward breaks after ``calls`` training batches: an error after an answered epoch."""
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, calls: int) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(int(torch.tensor(input_shape).prod()), num_classes)
+        self.calls, self.left = calls, calls
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.left -= 1
+            if self.left < 0:
+                raise RuntimeError(f"broken after {self.calls} batches")
+        return self.linear(x.flatten(1))
+
+
+@pytest.mark.slow
+def test_workers_an_error_in_a_later_epoch_is_raised_and_the_worker_takes_the_next(
+    trainer: ProcessTrainer, splits: Splits
+) -> None:
+    raw = compose_raw("data=digits", "trainer.epochs=3", "trainer.device=cpu", "data.batch_size=64")
+    batches = -(-len(splits.y_train) // 64)
+    raw["model"] = {"_target_": f"{__name__}.FailsInEpoch2", "calls": batches + 1}
+    pid, seen = trainer.pid, []
+    with pytest.raises(RuntimeError, match=f"broken after {batches + 1} batches"):
+        _fit(trainer, parse_trial(raw), splits, on_epoch=lambda m: seen.append(m.epoch))
+    assert seen == [1]
+    model, history = _fit(trainer, _cfg("trainer.epochs=2"), splits)  # the answer to epoch 1 was not left unread
+    assert [m.epoch for m in history] == [1, 2] and model is not None
+    assert trainer.pid == pid
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads a process's CPU time from /proc")
+def test_workers_a_slow_storage_does_not_stall_training(trainer: ProcessTrainer, splits: Splits) -> None:
+    # While this process stores epoch 1 (here: holds it for 2 s), the worker trains epoch 2.
+    assert trainer.pid is not None
+    spent: list[float] = []
+
+    def slow_store(metrics: EpochMetrics) -> None:
+        if metrics.epoch == 1:
+            assert trainer.pid is not None
+            before = _cpu_seconds(trainer.pid)
+            time.sleep(2.0)
+            spent.append(_cpu_seconds(trainer.pid) - before)
+
+    _, history = _fit(
+        trainer, _cfg("trainer.epochs=2", "model.hidden_units=512", "data.batch_size=16"), splits, on_epoch=slow_store
+    )
+    assert spent[0] >= 0.5 * history[1].seconds > 0.05  # epoch 2 trained during the wait, not after it
+
+
+@pytest.mark.slow
 def test_workers_a_diverging_trial_raises_its_error_here(trainer: ProcessTrainer, splits: Splits) -> None:
     with pytest.raises(TrainingDiverged, match="training loss became"):
         _fit(trainer, _cfg("optimizer.lr=1e30", "optimizer.momentum=0.99"), splits)

@@ -81,17 +81,33 @@ def _portable(err: BaseException) -> BaseException:
     return err
 
 
+class _Relay:
+    """A worker's ``on_epoch``: sends each epoch and trains the next one while the tuner process stores it and
+    decides on pruning; the answer is read at the next epoch's end, so the storage's latency never stalls
+    training, and a pruned trial costs at most one epoch more (never reported)."""
+
+    def __init__(self, conn: _Pipe) -> None:
+        self.conn = conn
+        self.pending = False
+
+    def __call__(self, metrics: EpochMetrics) -> None:
+        self.settle()
+        self.conn.send(("epoch", metrics))
+        self.pending = True
+
+    def settle(self) -> None:
+        """Read the answer to the last epoch sent; ``_Stopped`` if it was "stop"."""
+        if self.pending:
+            self.pending = False
+            if not self.conn.recv():
+                raise _Stopped
+
+
 def _serve(conn: _Pipe, threads: int | None) -> None:
     """A worker process: train the jobs the tuner process sends until it sends ``None`` or goes away."""
     if threads is not None:
         torch.set_num_threads(threads)
     cache = SplitsCache()
-
-    def relay(metrics: EpochMetrics) -> None:
-        conn.send(("epoch", metrics))
-        if not conn.recv():
-            raise _Stopped
-
     while True:
         try:
             job = conn.recv()
@@ -99,13 +115,20 @@ def _serve(conn: _Pipe, threads: int | None) -> None:
             return
         if job is None:
             return
+        relay = _Relay(conn)
         try:
             splits = cache.get(job.cfg.data, torch.device(job.device))
             model = fit(job, splits, on_setup=lambda setup: conn.send(("setup", setup)), on_epoch=relay)
+            relay.settle()
         except _Stopped:
             conn.send(("stopped", None))
             continue
         except Exception as err:
+            try:
+                relay.settle()  # the answer to the last epoch is read before the next job is
+            except _Stopped:
+                conn.send(("stopped", None))
+                continue
             conn.send(("error", _portable(err)))
             continue
         conn.send(("done", None))
