@@ -24,6 +24,7 @@ from tuner.budget import Budget, BudgetReached
 from tuner.faults import Interrupted, check_interrupt, interrupts_allowed
 from tuner.journal import HeartbeatJournalStorage
 from tuner.objective import Objective
+from tuner.packing import run_packs
 from tuner.workers import ProcessTrainer
 
 __all__ = ["fail_stale_trials", "run_trials", "run_workers"]
@@ -141,16 +142,17 @@ def run_trials(
 
 
 def _requeue_interrupted(study: optuna.Study, objective: Objective, max_retry: int | None) -> None:
-    """Queue the trial that Ctrl-C or SIGTERM ended (FAIL) to run again, as Optuna retries a dead worker's trial."""
-    number = objective.last_trial_number
-    trial = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
-    if trial is None or trial.state != TrialState.FAIL or "interrupted" not in str(trial.user_attrs.get("fail_reason")):
-        return
-    copy = deepcopy(trial)
-    copy.user_attrs = {k: v for k, v in trial.user_attrs.items() if k != "fail_reason"}  # the retry has not failed
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        RetryHeartbeatStaleTrialCallback(max_retry=max_retry)(study, copy)
+    """Queue the trials that Ctrl-C or SIGTERM ended (FAIL) to run again, as Optuna retries a dead worker's trial."""
+    numbers = set(objective.last_trials)
+    for trial in study.get_trials(deepcopy=False):
+        reason = str(trial.user_attrs.get("fail_reason"))
+        if trial.number not in numbers or trial.state != TrialState.FAIL or "interrupted" not in reason:
+            continue
+        copy = deepcopy(trial)
+        copy.user_attrs = {k: v for k, v in trial.user_attrs.items() if k != "fail_reason"}  # the retry has not failed
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            RetryHeartbeatStaleTrialCallback(max_retry=max_retry)(study, copy)
 
 
 @contextlib.contextmanager
@@ -176,14 +178,38 @@ def run_workers(
     deadline: float | None = None,
     max_retry: int | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    pack: int = 1,
 ) -> None:
     """One worker per ``(study, objective)`` pair (a study handle each, with its own sampler seed): alone in
     this thread, else a thread each. On Ctrl-C or SIGTERM every worker process is ended, each interrupted
     trial is queued again and the interrupt goes on up; a worker that fails stops the others after their trial.
+    ``pack`` > 1: each worker trains up to that many trials at once (tuner.packing).
     """
     stop = threading.Event()
 
     def work(study: optuna.Study, objective: Objective) -> None:
+        if pack > 1:
+            checked = [time.monotonic()]
+
+            def before_ask() -> None:
+                if time.monotonic() - checked[0] > STALE_CHECK_S:
+                    fail_stale_trials(study, storage)
+                    checked[0] = time.monotonic()
+
+            run_packs(
+                study,
+                objective,
+                size=pack,
+                storage=storage,
+                budget=budget,
+                heartbeat_interval=heartbeat_interval,
+                told=told or [],
+                before_ask=before_ask,
+                should_stop=lambda: (
+                    stop.is_set() or should_stop() or (deadline is not None and time.monotonic() >= deadline)
+                ),
+            )
+            return
         run_trials(
             study,
             objective,

@@ -5,7 +5,10 @@ from __future__ import annotations
 import copy
 import gc
 import threading
+import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import optuna
 import torch
@@ -22,6 +25,8 @@ from tuner.workers import ProcessTrainer
 __all__ = ["Objective", "release_memory", "trial_seed"]
 
 METRIC = "val_accuracy"
+# Set once for the process: warnings.catch_warnings() in the worker threads would race on the filters.
+warnings.filterwarnings("ignore", "PartialFixedSampler is experimental", optuna.exceptions.ExperimentalWarning)
 Trainer = LocalTrainer | ProcessTrainer
 
 
@@ -56,20 +61,24 @@ class Objective:
         self.trainer: Trainer = LocalTrainer()  # for_worker gives a copy a worker process's trainer
         self._splits = SplitsCache()
         self._saved = _SavedBest()  # shared by the objectives of this process's worker threads
-        self.last_trial_number: int | None = None
+        self.last_trials: list[int] = []  # the trials this worker trains or last trained (tuner.loop requeues)
 
     def for_worker(self, trainer: Trainer) -> Objective:
         """An objective for another worker thread: its own trainer and last trial, the same data and saved best."""
         other = copy.copy(self)
-        other.trainer, other.last_trial_number = trainer, None
+        other.trainer, other.last_trials = trainer, []
         return other
+
+    @property
+    def cache(self) -> SplitsCache:
+        return self._splits
 
     def splits(self, cfg: DataConfig, device: torch.device) -> Splits:
         return self._splits.get(cfg, device)
 
     def __call__(self, trial: optuna.Trial) -> float:
         """Train one trial; a trial that fails records why in its ``fail_reason`` user attr."""
-        self.last_trial_number = trial.number
+        self.last_trials = []
         try:
             return self._train_trial(trial)
         except (optuna.TrialPruned, TrainingDiverged):
@@ -89,40 +98,81 @@ class Objective:
         release_memory()
         raise torch.OutOfMemoryError(oom)
 
-    def _train_trial(self, trial: optuna.Trial) -> float:
-        cfg = parse_trial(set_path(self.run.raw, suggest(trial, self.params, self.run.raw)))
-        device = resolve_device(cfg.trainer.device)
+    def begin(self, trial: optuna.Trial, fixed: dict[str, Any] | None = None) -> TrainJob:
+        """Sample the trial's config (``fixed``: parameter values taken as given, the rest from the sampler) and
+        its seed."""
+        self.last_trials.append(trial.number)
+        if fixed:
+            sampler = trial.study.sampler
+            trial.study.sampler = optuna.samplers.PartialFixedSampler(fixed, sampler)
+        try:
+            cfg = parse_trial(set_path(self.run.raw, suggest(trial, self.params, self.run.raw)))
+        finally:
+            if fixed:
+                trial.study.sampler = sampler
         seed = cfg.trainer.seed if cfg.trainer.seed is not None else trial_seed(self.run.study.seed, trial.number)
         if cfg.trainer.seed is None and isinstance(trial.user_attrs.get("seed"), int):
             seed = trial.user_attrs["seed"]  # a retried trial (tuner.faults) trains again with the seed it had
-        splits = self.splits(cfg.data, device)
-        history: list[EpochMetrics] = []
+        return TrainJob(cfg, seed, str(resolve_device(cfg.trainer.device)))
 
-        # Training may be interrupted at once; the storage writes inside it are not cut short (tuner.faults).
-        def on_setup(setup: Setup) -> None:
-            with interrupts_deferred():
-                trial.set_user_attr("seed", seed)
-                trial.set_user_attr("device", setup.device)
-                trial.set_user_attr("param_count", setup.param_count)
+    def setup(self, trial: optuna.Trial, job: TrainJob, setup: Setup) -> None:
+        with interrupts_deferred():
+            trial.set_user_attr("seed", job.seed)
+            trial.set_user_attr("device", setup.device)
+            trial.set_user_attr("param_count", setup.param_count)
+
+    def report(self, trial: optuna.Trial, metrics: EpochMetrics) -> None:
+        """Report the epoch; raise ``optuna.TrialPruned`` if the pruner stops the trial here."""
+        with interrupts_deferred():
+            trial.report(metrics.val_accuracy, metrics.epoch)
+            prune = trial.should_prune()
+        if prune:
+            raise optuna.TrialPruned(f"pruned at epoch {metrics.epoch} with {METRIC}={metrics.val_accuracy:.4f}")
+
+    def end(self, trial: optuna.Trial, history: list[EpochMetrics]) -> None:
+        """The trial's last epoch and mean epoch time, however it ended."""
+        if history:
+            last = history[-1]
+            trial.set_user_attr("train_loss", last.train_loss)
+            trial.set_user_attr("val_loss", last.val_loss)
+            trial.set_user_attr("epochs_run", last.epoch)
+            trial.set_user_attr("epoch_time_s", sum(m.seconds for m in history) / len(history))
+
+    def keep(
+        self,
+        trial: optuna.Trial,
+        job: TrainJob,
+        history: list[EpochMetrics],
+        model: Callable[[], torch.nn.Module | None],
+    ) -> None:
+        """Save ``model()`` as the best model if the trial's last epoch beats every completed trial."""
+        value = history[-1].val_accuracy
+        with self._saved.lock:
+            if self._is_best(trial.study, value) and (built := model()) is not None:
+                splits = self.splits(job.cfg.data, torch.device(job.device))
+                self._save_best(trial, job.cfg, built, splits, history, value)
+                self._saved.value = value
+
+    def _train_trial(self, trial: optuna.Trial) -> float:
+        job = self.begin(trial)
+        splits = self.splits(job.cfg.data, torch.device(job.device))
+        history: list[EpochMetrics] = []
 
         def on_epoch(metrics: EpochMetrics) -> None:
             history.append(metrics)
-            with interrupts_deferred():
-                trial.report(metrics.val_accuracy, metrics.epoch)
-                prune = trial.should_prune()
-            if prune:
-                raise optuna.TrialPruned(f"pruned at epoch {metrics.epoch} with {METRIC}={metrics.val_accuracy:.4f}")
+            self.report(trial, metrics)
 
         def keep_model() -> bool:
             with interrupts_deferred():
                 return self._is_best(trial.study, history[-1].val_accuracy)
 
+        # Training may be interrupted at once; the storage writes inside it are not cut short (tuner.faults).
         try:
             with interrupts_allowed():
                 model = self.trainer.fit(
-                    TrainJob(cfg, seed, str(device)),
+                    job,
                     splits,
-                    on_setup=on_setup,
+                    on_setup=lambda setup: self.setup(trial, job, setup),
                     on_epoch=on_epoch,
                     keep_model=keep_model,
                 )
@@ -130,19 +180,10 @@ class Objective:
             trial.set_user_attr("fail_reason", f"TrainingDiverged: {err}")
             raise
         finally:
-            if history:
-                last = history[-1]
-                trial.set_user_attr("train_loss", last.train_loss)
-                trial.set_user_attr("val_loss", last.val_loss)
-                trial.set_user_attr("epochs_run", last.epoch)
-                # A trial another worker gave up for dead ends here (UpdateFinishedTrialError): no best model.
-                trial.set_user_attr("epoch_time_s", sum(m.seconds for m in history) / len(history))
-        value = history[-1].val_accuracy
-        with self._saved.lock:
-            if model is not None and self._is_best(trial.study, value):
-                self._save_best(trial, cfg, model, splits, history, value)
-                self._saved.value = value
-        return value
+            # A trial another worker gave up for dead ends here (UpdateFinishedTrialError): no best model.
+            self.end(trial, history)
+        self.keep(trial, job, history, lambda: model)
+        return history[-1].val_accuracy
 
     def _save_best(
         self,

@@ -13,7 +13,7 @@ __all__ = ["build_optimizer"]
 
 
 def build_optimizer(
-    params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig, *, device: torch.device
+    params: Iterable[torch.Tensor], cfg: OptimizerConfig, *, device: torch.device
 ) -> tuple[torch.optim.Optimizer, LRScheduler]:
     """Return the optimizer and its per-epoch decay ``lr_epoch = lr / (1 + lr_decay * epoch)``."""
     # Fused kernels: one kernel for all parameters instead of a few ops per tensor (small models are per-op bound).

@@ -133,6 +133,8 @@ class TrainerConfig:
             convert=lambda v: None if v == "auto" else v,
         ),
     )
+    # Trials each worker trains at once as one stacked model (tuner.pack); 1: one at a time.
+    pack: int = setting(1, count(1))
 
 
 def short_name(target: str) -> str:

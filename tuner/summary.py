@@ -85,12 +85,16 @@ class Summary:
     model_path: str | None = None
     artifact_dir: str | None = None  # optuna-dashboard --artifact-dir, for the trials' files
     hints: list[str] = field(default_factory=list)
+    pack_sizes: list[int] = field(default_factory=list)  # each trial's pack_size, of those trained in packs
 
 
 def format_summary(s: Summary) -> str:
     states = ", ".join(f"{n} {state.lower()}" for state, n in s.states.items() if n)
     rows: list[tuple[str, str]] = [("study", s.study_name), ("trials", f"{sum(s.states.values())} ({states})")]
     rows.append(("wall time", time.strftime("%H:%M:%S", time.gmtime(s.wall_seconds)) + " this run"))
+    if s.pack_sizes:
+        mean = sum(s.pack_sizes) / len(s.pack_sizes)
+        rows.append(("packs", f"{len(s.pack_sizes)} trials trained in packs, {mean:.1f} members on average"))
     if s.best_number is None:
         rows.append(("best trial", "none completed"))
     else:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -22,7 +22,8 @@ from tuner.model import build_model, count_parameters
 from tuner.optim import build_optimizer
 
 if TYPE_CHECKING:
-    from tuner.data import Splits
+    from tuner.data import Splits, SplitsCache
+    from tuner.packhost import PackHost, PackJoin
     from tuner.schema import TrialConfig
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "Setup",
     "TrainJob",
     "TrainingDiverged",
+    "autocast",
     "evaluate",
     "fit",
     "resolve_device",
@@ -72,7 +74,7 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def _autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager[object]:
+def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager[object]:
     # bf16 autocast only on CUDA: on CPU it is slower for these small models.
     if bf16 and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -102,7 +104,7 @@ def evaluate(
     correct = torch.zeros((), device=x.device, dtype=torch.long)
     for start in range(0, len(x), batch_size):
         xb, yb = x[start : start + batch_size], y[start : start + batch_size]
-        with _autocast(x.device, bf16):
+        with autocast(x.device, bf16):
             logits = model(xb)
         loss += F.cross_entropy(logits.float(), yb, reduction="sum")
         correct += (logits.argmax(dim=1) == yb).sum()
@@ -137,7 +139,7 @@ def train(
         total = torch.zeros((), device=device)
         seen = 0
         for step, (xb, yb) in enumerate(_batches(x_train, y_train, batch_size, generator), start=1):
-            with _autocast(device, bf16):
+            with autocast(device, bf16):
                 loss = F.cross_entropy(model(xb), yb)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -211,6 +213,9 @@ def fit(
 class LocalTrainer:
     """Trains in this process (``trainer.workers=1``, the sweeper's jobs); keeps the model, wanted or not."""
 
+    def __init__(self) -> None:
+        self._host: PackHost | None = None
+
     def fit(
         self,
         job: TrainJob,
@@ -222,5 +227,19 @@ class LocalTrainer:
     ) -> nn.Module | None:
         return fit(job, splits, on_setup=on_setup, on_epoch=on_epoch)
 
+    def pack_epoch(
+        self, joins: Sequence[PackJoin], leaves: Sequence[int], cache: SplitsCache
+    ) -> dict[int, tuple[Setup | None, EpochMetrics | BaseException]]:
+        """One epoch of the packs trained in this process, on the tuner process's data."""
+        from tuner.packhost import PackHost
+
+        if self._host is None:
+            self._host = PackHost(cache.get)
+        return self._host.epoch(joins, leaves)
+
+    def pack_state(self, key: int) -> dict[str, torch.Tensor]:
+        assert self._host is not None
+        return self._host.state(key)
+
     def close(self) -> None:
-        pass
+        self._host = None

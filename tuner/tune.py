@@ -23,6 +23,7 @@ from tuner.loop import fail_stale_trials, run_workers
 from tuner.model import build_model
 from tuner.notes import write_end_note, write_start_note
 from tuner.objective import Objective
+from tuner.pack import stackable
 from tuner.plots import save_dashboard_plots
 from tuner.plugins import make_pruner, make_sampler
 from tuner.secrets import safe_url
@@ -139,7 +140,11 @@ def _tune(run: RunConfig, params: list[Param], *, processes: int) -> Summary:
     # Load the data before the storage is touched: a missing data set must not leave a study behind.
     with interrupts_allowed():
         splits = objective.splits(run.trial.data, device)
-    build_model(run.trial.model, splits.input_shape, splits.num_classes)  # a model that cannot be built: stop now
+    model = build_model(run.trial.model, splits.input_shape, splits.num_classes)  # one that cannot be built: stop
+    pack = trainer_cfg.pack
+    if pack > 1 and not stackable(model):
+        log.info("model._target_=%r cannot be stacked (tuner.pack): one trial at a time", run.trial.model.target)
+        pack = 1
     defined = definition(run.raw, params, data_content(splits.arrays()))
     storage = make_storage(
         run.study.storage,
@@ -186,6 +191,7 @@ def _tune(run: RunConfig, params: list[Param], *, processes: int) -> Summary:
                     deadline=deadline,
                     max_retry=run.study.max_retry,
                     should_stop=lambda: streak.message is not None,
+                    pack=pack,
                 )
         finally:
             progress.close()
@@ -196,6 +202,9 @@ def _tune(run: RunConfig, params: list[Param], *, processes: int) -> Summary:
     summary = Summary(
         study_name=study.study_name, storage=url, states=count_states(study), wall_seconds=time.monotonic() - start
     )
+    summary.pack_sizes = [
+        t.user_attrs["pack_size"] for t in study.get_trials(deepcopy=False) if "pack_size" in t.user_attrs
+    ]
     if any(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
         best = study.best_trial
         summary.best_number, summary.best_value = best.number, best.value

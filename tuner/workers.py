@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from torch import nn
 from tuner.data import Splits, SplitsCache
 from tuner.faults import Interrupted, error_reason
 from tuner.model import build_model
+from tuner.packhost import PackHost, PackJoin
 from tuner.trainer import EpochMetrics, Setup, TrainJob, fit
 
 __all__ = ["ProcessTrainer", "WorkerDied", "resolve_workers", "worker_main"]
@@ -108,6 +109,7 @@ def _serve(conn: _Pipe, threads: int | None) -> None:
     if threads is not None:
         torch.set_num_threads(threads)
     cache = SplitsCache()
+    host = PackHost(cache.get)
     while True:
         try:
             job = conn.recv()
@@ -115,6 +117,9 @@ def _serve(conn: _Pipe, threads: int | None) -> None:
             return
         if job is None:
             return
+        if isinstance(job, tuple):  # a pack's epoch, or a member's weights (tuner.packing)
+            conn.send(_serve_pack(host, job))
+            continue
         relay = _Relay(conn)
         try:
             splits = cache.get(job.cfg.data, torch.device(job.device))
@@ -135,6 +140,18 @@ def _serve(conn: _Pipe, threads: int | None) -> None:
         if conn.recv():
             conn.send(("model", {k: v.detach().cpu() for k, v in model.state_dict().items()}))
         del model
+
+
+def _serve_pack(host: PackHost, message: tuple[Any, ...]) -> tuple[str, Any]:
+    try:
+        if message[0] == "state":
+            return "state", host.state(message[1])
+        results = host.epoch(*message[1:])
+    except Exception as err:
+        return "error", _portable(err)
+    return "packed", {
+        key: (setup, _portable(r) if isinstance(r, BaseException) else r) for key, (setup, r) in results.items()
+    }
 
 
 def _launch(threads: int | None) -> tuple[subprocess.Popen[bytes], _Pipe]:
@@ -254,6 +271,25 @@ class ProcessTrainer:
                 return model.to(job.device)
             else:
                 raise RuntimeError(f"unexpected message {kind!r} from the worker process")
+
+    def pack_epoch(
+        self, joins: Sequence[PackJoin], leaves: Sequence[int], cache: SplitsCache
+    ) -> dict[int, tuple[Setup | None, EpochMetrics | BaseException]]:
+        """One epoch of this worker's packs (``tuner.pack.PackHost.epoch``); its data come from its own cache."""
+        return self._ask_pack(("pack", list(joins), list(leaves)), "packed")
+
+    def pack_state(self, key: int) -> dict[str, torch.Tensor]:
+        return self._ask_pack(("state", key), "state")
+
+    def _ask_pack(self, message: tuple[Any, ...], answer: str) -> Any:
+        conn = self.start()
+        self._send(conn, message)
+        kind, payload = self._recv(conn)
+        if kind == "error":
+            raise payload
+        if kind != answer:
+            raise RuntimeError(f"unexpected message {kind!r} from the worker process")
+        return payload
 
     def _stop(self, conn: _Pipe) -> None:
         """Tell the worker to drop the trial, and wait until it has, so that it is ready for the next job."""

@@ -1,0 +1,217 @@
+"""The tuner process's side of packs (``trainer.pack``): a worker slot trains up to ``pack`` trials at once.
+
+The slot asks each trial, reports each epoch, prunes and tells each trial as tuner.loop does for one; the trials
+it trains together (tuner.pack) share a shape: the first member's sampled model and data values are fixed for
+the next ``pack - 1`` members (Optuna's PartialFixedSampler); everything else each member samples on its own.
+A member that leaves (pruned, failed, done) frees its place for a new trial at the next epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+import torch
+from optuna.storages import BaseStorage
+from optuna.trial import TrialState
+
+from tuner._compat import trial_id
+from tuner.budget import Budget, BudgetReached
+from tuner.faults import check_interrupt, error_reason, interrupts_allowed
+from tuner.objective import Objective
+from tuner.packhost import PackJoin
+from tuner.space import REVERSE_PREFIX
+from tuner.trainer import EpochMetrics, TrainJob
+
+__all__ = ["SHAPE_PREFIXES", "run_packs"]
+
+# The parameters that decide a pack's stacked shape: members of one pack share their values.
+SHAPE_PREFIXES = ("model.", "data.")
+
+
+@dataclass
+class _Member:
+    trial: optuna.Trial
+    job: TrainJob
+    pack: int
+    history: list[EpochMetrics] = field(default_factory=list)
+
+
+@dataclass
+class _OpenPack:
+    """The pack that new trials join until it has taken ``size`` of them."""
+
+    id: int  # its first member's trial number: unique in the study
+    fixed: dict[str, Any]
+    shape: tuple[Any, ...]
+    taken: int = 0
+
+
+def _shape(job: TrainJob) -> tuple[Any, ...]:
+    cfg = job.cfg
+    return cfg.model, cfg.data, cfg.trainer.eval_batch_size, cfg.trainer.bf16, job.device
+
+
+@contextlib.contextmanager
+def _beating(storage: BaseStorage, ids: Callable[[], list[int]], interval: int | None) -> Iterator[None]:
+    """Record the heartbeat of every trial in ``ids()`` now and every ``interval`` seconds until the block ends."""
+    record = getattr(storage, "record_heartbeat", None)
+    if interval is None or record is None:
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(interval):
+            for each in ids():
+                with contextlib.suppress(Exception):  # a busy database: the next beat is within the grace period
+                    record(each)
+
+    thread = threading.Thread(target=beat, name="tuner-pack-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+class _Slot:
+    def __init__(self, study: optuna.Study, objective: Objective, size: int, told: list[Callable[..., None]]) -> None:
+        self.study, self.objective, self.size, self.told = study, objective, size, told
+        self.live: dict[int, _Member] = {}
+        self.open: _OpenPack | None = None
+        self.leaves: list[int] = []
+
+    def fill(self, budget: Budget, storage: BaseStorage, interval: int | None) -> list[PackJoin]:
+        """Ask trials until the slot is full or the budget is used; ``BudgetReached`` if none could be asked."""
+        joins: list[PackJoin] = []
+        while len(self.live) < self.size:
+            try:
+                trial = budget.ask(self.study)
+            except BudgetReached:
+                if not joins:
+                    raise
+                break
+            if interval is not None and hasattr(storage, "record_heartbeat"):
+                storage.record_heartbeat(trial_id(trial))
+            open_ = self.open if self.open is not None and self.open.taken < self.size else None
+            try:
+                job = self.objective.begin(trial, open_.fixed if open_ else None)
+            except Exception as err:
+                self._tell(trial, [], TrialState.FAIL, err)
+                continue
+            if open_ is None or _shape(job) != open_.shape:
+                fixed = {
+                    k: v for k, v in trial.params.items() if k.removeprefix(REVERSE_PREFIX).startswith(SHAPE_PREFIXES)
+                }
+                open_ = self.open = _OpenPack(trial.number, fixed, _shape(job))
+            open_.taken += 1
+            self.live[trial.number] = _Member(trial, job, open_.id)
+            joins.append(PackJoin(open_.id, trial.number, job))
+        return joins
+
+    def epoch(self, joins: list[PackJoin]) -> None:
+        """Train every member one epoch, then report each; a failed slot (its worker died) fails every member."""
+        try:
+            with interrupts_allowed():
+                results = self.objective.trainer.pack_epoch(joins, self.leaves, self.objective.cache)
+        except KeyboardInterrupt as err:
+            for member in list(self.live.values()):
+                self._tell(member.trial, member.history, TrialState.FAIL, err)
+            raise
+        except Exception as err:
+            for member in list(self.live.values()):
+                self._tell(member.trial, member.history, TrialState.FAIL, err)
+            self.leaves, self.open = [], None  # a new worker process starts with no pack
+            return
+        self.leaves = []
+        sizes = {j.pack: sum(m.pack == j.pack for m in self.live.values()) for j in joins}
+        for number, (setup, result) in results.items():
+            member = self.live[number]
+            if setup is not None:
+                self.objective.setup(member.trial, member.job, setup)
+                member.trial.set_user_attr("pack_id", member.pack)
+                member.trial.set_user_attr("pack_size", sizes[member.pack])
+            self._after_epoch(member, result)
+
+    def _after_epoch(self, member: _Member, result: EpochMetrics | BaseException) -> None:
+        trial = member.trial
+        if isinstance(result, BaseException):  # it left its pack already
+            self._tell(trial, member.history, TrialState.FAIL, result)
+            return
+        member.history.append(result)
+        try:
+            self.objective.report(trial, result)
+        except optuna.TrialPruned:
+            self.leaves.append(trial.number)
+            self._tell(trial, member.history, TrialState.PRUNED)
+            return
+        if result.epoch < member.job.cfg.trainer.epochs:
+            return
+        self.objective.keep(trial, member.job, member.history, lambda: self._model(member))
+        self.leaves.append(trial.number)
+        self._tell(trial, member.history, TrialState.COMPLETE)
+
+    def _model(self, member: _Member) -> Any:
+        from tuner.model import build_model
+
+        state = self.objective.trainer.pack_state(member.trial.number)
+        splits = self.objective.splits(member.job.cfg.data, torch.device(member.job.device))
+        model = build_model(member.job.cfg.model, splits.input_shape, splits.num_classes)
+        model.load_state_dict(state)
+        return model.to(member.job.device)
+
+    def _tell(
+        self, trial: optuna.Trial, history: list[EpochMetrics], state: TrialState, err: BaseException | None = None
+    ) -> None:
+        self.live.pop(trial.number, None)
+        if err is not None:
+            trial.set_user_attr("fail_reason", _fail_reason(err))
+        self.objective.end(trial, history)
+        value = history[-1].val_accuracy if state == TrialState.COMPLETE else None
+        told = self.study.tell(trial, value, state=None if value is not None else state, skip_if_finished=True)
+        for callback in self.told:
+            callback(self.study, told)
+
+
+def _fail_reason(err: BaseException) -> str:
+    if isinstance(err, KeyboardInterrupt):
+        return f"interrupted by {getattr(err, 'signal_name', 'SIGINT')}"
+    return error_reason(err)
+
+
+def run_packs(
+    study: optuna.Study,
+    objective: Objective,
+    *,
+    size: int,
+    storage: BaseStorage,
+    budget: Budget,
+    heartbeat_interval: int | None,
+    told: list[Callable[..., None]],
+    before_ask: Callable[[], None],
+    should_stop: Callable[[], bool],
+) -> None:
+    """One slot's trials in packs of up to ``size``, until the budget is used or ``should_stop()`` (the time is up,
+    a failure streak); members still training then finish their epochs."""
+    slot = _Slot(study, objective, size, told)
+    asking = True
+    with _beating(storage, lambda: [trial_id(m.trial) for m in slot.live.values()], heartbeat_interval):
+        while True:
+            joins: list[PackJoin] = []
+            if asking and not should_stop():
+                before_ask()
+                try:
+                    joins = slot.fill(budget, storage, heartbeat_interval)
+                except BudgetReached:
+                    asking = False
+            if not slot.live:
+                return
+            objective.last_trials = list(slot.live)
+            slot.epoch(joins)
+            check_interrupt()  # a safe point: every member's epoch is reported
