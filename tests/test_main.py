@@ -190,7 +190,15 @@ def _catches_sigterm(pid: int) -> bool:
 @pytest.mark.parametrize(("delay", "sig"), [(0.0, signal.SIGINT), (0.3, signal.SIGTERM), (1.0, signal.SIGINT)])
 def test_main_a_signal_during_start_up_is_one_line(tmp_path: Path, delay: float, sig: signal.Signals) -> None:
     # From the first line of tuner's entry point: importing Hydra and torch, composing, opening the storage.
-    args = [sys.executable, "-m", "tuner", *SMALL, f"study.storage=sqlite:///{tmp_path / 'study.db'}"]
+    # Epochs enough that the run is still going at the latest moment (the signal must not come after it).
+    args = [
+        sys.executable,
+        "-m",
+        "tuner",
+        *SMALL,
+        "trainer.epochs=50",
+        f"study.storage=sqlite:///{tmp_path / 'study.db'}",
+    ]
     proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 60
     while not _catches_sigterm(proc.pid) and time.monotonic() < deadline:
