@@ -52,7 +52,7 @@ def test_packing_a_study_in_packs_runs_exactly_n_trials_and_members_share_their_
     trials = _study(tmp_path).trials
     assert len(trials) == 14 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
     packs = _packs(trials)
-    assert 1 < len(packs) < 14 and max(len(p) for p in packs.values()) == 4
+    assert 1 < len(packs) < 14 and 4 <= max(len(p) for p in packs.values()) <= 8  # refilled to 2 x 4 at most
     for members in packs.values():
         shapes = {tuple(v for k, v in sorted(t.params.items()) if k.startswith(("model.", "data."))) for t in members}
         assert len(shapes) == 1  # batch size, width and depth are the pack's
@@ -136,7 +136,7 @@ def test_packing_random_search_draws_per_member_from_the_space(tmp_path: Path) -
     )
     tune(*prepare(compose_raw(*overrides)))
     trials = _study(tmp_path).trials
-    assert len(trials) == 120 and len(_packs(trials)) >= 15
+    assert len(trials) == 120 and len(_packs(trials)) >= 7  # 120 trials, a shape per 2 x 8
     r = [math.log10(t.params["optimizer.lr"]) for t in trials]  # alpha = 10^r, r uniform in [-4, 0]
     assert stats.kstest(r, stats.uniform(loc=-4, scale=4).cdf).pvalue > 0.01
     momentum = [t.user_attrs["optimizer.momentum"] for t in trials if "1-optimizer.momentum" in t.params]

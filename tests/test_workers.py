@@ -86,6 +86,7 @@ def test_workers_a_pruned_trial_stops_at_that_epoch_and_the_worker_takes_the_nex
     def prune(metrics: EpochMetrics) -> None:
         raise optuna.TrialPruned(f"pruned at epoch {metrics.epoch}")
 
+    trainer.start()  # started here if no earlier test of this process did
     pid = trainer.pid
     with pytest.raises(optuna.TrialPruned, match="pruned at epoch 1"):
         _fit(trainer, _cfg(), splits, on_epoch=prune)
@@ -135,6 +136,7 @@ def test_workers_an_error_in_a_later_epoch_is_raised_and_the_worker_takes_the_ne
     raw = compose_raw("data=digits", "trainer.epochs=3", "trainer.device=cpu", "data.batch_size=64")
     batches = -(-len(splits.y_train) // 64)
     raw["model"] = {"_target_": f"{__name__}.FailsInEpoch2", "calls": batches + 1}
+    trainer.start()
     pid, seen = trainer.pid, []
     with pytest.raises(RuntimeError, match=f"broken after {batches + 1} batches"):
         _fit(trainer, parse_trial(raw), splits, on_epoch=lambda m: seen.append(m.epoch))
@@ -153,6 +155,7 @@ def _cpu_seconds(pid: int) -> float:
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads a process's CPU time from /proc")
 def test_workers_a_slow_storage_does_not_stall_training(trainer: ProcessTrainer, splits: Splits) -> None:
     # While this process stores epoch 1 (here: holds it for 2 s), the worker trains epoch 2.
+    trainer.start()
     assert trainer.pid is not None
     spent: list[float] = []
 
@@ -263,3 +266,27 @@ def test_workers_a_worker_process_loads_neither_optuna_nor_hydra() -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads a process's CPU time from /proc")
+def test_workers_a_pack_trains_while_this_process_stores_the_last_epoch(
+    trainer: ProcessTrainer, splits: Splits
+) -> None:
+    from tuner.data import SplitsCache
+    from tuner.packhost import PackJoin
+
+    cfg = _cfg("trainer.epochs=2", "model.hidden_units=512", "data.batch_size=16")
+    joins = [PackJoin(pack=0, key=k, job=TrainJob(cfg, seed=k, device="cpu")) for k in range(4)]
+    trainer.start()
+    assert trainer.pid is not None
+    before = _cpu_seconds(trainer.pid)
+    trainer.pack_send(joins, [], SplitsCache())  # returns at once: the epoch trains meanwhile
+    time.sleep(2.0)
+    spent = _cpu_seconds(trainer.pid) - before
+    first = trainer.pack_recv()
+    assert sorted(first) == [0, 1, 2, 3] and spent >= 0.5 * next(iter(first.values()))[1].seconds > 0.05
+    trainer.pack_send([], [], SplitsCache())
+    second = trainer.pack_recv()
+    assert {m.epoch for _, m in second.values()} == {2}
+    assert set(trainer.pack_state(2)) >= {"1.weight", "2.running_mean"}  # a finished member's weights

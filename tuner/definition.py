@@ -32,6 +32,7 @@ FREE = frozenset(
         "trainer.device",
         "trainer.workers",
         "trainer.threads",
+        "trainer.pack",  # a packed trial trains as it would alone (tuner.pack)
         "trainer.eval_batch_size",
         "data.root",
         "data.path",

@@ -179,11 +179,12 @@ def run_workers(
     max_retry: int | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     pack: int = 1,
+    pack_warmup: int = 0,
 ) -> None:
     """One worker per ``(study, objective)`` pair (a study handle each, with its own sampler seed): alone in
     this thread, else a thread each. On Ctrl-C or SIGTERM every worker process is ended, each interrupted
     trial is queued again and the interrupt goes on up; a worker that fails stops the others after their trial.
-    ``pack`` > 1: each worker trains up to that many trials at once (tuner.packing).
+    ``pack`` > 1: each worker trains up to that many trials at once, after ``pack_warmup`` complete (tuner.packing).
     """
     stop = threading.Event()
 
@@ -200,6 +201,7 @@ def run_workers(
                 study,
                 objective,
                 size=pack,
+                warmup=pack_warmup,
                 storage=storage,
                 budget=budget,
                 heartbeat_interval=heartbeat_interval,

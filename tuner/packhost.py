@@ -33,26 +33,25 @@ Result = EpochMetrics | BaseException
 
 class PackHost:
     """The packs of one device slot (a worker process, or the tuner process on CUDA): each epoch it applies the
-    members that join and leave, then trains every pack one epoch. A member that diverges leaves at once."""
+    members that join and leave, then trains every pack one epoch. A member leaves by itself when it diverges
+    or has trained its epochs; the weights of the latter are kept until the tuner process lets it go."""
 
     def __init__(self, splits: Callable[[DataConfig, torch.device], Splits]) -> None:
         self.splits = splits
         self.packs: dict[int, Pack] = {}
         self.where: dict[int, int] = {}  # member key -> pack id
+        self.done: dict[int, dict[str, torch.Tensor]] = {}  # a finished member's weights, by key
 
     def epoch(self, joins: Sequence[PackJoin], leaves: Sequence[int]) -> dict[int, tuple[Setup | None, Result]]:
         """Each member's setup (on joining) and its epoch's metrics, or the error that ended it."""
-        for key in leaves:
-            pack = self.packs[self.where.pop(key)]
-            pack.change(leave=[m for m in pack.members if m.key == key])
+        self._leave([key for key in leaves if self.done.pop(key, None) is None and key in self.where])
         out: dict[int, tuple[Setup | None, Result]] = {}
         setups: dict[int, Setup] = {}
         for pack_id in dict.fromkeys(j.pack for j in joins):
             group = [j for j in joins if j.pack == pack_id]
-            first = group[0].job
-            device = torch.device(first.device)
+            device = torch.device(group[0].job.device)
             try:
-                splits = self.splits(first.cfg.data, device)
+                splits = self.splits(group[0].job.cfg.data, device)
                 pack = self.packs.get(pack_id) or Pack(splits.input_shape, splits.num_classes, device)
                 members = [Member(j.key, j.job.cfg, j.job.seed) for j in group]
                 pack.change(join=members)
@@ -63,10 +62,8 @@ class PackHost:
             for member in members:
                 self.where[member.key] = pack_id
                 setups[member.key] = Setup(param_count=pack.param_count, device=str(device))
-        for pack_id, pack in list(self.packs.items()):
-            if not pack.members:
-                del self.packs[pack_id]
-                continue
+        ended: list[int] = []
+        for pack in self.packs.values():
             cfg = pack.members[0].cfg
             splits = self.splits(cfg.data, pack.device)
             results = pack.train_epoch(
@@ -78,17 +75,29 @@ class PackHost:
                 eval_batch_size=cfg.trainer.eval_batch_size,
                 bf16=cfg.trainer.bf16,
             )
-            diverged = [m for m, r in zip(pack.members, results, strict=True) if isinstance(r, BaseException)]
             for member, result in zip(pack.members, results, strict=True):
                 out[member.key] = (setups.get(member.key), result)
-            if diverged:
-                pack.change(leave=diverged)
-                for member in diverged:
-                    del self.where[member.key]
+                if isinstance(result, BaseException):
+                    ended.append(member.key)
+                elif result.epoch >= member.cfg.trainer.epochs:
+                    self.done[member.key] = self.state(member.key)
+                    ended.append(member.key)
+        self._leave(ended)
         return out
+
+    def _leave(self, keys: Sequence[int]) -> None:
+        for pack_id in dict.fromkeys(self.where[key] for key in keys):
+            pack = self.packs[pack_id]
+            pack.change(leave=[m for m in pack.members if m.key in keys])
+            if not pack.members:
+                del self.packs[pack_id]
+        for key in keys:
+            del self.where[key]
 
     def state(self, key: int) -> dict[str, torch.Tensor]:
         """A member's weights, on the CPU, for ``nn.Module.load_state_dict``."""
+        if key in self.done:
+            return self.done[key]
         pack = self.packs[self.where[key]]
         member = next(m for m in pack.members if m.key == key)
         return {n: t.cpu() for n, t in pack.state_dict(member).items()}

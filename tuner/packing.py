@@ -2,8 +2,8 @@
 
 The slot asks each trial, reports each epoch, prunes and tells each trial as tuner.loop does for one; the trials
 it trains together (tuner.pack) share a shape: the first member's sampled model and data values are fixed for
-the next ``pack - 1`` members (Optuna's PartialFixedSampler); everything else each member samples on its own.
-A member that leaves (pruned, failed, done) frees its place for a new trial at the next epoch.
+the pack's later members (Optuna's PartialFixedSampler); everything else each member samples on its own.
+A member that leaves (pruned, failed, done) frees its place for a new trial of the same shape at the next epoch.
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ __all__ = ["SHAPE_PREFIXES", "run_packs"]
 
 # The parameters that decide a pack's stacked shape: members of one pack share their values.
 SHAPE_PREFIXES = ("model.", "data.")
+# A pack takes new trials, its freed places refilled, until it has taken this many times its size; then the next
+# trial draws a new shape. More keeps packs full and fast; fewer tries more shapes (docs/benchmarks.md, "Packs").
+SHAPE_TRIALS = 2
 
 
 @dataclass
@@ -81,25 +84,34 @@ def _beating(storage: BaseStorage, ids: Callable[[], list[int]], interval: int |
 
 
 class _Slot:
-    def __init__(self, study: optuna.Study, objective: Objective, size: int, told: list[Callable[..., None]]) -> None:
-        self.study, self.objective, self.size, self.told = study, objective, size, told
-        self.live: dict[int, _Member] = {}
-        self.open: _OpenPack | None = None
-        self.leaves: list[int] = []
+    """One slot's members, and the epochs in flight: the next epoch is sent as soon as the last one's results
+    come, before they are stored, so the worker trains while this process writes (a pruned member trains one
+    epoch more, unreported; a new trial joins one epoch later)."""
 
-    def fill(self, budget: Budget, storage: BaseStorage, interval: int | None) -> list[PackJoin]:
-        """Ask trials until the slot is full or the budget is used; ``BudgetReached`` if none could be asked."""
-        joins: list[PackJoin] = []
-        while len(self.live) < self.size:
-            try:
-                trial = budget.ask(self.study)
-            except BudgetReached:
-                if not joins:
-                    raise
-                break
+    def __init__(
+        self, study: optuna.Study, objective: Objective, size: int, warmup: int, told: list[Callable[..., None]]
+    ) -> None:
+        self.study, self.objective, self.size, self.told = study, objective, size, told
+        self.warmup, self.warm = warmup, warmup == 0
+        self.live: dict[int, _Member] = {}  # asked and not yet told
+        self.hosted: set[int] = set()  # in the slot's packs and still training
+        self.open: _OpenPack | None = None
+        self.joins: list[PackJoin] = []
+        self.leaves: list[int] = []
+        self.in_flight = False
+        self.start_size: dict[int, int] = {}
+
+    def fill(self, budget: Budget, storage: BaseStorage, interval: int | None) -> None:
+        """Ask trials until the slot is full or the budget is used; ``BudgetReached`` once it is. Until the
+        study has ``warmup`` complete trials (the pruner's startup), one at a time, as without packs: trials
+        that start together finish together, and none of them could be pruned."""
+        if not self.warm:
+            self.warm = len(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) >= self.warmup
+        while len(self.live) < (self.size if self.warm else 1):
+            trial = budget.ask(self.study)
             if interval is not None and hasattr(storage, "record_heartbeat"):
                 storage.record_heartbeat(trial_id(trial))
-            open_ = self.open if self.open is not None and self.open.taken < self.size else None
+            open_ = self.open if self.open is not None and self.open.taken < self.size * SHAPE_TRIALS else None
             try:
                 job = self.objective.begin(trial, open_.fixed if open_ else None)
             except Exception as err:
@@ -112,32 +124,56 @@ class _Slot:
                 open_ = self.open = _OpenPack(trial.number, fixed, _shape(job))
             open_.taken += 1
             self.live[trial.number] = _Member(trial, job, open_.id)
-            joins.append(PackJoin(open_.id, trial.number, job))
-        return joins
+            self.joins.append(PackJoin(open_.id, trial.number, job))
 
-    def epoch(self, joins: list[PackJoin]) -> None:
-        """Train every member one epoch, then report each; a failed slot (its worker died) fails every member."""
+    def send(self) -> None:
+        """Start the next epoch of every hosted member, with the trials that join and leave."""
+        for join in self.joins:
+            self.hosted.add(join.key)
+            self.start_size[join.key] = sum(self.live[k].pack == join.pack for k in self.hosted)
+        try:
+            self.objective.trainer.pack_send(self.joins, self.leaves, self.objective.cache)
+        except BaseException as err:
+            self._fail_all(err)
+            return
+        self.joins, self.leaves, self.in_flight = [], [], True
+
+    def receive(self) -> None:
+        """Take the epoch in flight, send the next one, then report each member; a failed slot (its worker died,
+        an interrupt) fails every member."""
         try:
             with interrupts_allowed():
-                results = self.objective.trainer.pack_epoch(joins, self.leaves, self.objective.cache)
-        except KeyboardInterrupt as err:
-            for member in list(self.live.values()):
-                self._tell(member.trial, member.history, TrialState.FAIL, err)
-            raise
-        except Exception as err:
-            for member in list(self.live.values()):
-                self._tell(member.trial, member.history, TrialState.FAIL, err)
-            self.leaves, self.open = [], None  # a new worker process starts with no pack
+                results = self.objective.trainer.pack_recv()
+        except BaseException as err:
+            self._fail_all(err)
             return
-        self.leaves = []
-        sizes = {j.pack: sum(m.pack == j.pack for m in self.live.values()) for j in joins}
+        self.in_flight = False
+        for number, (_, result) in results.items():
+            if isinstance(result, BaseException) or result.epoch >= self.live_epochs(number):
+                self.hosted.discard(number)  # it left its pack by itself
+        if self.hosted or self.joins:
+            self.send()
         for number, (setup, result) in results.items():
-            member = self.live[number]
+            member = self.live.get(number)
+            if member is None:
+                continue  # pruned an epoch ago: this epoch was trained ahead, and is not reported
             if setup is not None:
                 self.objective.setup(member.trial, member.job, setup)
                 member.trial.set_user_attr("pack_id", member.pack)
-                member.trial.set_user_attr("pack_size", sizes[member.pack])
+                member.trial.set_user_attr("pack_size", self.start_size.pop(number))
             self._after_epoch(member, result)
+
+    def live_epochs(self, number: int) -> int:
+        member = self.live.get(number)
+        return member.job.cfg.trainer.epochs if member is not None else 0
+
+    def _fail_all(self, err: BaseException) -> None:
+        for member in list(self.live.values()):
+            self._tell(member.trial, member.history, TrialState.FAIL, err)
+        self.hosted.clear()
+        self.joins, self.leaves, self.in_flight, self.open = [], [], False, None  # a new worker has no pack
+        if isinstance(err, KeyboardInterrupt):
+            raise err
 
     def _after_epoch(self, member: _Member, result: EpochMetrics | BaseException) -> None:
         trial = member.trial
@@ -148,6 +184,7 @@ class _Slot:
         try:
             self.objective.report(trial, result)
         except optuna.TrialPruned:
+            self.hosted.discard(trial.number)
             self.leaves.append(trial.number)
             self._tell(trial, member.history, TrialState.PRUNED)
             return
@@ -190,6 +227,7 @@ def run_packs(
     objective: Objective,
     *,
     size: int,
+    warmup: int = 0,
     storage: BaseStorage,
     budget: Budget,
     heartbeat_interval: int | None,
@@ -197,21 +235,22 @@ def run_packs(
     before_ask: Callable[[], None],
     should_stop: Callable[[], bool],
 ) -> None:
-    """One slot's trials in packs of up to ``size``, until the budget is used or ``should_stop()`` (the time is up,
-    a failure streak); members still training then finish their epochs."""
-    slot = _Slot(study, objective, size, told)
+    """One slot's trials in packs of up to ``size`` (one at a time until ``warmup`` trials are complete), until the
+    budget is used or ``should_stop()`` (the time is up, a failure streak); members still training then finish."""
+    slot = _Slot(study, objective, size, warmup, told)
     asking = True
     with _beating(storage, lambda: [trial_id(m.trial) for m in slot.live.values()], heartbeat_interval):
         while True:
-            joins: list[PackJoin] = []
             if asking and not should_stop():
                 before_ask()
                 try:
-                    joins = slot.fill(budget, storage, heartbeat_interval)
+                    slot.fill(budget, storage, heartbeat_interval)
                 except BudgetReached:
                     asking = False
-            if not slot.live:
+            if not slot.in_flight and (slot.joins or slot.hosted):
+                slot.send()
+            if not slot.in_flight:
                 return
             objective.last_trials = list(slot.live)
-            slot.epoch(joins)
+            slot.receive()
             check_interrupt()  # a safe point: every member's epoch is reported

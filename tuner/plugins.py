@@ -9,11 +9,12 @@ import optuna
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
+from tuner._compat import startup_trials
 from tuner.config import ConfigError, PluginConfig
 from tuner.pruning import CachedCompletedTrials
 from tuner.schema import locate
 
-__all__ = ["make_pruner", "make_sampler"]
+__all__ = ["make_pruner", "make_sampler", "pruner_startup"]
 
 
 def _build(group: str, cfg: PluginConfig, base: type, **extra: Any) -> Any:
@@ -39,3 +40,8 @@ def make_pruner(cfg: PluginConfig) -> optuna.pruners.BasePruner:
     if isinstance(pruner, optuna.pruners.PercentilePruner):  # median and percentile: see tuner.pruning
         return CachedCompletedTrials(pruner)
     return pruner
+
+
+def pruner_startup(pruner: optuna.pruners.BasePruner) -> int:
+    """How many complete trials the pruner waits for before it prunes any (median and percentile); else 0."""
+    return startup_trials(pruner.pruner) if isinstance(pruner, CachedCompletedTrials) else 0

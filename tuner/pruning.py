@@ -2,8 +2,9 @@
 
 Optuna's ``PercentilePruner`` (and ``MedianPruner``) reads the completed trials at every ``should_prune``,
 which on SQLite loads the running trials through the ORM each epoch. ``CachedCompletedTrials`` reads them at
-each new trial, after ``refresh_s`` and while fewer than ``n_startup_trials`` have completed: in one worker its
-decisions are exactly Optuna's; with several, one may miss trials completed in the last ``refresh_s``.
+each trial's first call, after ``refresh_s`` and while fewer than ``n_startup_trials`` have completed: in one
+worker its decisions are exactly Optuna's; with several, or a pack's members taking turns, one may miss trials
+completed in the last ``refresh_s``.
 """
 
 from __future__ import annotations
@@ -49,17 +50,19 @@ class CachedCompletedTrials(BasePruner):
         self.pruner = pruner
         self.refresh_s = refresh_s
         self._completed: list[FrozenTrial] = []
-        self._key: tuple[str, int] | None = None  # (study name, trial number) the cache was read for
+        self._study: str | None = None
+        self._seen: set[int] = set()  # the trials that asked since the cache was read (a pack's members take turns)
         self._read_at = 0.0
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
-        key = (study.study_name, trial.number)
         now = time.monotonic()
         # Too few completed trials to prune by yet (n_startup_trials): read again at every call, or a trial that
         # started before the other workers completed them would never be pruned.
         starting = len(self._completed) < startup_trials(self.pruner)
-        if key != self._key or starting or now - self._read_at > self.refresh_s:
+        stale = now - self._read_at > self.refresh_s or study.study_name != self._study
+        if trial.number not in self._seen or starting or stale:
             self._completed = study.get_trials(deepcopy=False, states=_COMPLETE)
-            self._key, self._read_at = key, now
+            self._study, self._read_at = study.study_name, now
+            self._seen = {trial.number} | (set() if stale else self._seen)
         view: Any = _CompletedView(study, self._completed)
         return self.pruner.prune(view, trial)

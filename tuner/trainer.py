@@ -215,6 +215,7 @@ class LocalTrainer:
 
     def __init__(self) -> None:
         self._host: PackHost | None = None
+        self._sent: list[tuple[list[PackJoin], list[int]]] = []
 
     def fit(
         self,
@@ -227,19 +228,21 @@ class LocalTrainer:
     ) -> nn.Module | None:
         return fit(job, splits, on_setup=on_setup, on_epoch=on_epoch)
 
-    def pack_epoch(
-        self, joins: Sequence[PackJoin], leaves: Sequence[int], cache: SplitsCache
-    ) -> dict[int, tuple[Setup | None, EpochMetrics | BaseException]]:
-        """One epoch of the packs trained in this process, on the tuner process's data."""
+    def pack_send(self, joins: Sequence[PackJoin], leaves: Sequence[int], cache: SplitsCache) -> None:
+        """One epoch of the packs trained in this process, on the tuner process's data, run at ``pack_recv``."""
         from tuner.packhost import PackHost
 
         if self._host is None:
             self._host = PackHost(cache.get)
-        return self._host.epoch(joins, leaves)
+        self._sent.append((list(joins), list(leaves)))
+
+    def pack_recv(self) -> dict[int, tuple[Setup | None, EpochMetrics | BaseException]]:
+        assert self._host is not None
+        return self._host.epoch(*self._sent.pop(0))
 
     def pack_state(self, key: int) -> dict[str, torch.Tensor]:
         assert self._host is not None
         return self._host.state(key)
 
     def close(self) -> None:
-        self._host = None
+        self._host, self._sent = None, []

@@ -25,7 +25,7 @@ from tuner.notes import write_end_note, write_start_note
 from tuner.objective import Objective
 from tuner.pack import stackable
 from tuner.plots import save_dashboard_plots
-from tuner.plugins import make_pruner, make_sampler
+from tuner.plugins import make_pruner, make_sampler, pruner_startup
 from tuner.secrets import safe_url
 from tuner.space import Param, parse_space, values_from_params
 from tuner.storage import check_storage_url, make_storage, study_lock
@@ -192,6 +192,7 @@ def _tune(run: RunConfig, params: list[Param], *, processes: int) -> Summary:
                     max_retry=run.study.max_retry,
                     should_stop=lambda: streak.message is not None,
                     pack=pack,
+                    pack_warmup=pruner_startup(study.pruner),
                 )
         finally:
             progress.close()

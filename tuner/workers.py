@@ -196,6 +196,7 @@ class ProcessTrainer:
         self._conn: _Pipe | None = None
         self._interrupted: str | None = None
         self._lock = threading.Lock()  # interrupt (main thread) against start (a worker thread)
+        self._stashed: list[Any] = []  # pack results that came before the weights asked for after them
 
     @property
     def pid(self) -> int | None:
@@ -272,24 +273,29 @@ class ProcessTrainer:
             else:
                 raise RuntimeError(f"unexpected message {kind!r} from the worker process")
 
-    def pack_epoch(
-        self, joins: Sequence[PackJoin], leaves: Sequence[int], cache: SplitsCache
-    ) -> dict[int, tuple[Setup | None, EpochMetrics | BaseException]]:
-        """One epoch of this worker's packs (``tuner.pack.PackHost.epoch``); its data come from its own cache."""
-        return self._ask_pack(("pack", list(joins), list(leaves)), "packed")
+    def pack_send(self, joins: Sequence[PackJoin], leaves: Sequence[int], cache: SplitsCache) -> None:
+        """Start one epoch of this worker's packs (``tuner.packhost.PackHost.epoch``) on its own data; its results
+        come from ``pack_recv``, so this process can store the last epoch's while the worker trains."""
+        self._send(self.start(), ("pack", list(joins), list(leaves)))
+
+    def pack_recv(self) -> dict[int, tuple[Setup | None, EpochMetrics | BaseException]]:
+        return self._stashed.pop(0) if self._stashed else self._pack_answer("packed")
 
     def pack_state(self, key: int) -> dict[str, torch.Tensor]:
-        return self._ask_pack(("state", key), "state")
+        """A finished member's weights (answered after the epoch in flight, if any)."""
+        self._send(self.start(), ("state", key))
+        return self._pack_answer("state")
 
-    def _ask_pack(self, message: tuple[Any, ...], answer: str) -> Any:
-        conn = self.start()
-        self._send(conn, message)
-        kind, payload = self._recv(conn)
-        if kind == "error":
-            raise payload
-        if kind != answer:
-            raise RuntimeError(f"unexpected message {kind!r} from the worker process")
-        return payload
+    def _pack_answer(self, answer: str) -> Any:
+        while True:
+            kind, payload = self._recv(self.start())
+            if kind == "error":
+                raise payload
+            if kind == answer:
+                return payload
+            if kind != "packed":
+                raise RuntimeError(f"unexpected message {kind!r} from the worker process")
+            self._stashed.append(payload)  # an epoch's results, asked for after the weights
 
     def _stop(self, conn: _Pipe) -> None:
         """Tell the worker to drop the trial, and wait until it has, so that it is ready for the next job."""
