@@ -405,3 +405,38 @@ def test_faults_a_signal_once_the_study_has_finished_leaves_it_complete(
     # 0 once tuner's code is done; 130/143 (one line) if it lands while tune() returns; never killed by it (-2/-15).
     assert code in (0, 130, 143) and "Traceback" not in out, out
     assert [t.state for t in _trials(url)] == [TrialState.COMPLETE] * 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2])
+def test_faults_an_interrupt_or_a_kill_ends_every_member_of_a_pack_and_the_same_command_resumes(
+    tmp_path: Path, workers: int
+) -> None:
+    # SIGINT: every member is failed with the reason and queued again. SIGKILL: nobody tells the storage; the
+    # members' heartbeats stop, and the next command fails and queues them. Either way it then ends at n_trials.
+    members = 3 * workers
+    run = [f"study.n_trials={members}", f"trainer.workers={workers}", "trainer.pack=3", *FAST_HEARTBEAT]
+    for sig in (signal.SIGINT, signal.SIGKILL):
+        url = f"sqlite:///{tmp_path / f'{sig.name}.db'}"
+        proc = _start(tmp_path, url, *run, "trainer.epochs=1000")
+        _wait_for_an_epoch(url, proc, trials=members)
+        proc.send_signal(sig)
+        out = proc.communicate(timeout=60)[0]
+        stopped = _trials(url)
+        if sig == signal.SIGINT:
+            assert proc.returncode == 130 and "Traceback" not in out, out
+            assert [t.state for t in stopped[:members]] == [TrialState.FAIL] * members
+            assert {t.user_attrs["fail_reason"] for t in stopped[:members]} == {"interrupted by SIGINT"}
+            assert [t.state for t in stopped[members:]] == [TrialState.WAITING] * members
+        else:
+            assert [t.state for t in stopped] == [TrialState.RUNNING] * members
+            time.sleep(2.5)  # the grace period passes without a heartbeat
+        assert len({t.user_attrs["pack_id"] for t in stopped[:members]}) == workers  # one pack per worker
+        result = _run(tmp_path, url, *run, RERUN_SHORTER)
+        assert result.returncode == 0, result.stdout + result.stderr
+        trials = _trials(url)
+        assert sum(t.state == TrialState.COMPLETE for t in trials) == members
+        for dead in trials[:members]:
+            assert dead.state == TrialState.FAIL
+            (retry,) = [t for t in trials if RetryHeartbeatStaleTrialCallback.retry_history(t) == [dead.number]]
+            assert retry.params == dead.params and retry.user_attrs["seed"] == dead.user_attrs["seed"]
