@@ -1,6 +1,6 @@
-"""Training in worker processes: ``ProcessTrainer`` sends each job down a pipe to a child that runs
-``tuner.trainer.fit`` and relays every epoch back, so the objective reports and prunes as in-process and only the
-tuner process touches Optuna's storage.
+"""Training in worker processes: ``ProcessTrainer`` sends each job down a pipe to a child (``tuner.worker``) that
+runs ``tuner.trainer.fit`` and relays every epoch back, so the objective reports and prunes as in-process and only
+the tuner process touches Optuna's storage.
 
 Processes, not threads: a small model is per-op bound and threads share the GIL (docs/benchmarks.md, "Workers:
 processes against threads"); Optuna's ``n_jobs`` runs threads and reseeds the sampler each trial, so ``study.seed``
@@ -11,14 +11,11 @@ run no epoch loop that reports back. The weights come back only when the trial i
 from __future__ import annotations
 
 import contextlib
-import multiprocessing.connection
 import os
-import pickle
 import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,28 +24,23 @@ import torch
 from torch import nn
 
 from tuner.data import Splits, SplitsCache
-from tuner.faults import Interrupted, error_reason
+from tuner.faults import Interrupted
 from tuner.model import build_model
-from tuner.packhost import PackHost, PackJoin
-from tuner.trainer import EpochMetrics, Setup, TrainJob, fit
+from tuner.packhost import PackJoin
+from tuner.trainer import EpochMetrics, Setup, TrainJob
+from tuner.worker import Pipe
 
-__all__ = ["ProcessTrainer", "WorkerDied", "resolve_workers", "worker_main"]
+__all__ = ["ProcessTrainer", "WorkerDied", "resolve_workers"]
 
 # ``trainer.workers=auto`` on CPU: one worker per core this process may use, at most this many (each
 # holds its own copy of the data set: about 190 MB for Fashion-MNIST's 60k images).
 MAX_AUTO_WORKERS = 8
-# Seconds between a worker's checks that the tuner process that started it is still there.
-_ORPHAN_CHECK_S = 1.0
 # Seconds a worker is given to exit after the tuner process asks it to, before it is terminated.
 _EXIT_TIMEOUT_S = 5.0
 
 
 class WorkerDied(RuntimeError):
     """The worker process training a trial exited (killed, out of host memory, a crash in native code)."""
-
-
-class _Stopped(Exception):
-    """In a worker: the tuner process answered an epoch with "stop" (the trial was pruned, or failed there)."""
 
 
 def resolve_workers(workers: int | None, threads: int | None, device: torch.device, *, processes: int = 1) -> int:
@@ -62,106 +54,14 @@ def resolve_workers(workers: int | None, threads: int | None, device: torch.devi
     return max(1, min(len(os.sched_getaffinity(0)) // (threads * max(processes, 1)), MAX_AUTO_WORKERS))
 
 
-class _Pipe(multiprocessing.connection.Connection):
-    """One end of a worker's socket, with the standard pickler: multiprocessing's sends a tensor as a
-    shared-memory handle that only a multiprocessing-started child can claim; here weights travel by value."""
-
-    def send(self, obj: Any) -> None:
-        self.send_bytes(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
-
-    def recv(self) -> Any:
-        return pickle.loads(self.recv_bytes())
-
-
-def _portable(err: BaseException) -> BaseException:
-    """``err`` if it survives the pipe, else a RuntimeError that keeps its type and message."""
-    try:
-        pickle.loads(pickle.dumps(err))
-    except Exception:
-        return RuntimeError(error_reason(err))
-    return err
-
-
-class _Relay:
-    """A worker's ``on_epoch``: sends each epoch and trains the next one while the tuner process stores it and
-    decides on pruning; the answer is read at the next epoch's end, so the storage's latency never stalls
-    training, and a pruned trial costs at most one epoch more (never reported)."""
-
-    def __init__(self, conn: _Pipe) -> None:
-        self.conn = conn
-        self.pending = False
-
-    def __call__(self, metrics: EpochMetrics) -> None:
-        self.settle()
-        self.conn.send(("epoch", metrics))
-        self.pending = True
-
-    def settle(self) -> None:
-        """Read the answer to the last epoch sent; ``_Stopped`` if it was "stop"."""
-        if self.pending:
-            self.pending = False
-            if not self.conn.recv():
-                raise _Stopped
-
-
-def _serve(conn: _Pipe, threads: int | None) -> None:
-    """A worker process: train the jobs the tuner process sends until it sends ``None`` or goes away."""
-    if threads is not None:
-        torch.set_num_threads(threads)
-    cache = SplitsCache()
-    host = PackHost(cache.get)
-    while True:
-        try:
-            job = conn.recv()
-        except EOFError:  # the tuner process is gone
-            return
-        if job is None:
-            return
-        if isinstance(job, tuple):  # a pack's epoch, or a member's weights (tuner.packing)
-            conn.send(_serve_pack(host, job))
-            continue
-        relay = _Relay(conn)
-        try:
-            splits = cache.get(job.cfg.data, torch.device(job.device))
-            model = fit(job, splits, on_setup=lambda setup: conn.send(("setup", setup)), on_epoch=relay)
-            relay.settle()
-        except _Stopped:
-            conn.send(("stopped", None))
-            continue
-        except Exception as err:
-            try:
-                relay.settle()  # the answer to the last epoch is read before the next job is
-            except _Stopped:
-                conn.send(("stopped", None))
-                continue
-            conn.send(("error", _portable(err)))
-            continue
-        conn.send(("done", None))
-        if conn.recv():
-            conn.send(("model", {k: v.detach().cpu() for k, v in model.state_dict().items()}))
-        del model
-
-
-def _serve_pack(host: PackHost, message: tuple[Any, ...]) -> tuple[str, Any]:
-    try:
-        if message[0] == "state":
-            return "state", host.state(message[1])
-        results = host.epoch(*message[1:])
-    except Exception as err:
-        return "error", _portable(err)
-    return "packed", {
-        key: (setup, _portable(r) if isinstance(r, BaseException) else r) for key, (setup, r) in results.items()
-    }
-
-
-def _launch(threads: int | None) -> tuple[subprocess.Popen[bytes], _Pipe]:
+def _launch(threads: int | None) -> tuple[subprocess.Popen[bytes], Pipe]:
     """Start a worker: a fresh interpreter, not ``multiprocessing``'s spawn, which re-runs the parent's
     ``__main__`` (all of Hydra) and fails inside joblib's loky workers. Its own process group keeps Ctrl-C
     to the tuner process, which ends it."""
     ours, theirs = socket.socketpair()
     package_root = str(Path(__file__).resolve().parent.parent)  # tuner importable from a plain checkout too
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, "-c", "import sys, tuner.workers as w; w.worker_main(sys.argv[1:])"]
+    command = [sys.executable, "-c", "import sys, tuner.worker as w; w.worker_main(sys.argv[1:])"]
     with theirs:
         process = subprocess.Popen(
             [*command, str(theirs.fileno()), "" if threads is None else str(threads)],
@@ -169,21 +69,7 @@ def _launch(threads: int | None) -> tuple[subprocess.Popen[bytes], _Pipe]:
             env=env,
             process_group=0,
         )
-    return process, _Pipe(ours.detach())
-
-
-def worker_main(argv: list[str]) -> None:
-    """The worker process's entry point (see ``_launch``): ``<socket fd> <torch threads or "">``."""
-    fd, threads = argv
-    threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
-    _serve(_Pipe(int(fd)), int(threads) if threads else None)
-
-
-def _exit_when_orphaned(parent: int) -> None:
-    """A killed tuner process closes the pipe, but a worker notices only at its next epoch: check each second."""
-    while os.getppid() == parent:
-        time.sleep(_ORPHAN_CHECK_S)
-    os._exit(1)
+    return process, Pipe(ours.detach())
 
 
 class ProcessTrainer:
@@ -193,7 +79,7 @@ class ProcessTrainer:
     def __init__(self, threads: int | None) -> None:
         self.threads = threads
         self._process: subprocess.Popen[bytes] | None = None
-        self._conn: _Pipe | None = None
+        self._conn: Pipe | None = None
         self._interrupted: str | None = None
         self._lock = threading.Lock()  # interrupt (main thread) against start (a worker thread)
         self._stashed: list[Any] = []  # pack results that came before the weights asked for after them
@@ -202,7 +88,7 @@ class ProcessTrainer:
     def pid(self) -> int | None:
         return None if self._process is None else self._process.pid
 
-    def start(self) -> _Pipe:
+    def start(self) -> Pipe:
         """Start the worker process unless it runs: early, before the first job, since torch's import is slow."""
         with self._lock:
             if self._interrupted is not None:
@@ -214,13 +100,13 @@ class ProcessTrainer:
             assert self._conn is not None
             return self._conn
 
-    def _recv(self, conn: _Pipe) -> tuple[str, Any]:
+    def _recv(self, conn: Pipe) -> tuple[str, Any]:
         try:
             return conn.recv()
         except (EOFError, OSError):
             raise self._died() from None
 
-    def _send(self, conn: _Pipe, message: object) -> None:
+    def _send(self, conn: Pipe, message: object) -> None:
         try:
             conn.send(message)
         except OSError:  # BrokenPipeError, ConnectionResetError
@@ -297,7 +183,7 @@ class ProcessTrainer:
                 raise RuntimeError(f"unexpected message {kind!r} from the worker process")
             self._stashed.append(payload)  # an epoch's results, asked for after the weights
 
-    def _stop(self, conn: _Pipe) -> None:
+    def _stop(self, conn: Pipe) -> None:
         """Tell the worker to drop the trial, and wait until it has, so that it is ready for the next job."""
         try:
             conn.send(False)
