@@ -6,12 +6,13 @@ import contextlib
 import logging
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # not at run time: a worker process imports this module (tuner.workers) and must not load Optuna
     import optuna
+    from optuna.storages import BaseStorage
     from optuna.trial import FrozenTrial
 
 log = logging.getLogger("tuner")
@@ -20,6 +21,7 @@ __all__ = [
     "FailureStreak",
     "FailureStreakError",
     "Interrupted",
+    "beating",
     "check_interrupt",
     "error_reason",
     "interruptible",
@@ -147,3 +149,32 @@ class FailureStreak:
                 f"stopped: the last {self.limit} trials all failed with {kinds.pop()} "
                 f"(study.max_failure_streak={self.limit}); last error: {reasons[-1]}"
             )
+
+
+@contextlib.contextmanager
+def beating(storage: BaseStorage, ids: Callable[[], list[int]], interval: int | None) -> Iterator[None]:
+    """Record the heartbeat of each trial id in ``ids()`` now and every ``interval`` seconds until the block ends,
+    so that another worker can tell a dead worker's trials (no heartbeat for the grace period) from live ones."""
+    record = getattr(storage, "record_heartbeat", None)  # RDBStorage's and tuner's journal's; in memory: none
+    if interval is None or record is None:
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            for trial_id in ids():
+                try:
+                    record(trial_id)
+                except Exception:  # a busy database: the next beat comes within the grace period
+                    log.debug("heartbeat of trial id %d failed", trial_id, exc_info=True)
+            if stop.wait(interval):
+                return
+
+    thread = threading.Thread(target=beat, name="tuner-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()

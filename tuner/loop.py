@@ -21,7 +21,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tuner._compat import trial_id
 from tuner.budget import Budget, BudgetReached
-from tuner.faults import Interrupted, check_interrupt, interrupts_allowed
+from tuner.faults import Interrupted, beating, check_interrupt, interrupts_allowed
 from tuner.journal import HeartbeatJournalStorage
 from tuner.objective import Objective
 from tuner.packing import run_packs
@@ -51,33 +51,6 @@ def fail_stale_trials(study: optuna.Study, storage: BaseStorage) -> None:
         optuna.storages.fail_stale_trials(study)  # a no-op without heartbeats
 
 
-@contextlib.contextmanager
-def _beating(storage: BaseStorage, trial_id: int, interval: int | None) -> Iterator[None]:
-    """Record the trial's heartbeat now and every ``interval`` seconds until the block ends."""
-    record = getattr(storage, "record_heartbeat", None)  # RDBStorage's and tuner's journal's; in memory: none
-    if interval is None or record is None:
-        yield
-        return
-    stop = threading.Event()
-
-    def beat() -> None:
-        while True:
-            try:
-                record(trial_id)
-            except Exception:  # a busy database: the next beat comes within the grace period
-                log.debug("heartbeat of trial id %d failed", trial_id, exc_info=True)
-            if stop.wait(interval):
-                return
-
-    thread = threading.Thread(target=beat, name=f"tuner-heartbeat-{trial_id}", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-
-
 def _run_trial(
     study: optuna.Study,
     trial: optuna.Trial,
@@ -88,7 +61,7 @@ def _run_trial(
     """Train ``trial`` and tell its end; a failure is recorded (``fail_reason``) and the study goes on."""
     value: float | None = None
     given_up = False
-    with _beating(storage, trial_id(trial), interval):
+    with beating(storage, lambda: [trial_id(trial)], interval):
         try:
             value, state = objective(trial), TrialState.COMPLETE
         except optuna.TrialPruned:

@@ -8,9 +8,7 @@ A member that leaves (pruned, failed, done) frees its place for a new trial of t
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +19,7 @@ from optuna.trial import TrialState
 
 from tuner._compat import trial_id
 from tuner.budget import Budget, BudgetReached
-from tuner.faults import check_interrupt, error_reason, interrupts_allowed
+from tuner.faults import beating, check_interrupt, error_reason, interrupts_allowed
 from tuner.objective import Objective
 from tuner.packhost import PackJoin
 from tuner.space import REVERSE_PREFIX
@@ -57,30 +55,6 @@ class _OpenPack:
 def _shape(job: TrainJob) -> tuple[Any, ...]:
     cfg = job.cfg
     return cfg.model, cfg.data, cfg.trainer.eval_batch_size, cfg.trainer.bf16, job.device
-
-
-@contextlib.contextmanager
-def _beating(storage: BaseStorage, ids: Callable[[], list[int]], interval: int | None) -> Iterator[None]:
-    """Record the heartbeat of every trial in ``ids()`` now and every ``interval`` seconds until the block ends."""
-    record = getattr(storage, "record_heartbeat", None)
-    if interval is None or record is None:
-        yield
-        return
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.wait(interval):
-            for each in ids():
-                with contextlib.suppress(Exception):  # a busy database: the next beat is within the grace period
-                    record(each)
-
-    thread = threading.Thread(target=beat, name="tuner-pack-heartbeat", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
 
 
 class _Slot:
@@ -239,7 +213,7 @@ def run_packs(
     budget is used or ``should_stop()`` (the time is up, a failure streak); members still training then finish."""
     slot = _Slot(study, objective, size, warmup, told)
     asking = True
-    with _beating(storage, lambda: [trial_id(m.trial) for m in slot.live.values()], heartbeat_interval):
+    with beating(storage, lambda: [trial_id(m.trial) for m in slot.live.values()], heartbeat_interval):
         while True:
             if asking and not should_stop():
                 before_ask()
