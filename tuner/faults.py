@@ -163,7 +163,7 @@ def beating(storage: BaseStorage, ids: Callable[[], list[int]], interval: int | 
 
     def beat() -> None:
         while True:
-            for trial_id in ids():
+            for trial_id in ids():  # the caller's ids() must be safe to call from this thread
                 try:
                     record(trial_id)
                 except Exception:  # a busy database: the next beat comes within the grace period

@@ -8,6 +8,7 @@ A member that leaves (pruned, failed, done) frees its place for a new trial of t
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,8 @@ from tuner.trainer import EpochMetrics, TrainJob
 
 __all__ = ["SHAPE_PREFIXES", "run_packs"]
 
+log = logging.getLogger("tuner")
+
 # The parameters that decide a pack's stacked shape: members of one pack share their values.
 SHAPE_PREFIXES = ("model.", "data.")
 # A pack takes new trials, its freed places refilled, until it has taken this many times its size; then the next
@@ -44,7 +47,7 @@ class _Member:
 
 @dataclass
 class _OpenPack:
-    """The pack that new trials join until it has taken ``size`` of them."""
+    """The pack that new trials join until it has taken ``SHAPE_TRIALS`` times the slot's size of them."""
 
     id: int  # its first member's trial number: unique in the study
     fixed: dict[str, Any]
@@ -131,11 +134,26 @@ class _Slot:
             member = self.live.get(number)
             if member is None:
                 continue  # pruned an epoch ago: this epoch was trained ahead, and is not reported
-            if setup is not None:
-                self.objective.setup(member.trial, member.job, setup)
-                member.trial.set_user_attr("pack_id", member.pack)
-                member.trial.set_user_attr("pack_size", self.start_size.pop(number))
-            self._after_epoch(member, result)
+            try:
+                if setup is not None:
+                    self.objective.setup(member.trial, member.job, setup)
+                    member.trial.set_user_attr("pack_id", member.pack)
+                    member.trial.set_user_attr("pack_size", self.start_size.pop(number))
+                self._after_epoch(member, result)
+            except optuna.exceptions.UpdateFinishedTrialError:  # another worker gave it up for dead
+                self._drop(member)
+
+    def _drop(self, member: _Member) -> None:
+        number = member.trial.number
+        self.live.pop(number, None)
+        if number in self.hosted:
+            self.hosted.discard(number)
+            self.leaves.append(number)
+        log.warning(
+            "trial %d was given up for dead by another worker (no heartbeat for study.grace_period) and queued "
+            "again; this worker goes on. A longer study.grace_period avoids this on a loaded machine.",
+            number,
+        )
 
     def live_epochs(self, number: int) -> int:
         member = self.live.get(number)
@@ -143,7 +161,10 @@ class _Slot:
 
     def _fail_all(self, err: BaseException) -> None:
         for member in list(self.live.values()):
-            self._tell(member.trial, member.history, TrialState.FAIL, err)
+            try:
+                self._tell(member.trial, member.history, TrialState.FAIL, err)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                self._drop(member)
         self.hosted.clear()
         self.joins, self.leaves, self.in_flight, self.open = [], [], False, None  # a new worker has no pack
         if isinstance(err, KeyboardInterrupt):
@@ -213,7 +234,8 @@ def run_packs(
     budget is used or ``should_stop()`` (the time is up, a failure streak); members still training then finish."""
     slot = _Slot(study, objective, size, warmup, told)
     asking = True
-    with beating(storage, lambda: [trial_id(m.trial) for m in slot.live.values()], heartbeat_interval):
+    # list(): one step under the GIL, so the heartbeat thread never sees the dict change while it reads it.
+    with beating(storage, lambda: [trial_id(m.trial) for m in list(slot.live.values())], heartbeat_interval):
         while True:
             if asking and not should_stop():
                 before_ask()
