@@ -5,10 +5,8 @@ from __future__ import annotations
 import copy
 import gc
 import threading
-import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import optuna
 import torch
@@ -25,8 +23,6 @@ from tuner.workers import ProcessTrainer
 __all__ = ["Objective", "release_memory", "trial_seed"]
 
 METRIC = "val_accuracy"
-# Set once for the process: warnings.catch_warnings() in the worker threads would race on the filters.
-warnings.filterwarnings("ignore", "PartialFixedSampler is experimental", optuna.exceptions.ExperimentalWarning)
 Trainer = LocalTrainer | ProcessTrainer
 
 
@@ -98,18 +94,10 @@ class Objective:
         release_memory()
         raise torch.OutOfMemoryError(oom)
 
-    def begin(self, trial: optuna.Trial, fixed: dict[str, Any] | None = None) -> TrainJob:
-        """Sample the trial's config (``fixed``: parameter values taken as given, the rest from the sampler) and
-        its seed."""
+    def begin(self, trial: optuna.Trial) -> TrainJob:
+        """Sample the trial's config from the study's sampler, and its seed."""
         self.last_trials.append(trial.number)
-        if fixed:
-            sampler = trial.study.sampler
-            trial.study.sampler = optuna.samplers.PartialFixedSampler(fixed, sampler)
-        try:
-            cfg = parse_trial(set_path(self.run.raw, suggest(trial, self.params, self.run.raw)))
-        finally:
-            if fixed:
-                trial.study.sampler = sampler
+        cfg = parse_trial(set_path(self.run.raw, suggest(trial, self.params, self.run.raw)))
         seed = cfg.trainer.seed if cfg.trainer.seed is not None else trial_seed(self.run.study.seed, trial.number)
         if cfg.trainer.seed is None and isinstance(trial.user_attrs.get("seed"), int):
             seed = trial.user_attrs["seed"]  # a retried trial (tuner.faults) trains again with the seed it had

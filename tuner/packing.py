@@ -9,6 +9,7 @@ A member that leaves (pruned, failed, done) frees its place for a new trial of t
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,9 @@ from tuner.space import REVERSE_PREFIX
 from tuner.trainer import EpochMetrics, TrainJob
 
 __all__ = ["SHAPE_PREFIXES", "run_packs"]
+
+# Set once for the process: warnings.catch_warnings() in the worker threads would race on the filters.
+warnings.filterwarnings("ignore", "PartialFixedSampler is experimental", optuna.exceptions.ExperimentalWarning)
 
 log = logging.getLogger("tuner")
 
@@ -85,15 +89,12 @@ class _Slot:
         if not self.warm:
             self.warm = len(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) >= self.warmup
         while len(self.live) < (self.size if self.warm else 1):
-            trial = budget.ask(self.study)
+            open_ = self.open if self.open is not None and self.open.taken < self.size * SHAPE_TRIALS else None
+            trial, job = self._ask(budget, open_.fixed if open_ else {})
+            if job is None:
+                continue
             if interval is not None and hasattr(storage, "record_heartbeat"):
                 storage.record_heartbeat(trial_id(trial))
-            open_ = self.open if self.open is not None and self.open.taken < self.size * SHAPE_TRIALS else None
-            try:
-                job = self.objective.begin(trial, open_.fixed if open_ else None)
-            except Exception as err:
-                self._tell(trial, [], TrialState.FAIL, err)
-                continue
             if open_ is None or _shape(job) != open_.shape:
                 fixed = {
                     k: v for k, v in trial.params.items() if k.removeprefix(REVERSE_PREFIX).startswith(SHAPE_PREFIXES)
@@ -102,6 +103,22 @@ class _Slot:
             open_.taken += 1
             self.live[trial.number] = _Member(trial, job, open_.id)
             self.joins.append(PackJoin(open_.id, trial.number, job))
+
+    def _ask(self, budget: Budget, fixed: dict[str, Any]) -> tuple[optuna.Trial, TrainJob | None]:
+        """Ask a trial and sample its config, ``fixed`` taken as given (relative samplers too sample at the ask);
+        a config that fails its checks fails the trial (``None``)."""
+        sampler = self.study.sampler
+        if fixed:
+            self.study.sampler = optuna.samplers.PartialFixedSampler(fixed, sampler)
+        try:
+            trial = budget.ask(self.study)
+            try:
+                return trial, self.objective.begin(trial)
+            except Exception as err:
+                self._tell(trial, [], TrialState.FAIL, err)
+                return trial, None
+        finally:
+            self.study.sampler = sampler
 
     def send(self) -> None:
         """Start the next epoch of every hosted member, with the trials that join and leave."""
