@@ -27,7 +27,24 @@ def _objective(trial: optuna.Trial) -> float:
     return value
 
 
-def _run(storage: optuna.storages.BaseStorage, pruner: optuna.pruners.BasePruner, name: str) -> optuna.Study:
+def _objective_reported(trial: optuna.Trial) -> float:
+    """The same curve, pruned as tuner's objective does: from the values reported, not the trial read back."""
+    x = trial.suggest_float("x", 0.0, 1.0)
+    value, reported = 0.0, {}
+    for epoch in range(1, EPOCHS + 1):
+        value = x * (1 - math.exp(-epoch / 3))
+        trial.report(value, epoch)
+        reported[epoch] = value
+        pruner = trial.study.pruner
+        assert isinstance(pruner, CachedCompletedTrials)
+        if pruner.prune_reported(trial.study, trial.number, reported):
+            raise optuna.TrialPruned()
+    return value
+
+
+def _run(
+    storage: optuna.storages.BaseStorage, pruner: optuna.pruners.BasePruner, name: str, objective=_objective
+) -> optuna.Study:
     study = optuna.create_study(
         storage=storage,
         study_name=name,
@@ -35,7 +52,7 @@ def _run(storage: optuna.storages.BaseStorage, pruner: optuna.pruners.BasePruner
         sampler=optuna.samplers.RandomSampler(seed=3),
         pruner=pruner,
     )
-    study.optimize(_objective, n_trials=24)
+    study.optimize(objective, n_trials=24)
     return study
 
 
@@ -44,8 +61,10 @@ def test_pruning_cached_median_prunes_exactly_as_optunas_median(tmp_path: Path) 
     options = {"n_startup_trials": 3, "n_warmup_steps": 2}
     plain = _run(storage, optuna.pruners.MedianPruner(**options), "plain")
     cached = _run(storage, make_pruner(PluginConfig(MEDIAN, options)), "cached")
+    reported = _run(storage, make_pruner(PluginConfig(MEDIAN, options)), "reported", _objective_reported)
     states = [(t.state, len(t.intermediate_values)) for t in plain.trials]
     assert [(t.state, len(t.intermediate_values)) for t in cached.trials] == states
+    assert [(t.state, len(t.intermediate_values)) for t in reported.trials] == states
     assert sum(s == optuna.trial.TrialState.PRUNED for s, _ in states) >= 5  # the comparison had pruning to match
 
 

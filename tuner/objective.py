@@ -16,6 +16,7 @@ from tuner.checkpoint import save_checkpoint
 from tuner.config import DataConfig, RunConfig, TrialConfig, parse_trial, set_path
 from tuner.data import Splits, SplitsCache
 from tuner.faults import Interrupted, error_reason, interrupts_allowed, interrupts_deferred
+from tuner.pruning import CachedCompletedTrials
 from tuner.space import Param, suggest
 from tuner.trainer import EpochMetrics, LocalTrainer, Setup, TrainingDiverged, TrainJob, resolve_device
 from tuner.workers import ProcessTrainer
@@ -109,11 +110,15 @@ class Objective:
             trial.set_user_attr("device", setup.device)
             trial.set_user_attr("param_count", setup.param_count)
 
-    def report(self, trial: optuna.Trial, metrics: EpochMetrics) -> None:
-        """Report the epoch; raise ``optuna.TrialPruned`` if the pruner stops the trial here."""
+    def report(self, trial: optuna.Trial, metrics: EpochMetrics, history: list[EpochMetrics]) -> None:
+        """Report the epoch (the last of ``history``); raise ``optuna.TrialPruned`` if the pruner stops the trial."""
+        pruner = trial.study.pruner
         with interrupts_deferred():
             trial.report(metrics.val_accuracy, metrics.epoch)
-            prune = trial.should_prune()
+            if isinstance(pruner, CachedCompletedTrials):
+                prune = pruner.prune_reported(trial.study, trial.number, {m.epoch: m.val_accuracy for m in history})
+            else:
+                prune = trial.should_prune()
         if prune:
             raise optuna.TrialPruned(f"pruned at epoch {metrics.epoch} with {METRIC}={metrics.val_accuracy:.4f}")
 
@@ -148,7 +153,7 @@ class Objective:
 
         def on_epoch(metrics: EpochMetrics) -> None:
             history.append(metrics)
-            self.report(trial, metrics)
+            self.report(trial, metrics, history)
 
         def keep_model() -> bool:
             with interrupts_deferred():

@@ -194,7 +194,7 @@ class _Slot:
             return
         member.history.append(result)
         try:
-            self.objective.report(trial, result)
+            self.objective.report(trial, result, member.history)
         except optuna.TrialPruned:
             self.hosted.discard(trial.number)
             self.leaves.append(trial.number)

@@ -66,3 +66,21 @@ class CachedCompletedTrials(BasePruner):
             self._seen = {trial.number} | (set() if stale else self._seen)
         view: Any = _CompletedView(study, self._completed)
         return self.pruner.prune(view, trial)
+
+    def prune_reported(self, study: optuna.Study, number: int, reported: dict[int, float]) -> bool:
+        """``prune`` for a running trial from the values it reported: the same decision (a percentile pruner reads
+        nothing else of the trial) without ``Trial.should_prune``'s read of the trial back from the storage."""
+        running = FrozenTrial(
+            number=number,
+            state=TrialState.RUNNING,
+            value=None,
+            datetime_start=None,
+            datetime_complete=None,
+            params={},
+            distributions={},
+            user_attrs={},
+            system_attrs={},
+            intermediate_values=dict(reported),
+            trial_id=-1,  # not read
+        )
+        return self.prune(study, running)
