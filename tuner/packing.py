@@ -128,7 +128,7 @@ class _Slot:
         try:
             self.objective.trainer.pack_send(self.joins, self.leaves, self.objective.cache)
         except BaseException as err:
-            self._fail_all(err)
+            self.fail_all(err)
             return
         self.joins, self.leaves, self.in_flight = [], [], True
 
@@ -139,7 +139,7 @@ class _Slot:
             with interrupts_allowed():
                 results = self.objective.trainer.pack_recv()
         except BaseException as err:
-            self._fail_all(err)
+            self.fail_all(err)
             return
         self.in_flight = False
         for number, (_, result) in results.items():
@@ -176,7 +176,7 @@ class _Slot:
         member = self.live.get(number)
         return member.job.cfg.trainer.epochs if member is not None else 0
 
-    def _fail_all(self, err: BaseException) -> None:
+    def fail_all(self, err: BaseException) -> None:
         for member in list(self.live.values()):
             try:
                 self._tell(member.trial, member.history, TrialState.FAIL, err)
@@ -266,4 +266,7 @@ def run_packs(
                 return
             objective.last_trials = list(slot.live)
             slot.receive()
-            check_interrupt()  # a safe point: every member's epoch is reported
+            try:
+                check_interrupt()  # a safe point: every member's epoch is reported
+            except KeyboardInterrupt as err:  # one that came while this process stored: the members end here
+                slot.fail_all(err)
