@@ -216,6 +216,12 @@ def test_sweeper_takes_its_space_from_the_space_group_and_refuses_bad_sweeps(tmp
     assert "optimizer.lr: unknown tag ['loglog']" in out and "Traceback" not in out
     assert not (elsewhere / "study.db").exists(), "bad input must not create the storage"
 
+    packed = run_sweep(elsewhere, "study.n_trials=2", "space=lr", "trainer.pack=4")
+    assert (
+        packed.returncode == 2 and "trainer.pack=4 packs the trials of python -m tuner" in packed.stdout + packed.stderr
+    )
+    assert not (elsewhere / "study.db").exists()
+
 
 @pytest.mark.slow
 def test_sweeper_plugin_ships_in_the_wheel_and_hydra_discovers_it(

@@ -129,6 +129,11 @@ def plan_sweep(hydra_context: HydraContext, config: DictConfig, arguments: list[
     if space:
         raw["space"] = space  # sweeps on the command line replace the space config group
     run, params = prepare(raw)
+    if run.trial.trainer.pack != 1:  # each job trains one trial: nothing to pack it with
+        raise ConfigError(
+            f"trainer.pack={run.trial.trainer.pack} packs the trials of python -m tuner; a sweeper job trains one "
+            "trial: leave trainer.pack at 1 with hydra/sweeper=tuner."
+        )
     return SweepPlan(run, params, raw, fixed)
 
 
