@@ -39,6 +39,25 @@ def test_scripts_bench_quick_compares_the_same_trials_on_every_side(tmp_path: Pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json"]  # no database or artifacts left behind
 
 
+def test_scripts_bench_pack_prints_one_row_per_pack_size(tmp_path: Path) -> None:
+    args = ["--models", "mlp", "--batch-sizes", "128", "--sizes", "1", "2", "--rounds", "1", "--epochs", "1"]
+    result = _script("bench_pack.py", *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines()[2:]]
+    assert [r[2] for r in rows] == ["1", "2"] and all(float(r[3]) > 0 and r[5].endswith("x") for r in rows)
+
+
+def test_scripts_bench_study_runs_each_pack_setting_and_compares_it(tmp_path: Path) -> None:
+    overrides = ["data=digits", "study.n_trials=4", "trainer.epochs=1", "pruner=none"]
+    result = _script("bench_study.py", "--packs", "1", "2", "--seeds", "0", "--", *overrides, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    rows = [line.split() for line in lines[1:3]]
+    assert [r[0] for r in rows] == ["1", "2"] and all(int(r[5]) == 4 for r in rows)  # 4 trials completed each
+    assert lines[-1].startswith("trainer.pack=2: median wall") and "x pack=1" in lines[-1]
+    assert list(tmp_path.iterdir()) == []  # its studies lived in a temporary folder
+
+
 def test_scripts_bench_budget_prints_one_row_per_block(tmp_path: Path) -> None:
     result = _script("bench_budget.py", "--blocks", "2", "--block", "10", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
