@@ -51,6 +51,19 @@ def fail_stale_trials(study: optuna.Study, storage: BaseStorage) -> None:
         optuna.storages.fail_stale_trials(study)  # a no-op without heartbeats
 
 
+def _stale_check(study: optuna.Study, storage: BaseStorage) -> Callable[[], None]:
+    """``fail_stale_trials`` at most every ``STALE_CHECK_S``; tune() failed the stale trials as the worker started."""
+    checked = time.monotonic()
+
+    def check() -> None:
+        nonlocal checked
+        if time.monotonic() - checked > STALE_CHECK_S:
+            fail_stale_trials(study, storage)
+            checked = time.monotonic()
+
+    return check
+
+
 def _run_trial(
     study: optuna.Study,
     trial: optuna.Trial,
@@ -99,11 +112,9 @@ def run_trials(
 ) -> None:
     """One worker's trials, until the budget is used, the time is up, or ``should_stop()``; a failing trial
     is recorded and the worker goes on, an interrupt fails the trial and goes on up."""
-    checked = time.monotonic()  # tune() failed the stale trials as this worker started
+    check_stale = _stale_check(study, storage)
     while not should_stop() and (deadline is None or time.monotonic() < deadline):
-        if time.monotonic() - checked > STALE_CHECK_S:
-            fail_stale_trials(study, storage)
-            checked = time.monotonic()
+        check_stale()
         try:
             trial = budget.ask(study)
         except BudgetReached:
@@ -163,13 +174,6 @@ def run_workers(
 
     def work(study: optuna.Study, objective: Objective) -> None:
         if pack > 1:
-            checked = [time.monotonic()]
-
-            def before_ask() -> None:
-                if time.monotonic() - checked[0] > STALE_CHECK_S:
-                    fail_stale_trials(study, storage)
-                    checked[0] = time.monotonic()
-
             run_packs(
                 study,
                 objective,
@@ -179,7 +183,7 @@ def run_workers(
                 budget=budget,
                 heartbeat_interval=heartbeat_interval,
                 told=told or [],
-                before_ask=before_ask,
+                before_ask=_stale_check(study, storage),
                 should_stop=lambda: (
                     stop.is_set() or should_stop() or (deadline is not None and time.monotonic() >= deadline)
                 ),
