@@ -41,13 +41,22 @@ def _alone(cfg: TrialConfig, seed: int, splits: Splits) -> tuple[list[EpochMetri
     return history, model
 
 
-def _packed(cfgs: list[TrialConfig], seeds: list[int], splits: Splits, epochs: int) -> tuple[Pack, list[Member]]:
+def _packed(
+    cfgs: list[TrialConfig], seeds: list[int], splits: Splits, epochs: int
+) -> tuple[Pack, list[Member], list[list[EpochMetrics]]]:
+    """The pack after ``epochs``, its members, and each member's per-epoch metrics."""
     pack = Pack(splits.input_shape, splits.num_classes, torch.device("cpu"))
     members = [Member(i, cfg, seed) for i, (cfg, seed) in enumerate(zip(cfgs, seeds, strict=True))]
     pack.change(join=members)
+    histories: list[list[EpochMetrics]] = [[] for _ in members]
     for _ in range(epochs):
-        pack.train_epoch(splits.x_train, splits.y_train, splits.x_val, splits.y_val, batch_size=cfgs[0].data.batch_size)
-    return pack, members
+        results = pack.train_epoch(
+            splits.x_train, splits.y_train, splits.x_val, splits.y_val, batch_size=cfgs[0].data.batch_size
+        )
+        for history, result in zip(histories, results, strict=True):
+            assert isinstance(result, EpochMetrics)
+            history.append(result)
+    return pack, members, histories
 
 
 def _same(a: list[EpochMetrics], b: list[EpochMetrics]) -> None:
@@ -64,10 +73,10 @@ def test_pack_members_with_mixed_optimizers_train_as_each_would_alone(model: str
     epochs = 3
     cfgs = [_cfg(*MODELS[model], *opt, f"trainer.epochs={epochs}") for opt in OPTIMIZERS]
     seeds = [11 + 7 * i for i in range(len(cfgs))]
-    pack, members = _packed(cfgs, seeds, splits, epochs)
-    for cfg, seed, member in zip(cfgs, seeds, members, strict=True):
+    pack, members, histories = _packed(cfgs, seeds, splits, epochs)
+    for cfg, seed, member, packed_history in zip(cfgs, seeds, members, histories, strict=True):
         history, alone = _alone(cfg, seed, splits)
-        _same(history, member.history)
+        _same(history, packed_history)
         packed = pack.model(member)
         alone.eval(), packed.eval()
         with torch.no_grad():

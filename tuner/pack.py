@@ -59,7 +59,6 @@ class Member:
     scheduler: torch.optim.lr_scheduler.LRScheduler = field(init=False)
     epoch: int = 0
     steps: int = 0
-    history: list[EpochMetrics] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.generator = torch.Generator().manual_seed(self.seed)
@@ -241,9 +240,7 @@ class Pack:
             if not math.isfinite(train_losses[j]):
                 results.append(TrainingDiverged(f"training loss became {train_losses[j]} at epoch {member.epoch}"))
                 continue
-            metrics = EpochMetrics(member.epoch, train_losses[j], val_losses[j], accuracies[j], seconds, lrs[j])
-            member.history.append(metrics)
-            results.append(metrics)
+            results.append(EpochMetrics(member.epoch, train_losses[j], val_losses[j], accuracies[j], seconds, lrs[j]))
         return results
 
     @torch.inference_mode()
