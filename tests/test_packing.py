@@ -119,6 +119,7 @@ def test_packing_a_freed_place_is_refilled_while_the_pack_trains(tmp_path: Path)
     spans = [(t.datetime_start, t.datetime_complete, t.user_attrs["pack_id"]) for t in trials]
     overlapping = any(a[2] != b[2] and a[0] < b[1] and b[0] < a[1] for a in spans for b in spans)
     assert overlapping
+    assert max(len(members) for members in _packs(trials).values()) > 4  # a pack of 4 refilled where members left
     assert any(t.state == TrialState.PRUNED for t in trials)
 
 
