@@ -161,16 +161,20 @@ def beating(storage: BaseStorage, ids: Callable[[], list[int]], interval: int | 
         return
     stop = threading.Event()
 
-    def beat() -> None:
-        while True:
-            for trial_id in ids():  # the caller's ids() must be safe to call from this thread
-                try:
-                    record(trial_id)
-                except Exception:  # a busy database: the next beat comes within the grace period
-                    log.debug("heartbeat of trial id %d failed", trial_id, exc_info=True)
-            if stop.wait(interval):
-                return
+    def beat_once() -> None:
+        for trial_id in ids():  # the caller's ids() must be safe to call from the beating thread
+            try:
+                record(trial_id)
+            except Exception:  # a busy database: the next beat comes within the grace period
+                log.debug("heartbeat of trial id %d failed", trial_id, exc_info=True)
 
+    def beat() -> None:
+        while not stop.wait(interval):
+            beat_once()
+
+    # The first beat before the block: a worker killed as its trial starts must leave a trial that can go stale
+    # (Optuna never fails a RUNNING trial that has no heartbeat at all).
+    beat_once()
     thread = threading.Thread(target=beat, name="tuner-heartbeat", daemon=True)
     thread.start()
     try:
