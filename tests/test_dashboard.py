@@ -6,6 +6,7 @@ browser or a driver. Without chromium the browser test skips, except in CI (``CI
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -42,10 +43,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture
-def dashboard(digits_study: tuple[list[str], Any], tmp_path: Path) -> Iterator[tuple[str, str]]:
+@contextlib.contextmanager
+def _serve(overrides: list[str], tmp_path: Path) -> Iterator[tuple[str, str]]:
     """``python -m tuner.dashboard`` on a free loopback port; yields (study URL, the command's first line)."""
-    overrides, _ = digits_study
     port = _free_port()
     log = tmp_path / "dashboard.log"
     with log.open("w") as out:
@@ -67,11 +67,18 @@ def dashboard(digits_study: tuple[list[str], Any], tmp_path: Path) -> Iterator[t
                 if proc.poll() is not None or time.monotonic() > deadline:
                     pytest.fail(f"the dashboard did not start: {log.read_text()}")
                 time.sleep(0.5)
-        first = log.read_text().splitlines()[0]
+        first = next(line for line in log.read_text().splitlines() if line.startswith("optuna-dashboard for "))
         yield first.rsplit(" at ", 1)[1], first
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.fixture
+def dashboard(digits_study: tuple[list[str], Any], tmp_path: Path) -> Iterator[tuple[str, str]]:
+    overrides, _ = digits_study
+    with _serve(overrides, tmp_path) as served:
+        yield served
 
 
 def _browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
@@ -168,3 +175,99 @@ def test_dashboard_other_hosts_warn_of_open_write_endpoints_and_suggest_a_tunnel
     warning = exposure_warning(host)
     assert warning is not None
     assert "no authentication" in warning and "write endpoints" in warning and "ssh -L" in warning
+
+
+@pytest.mark.slow
+def test_a_learning_rate_submitted_in_the_dashboards_form_reaches_the_running_babysat_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import optuna
+    from selenium.webdriver.common.by import By
+
+    db = tmp_path / "babysit.db"
+    overrides = ["data=digits", "model.hidden_units=32", "model.num_layers=1", f"study.storage=sqlite:///{db}"]
+    command = [sys.executable, "-m", "tuner.babysit", *overrides, "trainer.epochs=5000", "babysit.keep_checkpoints=2"]
+    job_log = (tmp_path / "job.log").open("w")
+    job = subprocess.Popen(command, cwd=tmp_path, stdout=job_log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while not _running_epochs(db) and job.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert job.poll() is None, (tmp_path / "job.log").read_text()
+        driver = _browser(tmp_path, monkeypatch)
+        with _serve(overrides, tmp_path) as (study_url, _):
+            try:
+                _page_text(driver, f"{study_url}/trials?numbers=0", "Set User Attributes Form", "set:optimizer.lr")
+                field = driver.find_element(
+                    By.XPATH,
+                    "//label[starts-with(normalize-space(), 'set:optimizer.lr')]/following-sibling::div//input",
+                )
+                driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", field)
+                field.send_keys("0.0123")
+                time.sleep(1.5)  # the form takes a field's text 500 ms after the last key
+                shot = tmp_path / "babysit-form.png"
+                assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 20_000
+                _click(driver, "//button[normalize-space()='Submit']")
+                events = _events(db, 1)
+                assert events[0]["key"] == "optimizer.lr" and events[0]["new"] == 0.0123
+                assert events[0]["applied"] and events[0]["source"] == "dashboard"
+                # Then stop it from the same form: the choice, submitted with the text fields left empty.
+                _click(driver, "//label[normalize-space()='stop after this epoch']//input")
+                _click(driver, "//button[normalize-space()='Submit']")
+                job.wait(timeout=120)
+            finally:
+                driver.quit()
+        assert job.returncode == 0, (tmp_path / "job.log").read_text()
+    finally:
+        if job.poll() is None:
+            job.kill()
+        job_log.close()
+    (trial,) = optuna.load_study(study_name="digits-mlp-babysit", storage=f"sqlite:///{db}").get_trials()
+    assert trial.state == optuna.trial.TrialState.COMPLETE
+    at = events[0]["epoch"]
+    lrs = {h["epoch"]: h["lr"] for h in trial.user_attrs["history"]}
+    assert lrs[at] == 0.05 and lrs[at + 1] == 0.0123  # applied at the next epoch boundary
+    keys = [(e["key"], e["source"]) for e in trial.user_attrs["babysit_events"]]
+    assert keys == [("optimizer.lr", "dashboard"), ("stop", "dashboard")]
+
+
+def _click(driver: Any, xpath: str) -> None:
+    """Click the element at ``xpath``, found again while the page re-renders it (a submitted form does)."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            driver.execute_script("arguments[0].click()", driver.find_element(By.XPATH, xpath))
+            return
+        except (NoSuchElementException, StaleElementReferenceException):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
+
+
+def _running_epochs(db: Path) -> int:
+    import optuna
+
+    from tuner.storage import make_storage  # its schema lock: the job may be creating the schema now
+
+    try:
+        storage = make_storage(f"sqlite:///{db}")
+        (trial,) = optuna.load_study(study_name="digits-mlp-babysit", storage=storage).get_trials()
+    except (KeyError, ValueError):
+        return 0
+    return len(trial.intermediate_values)
+
+
+def _events(db: Path, n: int) -> list[dict[str, Any]]:
+    import optuna
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        (trial,) = optuna.load_study(study_name="digits-mlp-babysit", storage=f"sqlite:///{db}").get_trials()
+        events = list(trial.user_attrs.get("babysit_events") or [])
+        if len(events) >= n:
+            return events
+        time.sleep(0.2)
+    pytest.fail(f"the babysit job recorded {n} event(s) in 60 s: {trial.user_attrs}")

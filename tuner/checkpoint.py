@@ -16,7 +16,7 @@ from torch import nn
 from tuner.model import build_model
 from tuner.schema import ModelConfig
 
-__all__ = ["load_model", "save_checkpoint"]
+__all__ = ["atomic_save", "load_model", "save_checkpoint"]
 
 
 def save_checkpoint(
@@ -29,9 +29,10 @@ def save_checkpoint(
     mean: float,
     std: float,
     meta: dict[str, Any],
+    extra: dict[str, Any] | None = None,
 ) -> None:
-    """Write atomically (temp file + rename), so a crash never leaves a half-written checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write atomically (temp file + rename), so a crash never leaves a half-written checkpoint; ``extra`` (the
+    state to resume training: tuner.babysit) is stored beside the model's fields."""
     payload = {
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "model": {"_target_": model_cfg.target, **model_cfg.options},  # as the config wrote it
@@ -39,7 +40,14 @@ def save_checkpoint(
         "classes": list(classes),
         "normalization": {"mean": mean, "std": std},
         "meta": meta,
+        **(extra or {}),
     }
+    atomic_save(payload, path)
+
+
+def atomic_save(payload: dict[str, Any], path: Path) -> None:
+    """``torch.save`` to a temp file beside ``path``, then rename: a reader sees the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:

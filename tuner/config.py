@@ -18,6 +18,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from tuner.schema import (
     KINDS,
+    BabysitConfig,
     ConfigError,
     DashboardConfig,
     DataConfig,
@@ -27,6 +28,7 @@ from tuner.schema import (
     RefineConfig,
     ReportConfig,
     RunConfig,
+    SteerConfig,
     StudyConfig,
     TrainerConfig,
     TrialConfig,
@@ -72,6 +74,8 @@ SCHEMA: dict[str, type | None] = {
     "dashboard": DashboardConfig,
     "report": ReportConfig,
     "refine": RefineConfig,
+    "babysit": BabysitConfig,
+    "steer": SteerConfig,
 }
 SECTIONS: dict[str, type] = {name: cls for name, cls in SCHEMA.items() if cls is not None}
 
@@ -250,7 +254,8 @@ def parse_run(raw: Mapping[str, Any]) -> RunConfig:
     """Check the whole composed config (without the search space, see ``tuner.space``)."""
     study = check_section(StudyConfig, "study", _section(raw, "study"))
     trial = parse_trial(raw)
-    for name in ("dashboard", "report", "refine"):  # read by their commands: a bad value stops every command alike
+    # Read by their commands: a bad value stops every command alike.
+    for name in ("dashboard", "report", "refine", "babysit", "steer"):
         parse_command_section(raw, name)
     plugins = [PluginConfig(*check_target(group, _section(raw, group))) for group in ("sampler", "pruner")]
     return RunConfig(
@@ -263,7 +268,8 @@ def parse_run(raw: Mapping[str, Any]) -> RunConfig:
 
 
 def parse_command_section(raw: Mapping[str, Any], name: str) -> Any:
-    """The ``dashboard``, ``report`` or ``refine`` section, checked (the command that reads it calls this)."""
+    """A command's section (``dashboard``, ``report``, ``refine``, ``babysit``, ``steer``), checked (the command that
+    reads it calls this)."""
     return check_section(SECTIONS[name], name, raw.get(name) or {})
 
 

@@ -52,8 +52,10 @@ def dashboard(raw: dict[str, Any]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{port}/dashboard/"
-    if run.study.name in study_names(storage):
-        url += f"studies/{storage.get_study_id_from_name(run.study.name)}"
+    stored = study_names(storage)
+    shown_study = next((n for n in (run.study.name, parse_command_section(raw, "babysit").study) if n in stored), None)
+    if shown_study is not None:  # the study, else its babysit study (python -m tuner.babysit <the same overrides>)
+        url += f"studies/{storage.get_study_id_from_name(shown_study)}"
     # A plain line on stdout: the one thing a person (or a test) reads from this command.
     print(f"optuna-dashboard for {safe_url(run.study.storage)} (artifacts: {folder}) at {url}", flush=True)
     print(

@@ -13,13 +13,23 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tuner.space import Param
 
-__all__ = ["learning_curves", "save_dashboard_plots", "value_vs_param"]
+__all__ = [
+    "BABYSIT_PLOT",
+    "babysit_curves",
+    "learning_curves",
+    "save_babysit_plot",
+    "save_dashboard_plots",
+    "value_vs_param",
+]
 
 _STYLE = {
     TrialState.COMPLETE: {"color": "#1f77b4", "symbol": "circle", "dash": "solid", "width": 1.5},
     TrialState.PRUNED: {"color": "#b0b0b0", "symbol": "x", "dash": "dot", "width": 1.0},
     TrialState.RUNNING: {"color": "#2ca02c", "symbol": "diamond", "dash": "dash", "width": 1.0},
 }
+
+
+BABYSIT_PLOT = "babysit-curves"
 
 
 def _last_value(trial: FrozenTrial) -> float | None:
@@ -103,3 +113,56 @@ def save_dashboard_plots(study: optuna.Study, params: list[Param]) -> list[str]:
         return [
             optuna_dashboard.save_plotly_graph_object(study, fig, graph_object_id=key) for key, fig in figures.items()
         ]
+
+
+def _change_text(event: dict[str, object]) -> str:
+    if event.get("applied"):
+        return f"{event['key']} {event['old']} -> {event['new']} ({event['source']})"
+    return f"rejected {event['key']}={event['new']!r} ({event['source']}): {event.get('reason')}"
+
+
+def babysit_curves(study: optuna.Study) -> go.Figure:
+    """Each babysat trial's val_accuracy per epoch (a fork drawn from its parent's epoch on), with its changes
+    marked where they took effect: stars for applied values, crosses for rejected ones."""
+    fig = go.Figure()
+    for trial in study.get_trials(deepcopy=False):
+        values = trial.intermediate_values
+        parent = trial.user_attrs.get("babysit_parent") or {}
+        first = int(parent.get("epoch", 0)) if parent.get("study") == study.study_name else 0
+        steps = [s for s in sorted(values) if s >= first]
+        if not steps:
+            continue
+        label = f"trial {trial.number} ({trial.state.name.lower()})"
+        if parent:
+            label += f", from {parent.get('study')} #{parent.get('trial')} at epoch {parent.get('epoch')}"
+        fig.add_trace(go.Scatter(x=steps, y=[values[s] for s in steps], mode="lines+markers", name=label))
+        events = [e for e in trial.user_attrs.get("babysit_events") or [] if isinstance(e, dict)]
+        for applied in (True, False):
+            marked = [e for e in events if bool(e.get("applied")) == applied and int(e["epoch"]) in values]
+            if marked:
+                fig.add_trace(
+                    go.Scatter(
+                        x=[int(e["epoch"]) for e in marked],
+                        y=[values[int(e["epoch"])] for e in marked],
+                        mode="markers",
+                        name=f"trial {trial.number}: {'changes' if applied else 'rejected'}",
+                        text=[_change_text(e) for e in marked],
+                        hoverinfo="text",
+                        marker={"symbol": "star" if applied else "x", "size": 14, "color": None if applied else "red"},
+                    )
+                )
+    fig.update_layout(
+        title="Babysat runs: val_accuracy per epoch, changes marked after the epoch they follow",
+        xaxis={"title": {"text": "epoch"}},
+        yaxis={"title": {"text": "val_accuracy"}},
+    )
+    return fig
+
+
+def save_babysit_plot(study: optuna.Study) -> None:
+    """Store ``babysit_curves`` on the study, where optuna-dashboard shows it (replacing the last one)."""
+    import optuna_dashboard
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna_dashboard.save_plotly_graph_object(study, babysit_curves(study), graph_object_id=BABYSIT_PLOT)

@@ -20,7 +20,7 @@ from plotly.offline import get_plotlyjs
 from tuner.__main__ import cli, command
 from tuner.config import ConfigError, parse_command_section, parse_run
 from tuner.importance import EVALUATOR_TITLES, EVALUATORS, LESSON_ORDER, make_evaluator, param_importances, tier_of
-from tuner.plots import learning_curves, value_vs_param
+from tuner.plots import babysit_curves, learning_curves, value_vs_param
 from tuner.space import Param, values_from_params
 from tuner.summary import count_states, fmt, rows_table
 
@@ -84,15 +84,39 @@ def build_figures(study: optuna.Study, params: list[Param], evaluator: str) -> d
     return figures
 
 
+def babysit_text(study: optuna.Study, storage: str) -> str:
+    """A babysit study's trials (how each started and ended) and every change a person made, in order."""
+    rows = [("study", f"{study.study_name} (babysat trials)"), ("storage", storage)]
+    events = []
+    for t in study.get_trials(deepcopy=False):
+        parent = t.user_attrs.get("babysit_parent")
+        origin = f", from {parent['study']} #{parent['trial']} at epoch {parent['epoch']}" if parent else ""
+        value = fmt(t.value) if t.value is not None else "-"
+        rows.append(
+            (
+                f"trial {t.number}",
+                f"{t.state.name.lower()}, {t.user_attrs.get('epochs_run', 0)} epochs, val_accuracy {value}{origin}",
+            )
+        )
+        for e in t.user_attrs.get("babysit_events") or []:
+            done = f"{e['old']} -> {e['new']}" if e.get("applied") else f"{e['new']!r} rejected: {e.get('reason')}"
+            events.append(f"trial {t.number} after epoch {e['epoch']}: {e['key']} {done} ({e['source']})")
+    return rows_table(rows) + "\n\nchanges\n" + ("\n".join(events) or "none")
+
+
 def write_report(study: optuna.Study, params: list[Param], folder: Path, *, storage: str, evaluator: str) -> str:
     """Compute everything first, then write the folder; returns the summary and the importance table."""
     if not study.get_trials(deepcopy=False):
         raise ConfigError(f"study.name={study.study_name!r} has no trials yet: nothing to report.")
-    summary = summary_text(study, params, storage)
-    # {evaluator: {param: importance}}, each highest first; empty where too few trials to say
-    importances = {name: param_importances(study, name) for name in EVALUATORS}
-    table = importance_table(importances, evaluator)
-    figures = build_figures(study, params, evaluator)
+    if study.user_attrs.get("babysit"):  # no search to rank: the curves with their changes (tuner.babysit)
+        summary, table, importances = babysit_text(study, storage), "", {}
+        figures = {"Babysat runs, with the changes marked": babysit_curves(study)}
+    else:
+        summary = summary_text(study, params, storage)
+        # {evaluator: {param: importance}}, each highest first; empty where too few trials to say
+        importances = {name: param_importances(study, name) for name in EVALUATORS}
+        table = importance_table(importances, evaluator)
+        figures = build_figures(study, params, evaluator)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "plotly.min.js").write_text(get_plotlyjs(), encoding="utf-8")
     parts = [
@@ -102,11 +126,15 @@ def write_report(study: optuna.Study, params: list[Param], folder: Path, *, stor
         "<style>body{font-family:sans-serif;margin:2em;max-width:1200px} pre{background:#f4f4f4;padding:1em}</style>",
         f"</head><body><h1>Study {html.escape(study.study_name)}</h1>",
         f"<pre>{html.escape(summary)}</pre>",
-        f"<h2>What mattered</h2><pre>{html.escape(table)}</pre>",
-        f"<p>Sorted by {EVALUATOR_TITLES[evaluator]} (Optuna 5's default is PED-ANOVA); evaluators can disagree, "
-        f"so all three are shown; '-': not ranked by that evaluator (fANOVA and MDI leave out params missing from "
-        f"some completed trials, such as momentum for SGD only). The lesson's order: {html.escape(LESSON_ORDER)}.</p>",
     ]
+    if importances:
+        parts += [
+            f"<h2>What mattered</h2><pre>{html.escape(table)}</pre>",
+            f"<p>Sorted by {EVALUATOR_TITLES[evaluator]} (Optuna 5's default is PED-ANOVA); evaluators can "
+            f"disagree, so all three are shown; '-': not ranked by that evaluator (fANOVA and MDI leave out params "
+            f"missing from some completed trials, such as momentum for SGD only). The lesson's order: "
+            f"{html.escape(LESSON_ORDER)}.</p>",
+        ]
     for title, fig in figures.items():
         parts.append(f"<h2>{html.escape(title)}</h2>")
         parts.append(fig.to_html(full_html=False, include_plotlyjs=False))
@@ -116,7 +144,7 @@ def write_report(study: optuna.Study, params: list[Param], folder: Path, *, stor
     (folder / "importances.json").write_text(
         json.dumps({"sorted_by": evaluator, "importances": importances}, indent=2), encoding="utf-8"
     )
-    return f"{summary}\n\nparameter importance\n{table}"
+    return f"{summary}\n\nparameter importance\n{table}" if importances else summary
 
 
 def report(raw: dict[str, Any]) -> None:

@@ -15,6 +15,7 @@ from typing import Any, TypeVar, get_type_hints
 
 __all__ = [
     "KINDS",
+    "BabysitConfig",
     "ConfigError",
     "DashboardConfig",
     "DataConfig",
@@ -24,6 +25,7 @@ __all__ = [
     "RefineConfig",
     "ReportConfig",
     "RunConfig",
+    "SteerConfig",
     "StudyConfig",
     "TrainerConfig",
     "TrialConfig",
@@ -52,7 +54,7 @@ def number(low: float, high: float | None = None, *, open_low: bool = False, ope
 
     def ok(v: float) -> bool:
         above = v > low or (not open_low and v == low)
-        return above and (high is None or v < high or (not open_high and v == high))
+        return above and (math.isfinite(v) if high is None else v < high or (not open_high and v == high))
 
     return _rule(expected, ok)
 
@@ -201,6 +203,32 @@ class RefineConfig:  # python -m tuner.refine: narrow study.name's space around 
     enqueue: bool = True  # start the new study with the parent's top_k configurations
     n_trials: int = setting("${study.n_trials}", count(1))
     run: bool = True  # false: write the space and create the study, train nothing
+
+
+@dataclass
+class BabysitConfig:  # python -m tuner.babysit: one model trained and steered (tuner.babysit)
+    study: str = setting(
+        "${study.name}-babysit",
+        _rule(_ONE_FOLDER, lambda v: "/" not in v and "\\" not in v and not v.startswith("."), longest=MAX_STUDY_NAME),
+    )
+    dir: str = setting("tuner_runs/${babysit.study}", _rule("a folder path"))  # <dir>/trial-<n>/epoch-<N>.pt
+    fork: int | None = setting(None, count(0))  # a babysat trial's number: start a new trial from its checkpoint
+    fork_epoch: int | None = setting(None, count(1))  # the fork's epoch; None: the parent's last checkpoint
+    from_best: bool = False  # continue study.name's best trial from its saved model
+    keep_checkpoints: int | None = setting(None, count(1))  # the last N epochs' checkpoints; None: every epoch
+
+
+@dataclass
+class SteerConfig:  # python -m tuner.steer: set a running babysat trial's values from a terminal
+    # Any: passed on as typed; the training job checks each value and records a rejected one with its reason.
+    lr: Any = None
+    momentum: Any = None
+    beta1: Any = None
+    beta2: Any = None
+    weight_decay: Any = None
+    stop: bool = False
+    trial: int | None = setting(None, count(0))  # None: the babysit study's one running trial
+    wait: float = setting(60.0, number(0.0))  # seconds to wait for the job to apply or reject the values
 
 
 @dataclass

@@ -64,6 +64,10 @@ def open_study(cfg: RunConfig, storage: BaseStorage, *, defined: dict[str, str] 
         direction=optuna.study.StudyDirection[cfg.study.direction.upper()],
         load_if_exists=True,
     )
+    if study.user_attrs.get("babysit"):  # tuner.babysit's: trials trained and steered one by one, not a search
+        raise ConfigError(
+            f"study.name={name!r} is a babysit study (python -m tuner.babysit), not a search: use another study.name."
+        )
     if study.direction.name.lower() != cfg.study.direction:
         raise ConfigError(
             f"study.direction={cfg.study.direction!r}, but the stored study {name!r} was created "

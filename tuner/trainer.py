@@ -37,6 +37,7 @@ __all__ = [
     "fit",
     "resolve_device",
     "train",
+    "train_epoch",
 ]
 
 # How often (in steps) the running loss is checked for NaN/inf; each check syncs with the device.
@@ -112,6 +113,42 @@ def evaluate(
     return loss.item() / n, correct.item() / n
 
 
+def train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    *,
+    epoch: int,
+    batch_size: int,
+    generator: torch.Generator,
+    bf16: bool = False,
+    on_step: Callable[[], None] | None = None,
+) -> float:
+    """One epoch of shuffled mini-batches (their order drawn from ``generator``): the mean training loss.
+    Raises ``TrainingDiverged`` as soon as the loss is NaN or infinite."""
+    device = x_train.device
+    model.train()
+    total = torch.zeros((), device=device)
+    seen = 0
+    for step, (xb, yb) in enumerate(_batches(x_train, y_train, batch_size, generator), start=1):
+        with autocast(device, bf16):
+            loss = F.cross_entropy(model(xb), yb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total.add_(loss.detach(), alpha=len(xb))  # one op, no host sync
+        seen += len(xb)
+        if step % _FINITE_CHECK_EVERY == 0 and not math.isfinite(total.item()):
+            raise TrainingDiverged(f"training loss became {total.item()} at epoch {epoch}, step {step}")
+        if on_step is not None:
+            on_step()
+    train_loss = total.item() / max(seen, 1)
+    if not math.isfinite(train_loss):
+        raise TrainingDiverged(f"training loss became {train_loss} at epoch {epoch}")
+    return train_loss
+
+
 def train(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -130,27 +167,13 @@ def train(
 ) -> list[EpochMetrics]:
     """Train for ``epochs`` and return the per-epoch metrics; ``on_epoch`` may raise to stop early.
     Raises ``TrainingDiverged`` as soon as the loss is NaN or infinite."""
-    device = x_train.device
     generator = torch.Generator().manual_seed(seed)
     history: list[EpochMetrics] = []
     for epoch in range(1, epochs + 1):
         start = time.perf_counter()
-        model.train()
-        total = torch.zeros((), device=device)
-        seen = 0
-        for step, (xb, yb) in enumerate(_batches(x_train, y_train, batch_size, generator), start=1):
-            with autocast(device, bf16):
-                loss = F.cross_entropy(model(xb), yb)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total.add_(loss.detach(), alpha=len(xb))  # one op, no host sync
-            seen += len(xb)
-            if step % _FINITE_CHECK_EVERY == 0 and not math.isfinite(total.item()):
-                raise TrainingDiverged(f"training loss became {total.item()} at epoch {epoch}, step {step}")
-        train_loss = total.item() / max(seen, 1)
-        if not math.isfinite(train_loss):
-            raise TrainingDiverged(f"training loss became {train_loss} at epoch {epoch}")
+        train_loss = train_epoch(
+            model, optimizer, x_train, y_train, epoch=epoch, batch_size=batch_size, generator=generator, bf16=bf16
+        )
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         val_loss, val_accuracy = evaluate(model, x_val, y_val, batch_size=eval_batch_size, bf16=bf16)

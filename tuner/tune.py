@@ -34,7 +34,7 @@ from tuner.summary import Progress, Summary, count_states, format_summary
 from tuner.trainer import evaluate, resolve_device
 from tuner.workers import ProcessTrainer, resolve_workers
 
-__all__ = ["prepare", "score_best", "tune"]
+__all__ = ["prepare", "quiet_libraries", "score_best", "tune"]
 
 log = logging.getLogger("tuner")
 
@@ -56,7 +56,7 @@ def prepare(raw: dict[str, Any]) -> tuple[RunConfig, list[Param]]:
     return run, params
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     # Our per-trial line replaces Optuna's; alembic and SQLAlchemy chatter at INFO on first use.
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     for name in ("alembic", "sqlalchemy"):
@@ -128,7 +128,7 @@ def tune(run: RunConfig, params: list[Param], *, processes: int = 1) -> Summary:
 
 
 def _tune(run: RunConfig, params: list[Param], *, processes: int) -> Summary:
-    _quiet_libraries()
+    quiet_libraries()
     start = time.monotonic()
     trainer_cfg = run.trial.trainer
     if trainer_cfg.threads is not None:
