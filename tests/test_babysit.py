@@ -127,6 +127,18 @@ def test_values_set_as_the_dashboard_writes_them_apply_at_the_next_epoch_and_sto
     assert trial.user_attrs["babysit_status"].startswith(f"complete after epoch {last}: stopped by set:stop")
     assert 0.0 < trial.user_attrs["test_accuracy"] <= 1.0
 
+    # The curve with its changes marked, as the dashboard's custom plot and python -m tuner.report draw it.
+    from tuner.plots import babysit_curves
+    from tuner.report import write_report
+
+    study = optuna.load_study(study_name="digits-mlp-babysit", storage=f"sqlite:///{tmp_path / 'babysit.db'}")
+    marks = {t.name: t for t in babysit_curves(study).data}
+    assert list(marks["trial 0: changes"].x) == [at, last] and list(marks["trial 0: rejected"].x) == [at]
+    assert marks["trial 0: changes"].text[0] == "optimizer.lr 0.05 -> 0.0123 (dashboard)"
+    text = write_report(study, [], tmp_path / "report", storage="sqlite:///babysit.db", evaluator="ped_anova")
+    assert f"trial 0 after epoch {at}: optimizer.lr 0.05 -> 0.0123 (dashboard)" in text
+    assert "Babysat runs, with the changes marked" in (tmp_path / "report" / "index.html").read_text()
+
 
 def test_the_terminal_command_sets_the_lr_is_told_of_a_rejected_value_and_stops_the_trial(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -162,6 +174,13 @@ def test_the_terminal_command_sets_the_lr_is_told_of_a_rejected_value_and_stops_
     ]
     history = trial.user_attrs["history"]
     assert history[-1]["lr"] == 0.02
+    # Only a running trial can be steered; the command names what it found.
+    with pytest.raises(ConfigError, match=r"steer.trial=0: trial 0 of 'digits-mlp-babysit' is COMPLETE; fork it"):
+        steer(compose_raw(*_overrides(tmp_path, "steer.lr=0.1", "steer.trial=0")))
+    with pytest.raises(ConfigError, match=r"name one running trial of 'digits-mlp-babysit' \(running: none\)"):
+        steer(compose_raw(*_overrides(tmp_path, "steer.lr=0.1")))
+    with pytest.raises(ConfigError, match=r"python -m tuner.steer sets nothing"):
+        steer(compose_raw(*_overrides(tmp_path)))
 
 
 def _state(path: Path) -> dict[str, Any]:

@@ -215,6 +215,7 @@ def test_a_learning_rate_submitted_in_the_dashboards_form_reaches_the_running_ba
                 _click(driver, "//label[normalize-space()='stop after this epoch']//input")
                 _click(driver, "//button[normalize-space()='Submit']")
                 job.wait(timeout=120)
+                _page_text(driver, study_url, "Babysat runs: val_accuracy per epoch")  # the custom plot
             finally:
                 driver.quit()
         assert job.returncode == 0, (tmp_path / "job.log").read_text()

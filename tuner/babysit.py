@@ -23,7 +23,7 @@ from tuner.__main__ import cli, command, set_on_command_line
 from tuner.babysitter import STATUS_ATTR, Babysitter, checkpoints
 from tuner.config import ConfigError, RunConfig, parse_command_section, parse_run
 from tuner.definition import CONTENT_KEY, data_content
-from tuner.faults import Interrupted, interruptible, interrupts_allowed, interrupts_deferred
+from tuner.faults import Interrupted, error_reason, interruptible, interrupts_allowed, interrupts_deferred
 from tuner.origin import BABYSIT_ATTR, Origin, build_model_state, find_origin, run_key
 from tuner.schema import BabysitConfig
 from tuner.summary import fmt, rows_table
@@ -175,6 +175,9 @@ def _babysit(run: RunConfig, section: BabysitConfig, changed: list[str]) -> None
             storage.set_trial_user_attr(sitter.trial_id, STATUS_ATTR, status)
         log.error("%s: run the same command again to continue from its checkpoint", status)
         sys.exit(143 if err.signal_name == "SIGTERM" else 130)
+    except Exception as err:  # the trial stays RUNNING: the same command continues it once the cause is mended
+        storage.set_trial_user_attr(sitter.trial_id, STATUS_ATTR, f"{error_reason(err)} after epoch {model.epoch}")
+        raise
     final = storage.get_trial(sitter.trial_id)
     events = final.user_attrs.get(EVENTS_ATTR) or []
     rows = [

@@ -157,13 +157,16 @@ def build_model_state(
     optimizer, scheduler = build_optimizer(module.parameters(), cfg.optimizer, device=device)
     model = Model(cfg, module, optimizer, scheduler, torch.Generator().manual_seed(origin.seed))
     own = checkpoints(folder)
-    payload = torch.load(own[max(own)], map_location=device, weights_only=True) if own else origin.payload
-    if own and (payload["meta"].get("study"), payload["meta"].get("trial")) != owner:
-        raise ConfigError(
-            f"babysit.dir={str(folder.parent)!r} holds the checkpoints of study {payload['meta'].get('study')!r} "
-            f"trial {payload['meta'].get('trial')}, not of {owner[0]!r} trial {owner[1]}: give each babysit study a "
-            "babysit.dir of its own (the default, tuner_runs/${babysit.study})."
-        )
+    payload: dict[str, Any] | None = origin.payload
+    if own:
+        payload = torch.load(own[max(own)], map_location=device, weights_only=True)
+        meta = payload["meta"]
+        if (meta.get("study"), meta.get("trial")) != owner:
+            raise ConfigError(
+                f"babysit.dir={str(folder.parent)!r} holds the checkpoints of study {meta.get('study')!r} trial "
+                f"{meta.get('trial')}, not of {owner[0]!r} trial {owner[1]}: give each babysit study a babysit.dir "
+                "of its own (the default, tuner_runs/${babysit.study})."
+            )
     if payload is None:
         return model
     module.load_state_dict(payload["state_dict"])
