@@ -309,4 +309,6 @@ def test_a_babysit_study_and_a_tuning_study_are_never_mixed(tmp_path: Path) -> N
         _run(tmp_path, "data.train_subset=500")
     with pytest.raises(ConfigError, match=r"babysit.fork=0 and babysit.from_best=true: choose one"):
         _run(tmp_path, "babysit.fork=0", "babysit.from_best=true")
+    with pytest.raises(ConfigError, match=r"trainer.pack=4: python -m tuner.babysit trains one model in this process"):
+        _run(tmp_path, "trainer.pack=4", changed=["trainer.pack"])
     assert len(_trials(tmp_path)) == 1

@@ -21,7 +21,7 @@ from optuna.storages import BaseStorage
 
 from tuner.__main__ import cli, command, set_on_command_line
 from tuner.babysitter import STATUS_ATTR, Babysitter, checkpoints
-from tuner.config import ConfigError, RunConfig, parse_command_section, parse_run
+from tuner.config import ConfigError, RunConfig, get_path, parse_command_section, parse_run
 from tuner.definition import CONTENT_KEY, data_content
 from tuner.faults import Interrupted, error_reason, interruptible, interrupts_allowed, interrupts_deferred
 from tuner.origin import BABYSIT_ATTR, Origin, build_model_state, find_origin, run_key
@@ -103,6 +103,12 @@ def babysit(raw: dict[str, Any], changed: list[str] | None = None) -> None:
     check_storage_url(run.study.storage)
     check_folder("babysit.dir", section.dir)
     changed = set_on_command_line() if changed is None else changed
+    for key in ("trainer.workers", "trainer.pack"):
+        if key in changed:
+            raise ConfigError(
+                f"{key}={get_path(raw, key)!r}: python -m tuner.babysit trains one model in this process; leave "
+                f"{key} out."
+            )
     with interruptible():
         _babysit(run, section, changed)
 
