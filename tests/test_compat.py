@@ -42,3 +42,16 @@ def test_compat_trial_id_is_the_storages_id_of_the_trial(tmp_path: Path) -> None
     trial = other.ask()
     study_id = storage.get_study_id_from_name("t")
     assert trial_id(trial) == storage.get_trial_id_from_study_id_trial_number(study_id, trial.number) != trial.number
+
+
+def test_compat_the_digits_table_is_what_load_digits_returns() -> None:
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    from tuner._compat import sklearn_digits_table
+    from tuner.datasets import digits
+
+    assert sklearn_digits_table() is not None  # else data=digits imports scikit-learn: over a second a process
+    loaded, fast = load_digits(), digits()
+    assert np.array_equal(fast["x_train"][:, 0] * 16, loaded.images.astype(np.float32))
+    assert np.array_equal(fast["y_train"], loaded.target) and fast["y_train"].dtype == np.int64

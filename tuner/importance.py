@@ -3,26 +3,24 @@
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import optuna
-from optuna.importance import (
-    BaseImportanceEvaluator,
-    FanovaImportanceEvaluator,
-    MeanDecreaseImpurityImportanceEvaluator,
-    PedAnovaImportanceEvaluator,
-)
 from optuna.trial import TrialState
 
 from tuner.config import ConfigError
 from tuner.space import REVERSE_PREFIX
 
+if TYPE_CHECKING:  # optuna.importance imports scikit-learn (over a second): only once importances are computed
+    from optuna.importance import BaseImportanceEvaluator
+
 __all__ = ["EVALUATORS", "EVALUATOR_TITLES", "LESSON_ORDER", "make_evaluator", "param_importances", "tier_of"]
 
 # Optuna 5's get_param_importances defaults to PED-ANOVA; fANOVA and MDI can rank the same trials differently.
-EVALUATORS: dict[str, type[BaseImportanceEvaluator]] = {
-    "ped_anova": PedAnovaImportanceEvaluator,
-    "fanova": FanovaImportanceEvaluator,
-    "mean_decrease_impurity": MeanDecreaseImpurityImportanceEvaluator,
+EVALUATORS: dict[str, str] = {  # report.evaluator -> the class in optuna.importance
+    "ped_anova": "PedAnovaImportanceEvaluator",
+    "fanova": "FanovaImportanceEvaluator",
+    "mean_decrease_impurity": "MeanDecreaseImpurityImportanceEvaluator",
 }
 EVALUATOR_TITLES = {"ped_anova": "PED-ANOVA", "fanova": "fANOVA", "mean_decrease_impurity": "mean decrease impurity"}
 
@@ -50,10 +48,13 @@ def tier_of(name: str) -> int | None:
 
 
 def make_evaluator(name: str, *, seed: int = 0) -> BaseImportanceEvaluator:
-    cls = EVALUATORS.get(name)
-    if cls is None:
+    if name not in EVALUATORS:
         raise ConfigError(f"report.evaluator must be one of {', '.join(EVALUATORS)}, but got {name!r}.")
-    return cls() if cls is PedAnovaImportanceEvaluator else cls(seed=seed)  # type: ignore[call-arg]
+    import optuna.importance
+
+    cls = getattr(optuna.importance, EVALUATORS[name])
+    evaluator: BaseImportanceEvaluator = cls() if name == "ped_anova" else cls(seed=seed)
+    return evaluator
 
 
 def param_importances(study: optuna.Study, evaluator: str = "ped_anova", *, seed: int = 0) -> dict[str, float]:
@@ -65,6 +66,7 @@ def param_importances(study: optuna.Study, evaluator: str = "ped_anova", *, seed
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             # PED-ANOVA warns per param when a quantile holds < 2 trials: normal in a small study.
             warnings.filterwarnings("ignore", message="Some regimes for parameter")
-            return dict(optuna.importance.get_param_importances(study, evaluator=make_evaluator(evaluator, seed=seed)))
+            chosen = make_evaluator(evaluator, seed=seed)  # imports optuna.importance
+            return dict(optuna.importance.get_param_importances(study, evaluator=chosen))
     except (ValueError, RuntimeError):  # e.g. no param common to all completed trials, or all values equal
         return {}
