@@ -22,3 +22,10 @@ fi
 $PY -m tuner trainer.device=cuda trainer.bf16=true study.n_trials=${TRIALS:-30} "${data[@]}" \
   study.storage="sqlite:///$tmp/gpu.db" study.output_dir="$tmp/out" hydra.run.dir="$tmp/hydra"
 echo "gpu_check: ${data[*]} study on CUDA, $(( $(date +%s) - start )) s wall"
+# Packs chosen by the probe on this GPU (trainer.pack=auto prints the rates and its choice), then one babysat model.
+start=$(date +%s)
+$PY -m tuner trainer.device=cuda trainer.pack=auto study.n_trials=${TRIALS:-30} "${data[@]}" study.name=gpu-auto \
+  study.storage="sqlite:///$tmp/gpu.db" study.output_dir="$tmp/auto" hydra.run.dir="$tmp/hydra-auto"
+echo "gpu_check: the same study with trainer.pack=auto, $(( $(date +%s) - start )) s wall"
+$PY -m tuner.babysit trainer.device=cuda trainer.epochs=3 "${data[@]}" study.storage="sqlite:///$tmp/gpu.db" \
+  babysit.dir="$tmp/babysit" hydra.run.dir="$tmp/hydra-babysit"

@@ -135,8 +135,16 @@ class TrainerConfig:
             convert=lambda v: None if v == "auto" else v,
         ),
     )
-    # Trials each worker trains at once as one stacked model (tuner.pack); 1: one at a time.
-    pack: int = setting(1, count(1))
+    # Trials each worker trains at once as one stacked model (tuner.pack); 1: one at a time; auto (None once
+    # checked): from a throughput probe on the device (tuner.packauto).
+    pack: Any = setting(  # noqa: RUF009 (Any: a string or a number; the rule checks it)
+        1,
+        _rule(
+            "auto or an integer >= 1",
+            lambda v: v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+            convert=lambda v: None if v == "auto" else v,
+        ),
+    )
 
 
 def short_name(target: str) -> str:

@@ -131,7 +131,7 @@ def plan_sweep(hydra_context: HydraContext, config: DictConfig, arguments: list[
     run, params = prepare(raw)
     if run.trial.trainer.pack != 1:  # each job trains one trial: nothing to pack it with
         raise ConfigError(
-            f"trainer.pack={run.trial.trainer.pack} packs the trials of python -m tuner; a sweeper job trains one "
+            f"trainer.pack={raw['trainer']['pack']} packs the trials of python -m tuner; a sweeper job trains one "
             "trial: leave trainer.pack at 1 with hydra/sweeper=tuner."
         )
     return SweepPlan(run, params, raw, fixed)

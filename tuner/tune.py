@@ -24,6 +24,7 @@ from tuner.model import build_model
 from tuner.notes import write_end_note, write_start_note
 from tuner.objective import Objective
 from tuner.pack import stackable
+from tuner.packauto import auto_pack
 from tuner.plots import save_dashboard_plots
 from tuner.plugins import make_pruner, make_sampler, pruner_startup
 from tuner.secrets import safe_url
@@ -141,8 +142,8 @@ def _tune(run: RunConfig, params: list[Param], *, processes: int) -> Summary:
     with interrupts_allowed():
         splits = objective.splits(run.trial.data, device)
     model = build_model(run.trial.model, splits.input_shape, splits.num_classes)  # one that cannot be built: stop
-    pack = trainer_cfg.pack
-    if pack > 1 and not stackable(model):
+    pack = trainer_cfg.pack  # None: auto, decided once the study is open
+    if pack != 1 and not stackable(model):
         log.info("model._target_=%r cannot be stacked (tuner.pack): one trial at a time", run.trial.model.target)
         pack = 1
     defined = definition(run.raw, params, data_content(splits.arrays()))
@@ -153,6 +154,8 @@ def _tune(run: RunConfig, params: list[Param], *, processes: int) -> Summary:
         max_retry=run.study.max_retry,
     )
     study = open_study(run, storage, defined=defined)
+    if pack is None:
+        pack = auto_pack(study, run.trial, splits, device)
     url = safe_url(run.study.storage)
     write_start_note(study, run, params)  # the dashboard's study note; its Results are written at the end
     _recover_stale_trials(study, storage)

@@ -1,0 +1,123 @@
+"""``trainer.pack=auto``: how many trials a device trains at once, from a short throughput probe.
+
+The probe trains the composed config's shape on this device for a few dozen steps: alone as tuner.trainer does
+(``K=1``), then stacked as a pack of 2, 4, 8 and 16 (tuner.pack), until the rate stops growing or memory runs out;
+each rate is member-steps per second, the best of three timings. A pack pays only where it trains each member
+``GAIN`` times faster than one alone: on this project's 2-core CPU, the whole default study was no faster at 1.84x
+per member (docs/benchmarks.md, "Packs": the storage work and fewer pruned trials eat the rest).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import optuna
+import torch
+
+from tuner.data import Splits
+from tuner.model import build_model
+from tuner.optim import build_optimizer
+from tuner.pack import Member, Pack
+from tuner.schema import TrialConfig
+from tuner.trainer import TrainingDiverged, train_epoch
+
+__all__ = ["AUTO_ATTR", "CANDIDATES", "GAIN", "auto_pack", "choose", "probe"]
+
+AUTO_ATTR = "pack_auto"  # on the study: the probe's rates and the size it chose
+CANDIDATES = (2, 4, 8, 16)
+GAIN = 2.0
+_STEPS, _REPEATS, _MIN_TIME = 10, 3, 0.05
+_SLOW = 0.5  # seconds: a pack size whose timing takes longer is the last one tried (the probe's cost)
+
+log = logging.getLogger("tuner")
+
+
+def _timed(run: Any) -> float:
+    """Seconds per ``run()``, over as many runs as fill ``_MIN_TIME``: one short run is mostly the clock's noise."""
+    runs, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < _MIN_TIME:
+        run()
+        runs += 1
+    return elapsed / runs
+
+
+def _pack_epoch(
+    k: int, cfg: TrialConfig, splits: Splits, device: torch.device, x: torch.Tensor, y: torch.Tensor
+) -> Any:
+    pack = Pack(splits.input_shape, splits.num_classes, device)
+    pack.change(join=[Member(key=i, cfg=cfg, seed=i) for i in range(k)])
+    few = splits.x_val[:2], splits.y_val[:2]  # the pack's epoch ends in an evaluation: keep it negligible
+    return lambda: pack.train_epoch(x, y, *few, batch_size=cfg.data.batch_size, bf16=cfg.trainer.bf16)
+
+
+def probe(cfg: TrialConfig, splits: Splits, device: torch.device) -> dict[int, float]:
+    """Member-steps per second by pack size on ``device``, for ``cfg``'s model and batch size: each the best of
+    ``_REPEATS`` timings taken in turns across the sizes, so that a passing load slows them alike."""
+    batch = cfg.data.batch_size
+    n = min(len(splits.x_train), batch * _STEPS)
+    x, y = splits.x_train[:n], splits.y_train[:n]
+    steps = sum(1 for s in range(0, n, batch) if n - s >= 2)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, splits.input_shape, splits.num_classes).to(device)
+    optimizer, _ = build_optimizer(model.parameters(), cfg.optimizer, device=device)
+    generator = torch.Generator().manual_seed(0)
+    runs: dict[int, Any] = {
+        1: lambda: train_epoch(
+            model, optimizer, x, y, epoch=1, batch_size=batch, generator=generator, bf16=cfg.trainer.bf16
+        )
+    }
+    best: dict[int, float] = {}
+    try:
+        for k in (1, *CANDIDATES):  # the first round: warm each size up, stop past the peak or the time allowed
+            if k > 1:
+                try:
+                    runs[k] = _pack_epoch(k, cfg, splits, device, x, y)
+                except torch.OutOfMemoryError:
+                    break  # bounded by the device's memory
+            runs[k]()  # allocates and warms the kernels: not timed
+            best[k] = _timed(runs[k])
+            rates = {j: j * steps / t for j, t in best.items()}
+            if rates[k] < 0.8 * max(rates.values()) or best[k] > _SLOW:
+                break
+        for _ in range(_REPEATS - 1):
+            for k in best:
+                best[k] = min(best[k], _timed(runs[k]))
+    except TrainingDiverged:  # the composed config's own settings diverge: no rate to compare packs with
+        return {1: 0.0}
+    return {k: k * steps / t for k, t in best.items()}
+
+
+def choose(rates: dict[int, float]) -> int:
+    """1 unless some pack trains each member ``GAIN`` times faster; then the smallest within 10% of the best."""
+    best = max(rates, key=lambda k: rates[k])
+    if rates[1] <= 0 or rates[best] < GAIN * rates[1]:
+        return 1
+    return min(k for k, rate in rates.items() if rate >= 0.9 * rates[best])
+
+
+def auto_pack(study: optuna.Study, cfg: TrialConfig, splits: Splits, device: torch.device) -> int:
+    """The pack size for this study on ``device``: the one a run on this study chose before (a resumed study packs
+    as it began), else the probe's choice, stored on the study as ``pack_auto``."""
+    shape = {"device": device.type, "model": {"_target_": cfg.model.target, **cfg.model.options},
+             "batch_size": cfg.data.batch_size}  # fmt: skip
+    stored = study.user_attrs.get(AUTO_ATTR)
+    if isinstance(stored, dict) and stored.get("shape") == shape and isinstance(stored.get("chosen"), int):
+        log.info("trainer.pack=auto: %d, as the study chose on %s before", stored["chosen"], device.type)
+        return int(stored["chosen"])
+    rates = probe(cfg, splits, device)
+    chosen = choose(rates)
+    study.set_user_attr(
+        AUTO_ATTR,
+        {"shape": shape, "member_steps_per_s": {str(k): round(r, 1) for k, r in rates.items()}, "chosen": chosen},
+    )
+    shown = ", ".join(f"K={k} {r / rates[1]:.2f}x" for k, r in rates.items())
+    log.info(
+        "trainer.pack=auto: %d on %s (member steps per second against one alone: %s; a pack needs %.1fx)",
+        chosen,
+        device.type,
+        shown,
+        GAIN,
+    )
+    return chosen
