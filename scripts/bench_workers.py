@@ -94,10 +94,11 @@ def _after(ready: Any, go: Any, done: Any, width: int, batch: int, steps: int) -
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--steps", type=int, default=600, help="optimizer steps per training")
+    parser.add_argument("--shapes", type=int, default=len(SHAPES), help="the first N of the (hidden, batch) shapes")
     args = parser.parse_args(argv)
     print(f"{'hidden':>6} {'batch':>5} {'1 after 1 (s)':>13} {'2 threads':>10} {'2 procs':>8} {'2 torch threads':>16}")
     ratios: dict[str, list[float]] = {"threads": [], "processes": [], "torch2": []}
-    for width, batch in SHAPES:
+    for width, batch in SHAPES[: args.shapes]:
         train(width, batch, 20)
         sequential = one_after_the_other(width, batch, args.steps, 1)
         threads = side_by_side("threads", width, batch, args.steps)

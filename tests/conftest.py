@@ -116,12 +116,16 @@ def postgres_url() -> Iterator[str]:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Every PostgreSQL test is ``slow`` (a database of its own per test): those that take ``postgres_url``,
-    and a storage kind parametrized as ``postgresql`` (which asks for the fixture when it runs)."""
+    and a storage kind parametrized as ``postgresql`` (which asks for the fixture when it runs). Slow tests run
+    first."""
     for item in items:
         callspec = getattr(item, "callspec", None)
         params = callspec.params.values() if callspec is not None else ()
         if "postgres_url" in getattr(item, "fixturenames", ()) or "postgresql" in params:
             item.add_marker(pytest.mark.slow)
+    # The slow tests first (the order is stable within each kind): the two test processes then end together
+    # instead of one waiting for a long test that started last.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @dataclass(frozen=True)
