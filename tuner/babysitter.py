@@ -35,6 +35,7 @@ __all__ = ["HISTORY_ATTR", "STATUS_ATTR", "Babysitter", "Model", "checkpoint_pat
 
 log = logging.getLogger("tuner")
 
+PLOT_EVERY = 5.0  # seconds between saves of the study's curves plot (and after each change, and at the end)
 HISTORY_ATTR = "history"  # [{epoch, train_loss, val_loss, val_accuracy, lr, epoch_time_s}], the curve's details
 STATUS_ATTR = "babysit_status"
 
@@ -89,6 +90,7 @@ class Babysitter:
         self.folder, self.keep, self.stored = folder, keep, stored  # stored: the config written with the trial
         self.events: list[dict[str, Any]] = list(storage.get_trial(self.trial_id).user_attrs.get(EVENTS_ATTR) or [])
         self.stopped_by: str | None = None
+        self._plotted = time.monotonic()  # the curve itself is live in the dashboard's own plot of the trial
         name = model.cfg.optimizer.name
         for event in self.events[model.events_seen :]:  # applied after the checkpoint this run resumed from
             replay(event, model.optimizer, model.scheduler, name)
@@ -158,7 +160,8 @@ class Babysitter:
         self.storage.set_trial_user_attr(self.trial_id, "epochs_run", epoch)
         self.storage.set_trial_user_attr(self.trial_id, HISTORY_ATTR, m.history)
         self._save()
-        save_babysit_plot(self.study)
+        if time.monotonic() - self._plotted > PLOT_EVERY:
+            self._plot()
         log.info(
             "epoch %d/%d train_loss %.4f val_loss %.4f val_accuracy %.4f lr %.4g in %.1fs",
             epoch,
@@ -245,8 +248,13 @@ class Babysitter:
         if new:
             self.events += new
             self.storage.set_trial_user_attr(self.trial_id, EVENTS_ATTR, self.events)
+            self._plot()
         for request in requests:  # after the events: a run killed in between records a request twice, never loses it
             self.storage.set_trial_user_attr(self.trial_id, request.key, "")
+
+    def _plot(self) -> None:
+        save_babysit_plot(self.study)
+        self._plotted = time.monotonic()
 
     def _complete(self) -> TrialState:
         m = self.model
