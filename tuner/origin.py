@@ -85,8 +85,14 @@ def _from_fork(run: RunConfig, section: BabysitConfig, storage: BaseStorage, cha
             f"trial {payload['meta'].get('trial')}, not of {section.study!r} trial {section.fork}."
         )
     state = payload["babysit"]
-    study_id = storage.get_study_id_from_name(section.study)
-    parent = storage.get_trial(storage.get_trial_id_from_study_id_trial_number(study_id, section.fork))
+    try:
+        study_id = storage.get_study_id_from_name(section.study)
+        parent = storage.get_trial(storage.get_trial_id_from_study_id_trial_number(study_id, section.fork))
+    except KeyError:  # checkpoints whose study or trial the storage no longer has
+        raise ConfigError(
+            f"babysit.fork={section.fork}: babysit.study={section.study!r} has no trial {section.fork} in this "
+            "storage, though its checkpoints are in babysit.dir."
+        ) from None
     sections = set_path(state["config"], {f"optimizer.{k}": v for k, v in state["settings"].items()})
     sections, overrides = _inherit(sections, run, changed, "fork")
     return Origin(
