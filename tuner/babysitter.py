@@ -88,7 +88,9 @@ class Babysitter:
             storage.get_study_id_from_name(study.study_name), number
         )
         self.folder, self.keep, self.stored = folder, keep, stored  # stored: the config written with the trial
-        self.events: list[dict[str, Any]] = list(storage.get_trial(self.trial_id).user_attrs.get(EVENTS_ATTR) or [])
+        trial = storage.get_trial(self.trial_id)
+        self.events: list[dict[str, Any]] = list(trial.user_attrs.get(EVENTS_ATTR) or [])
+        self._reported = set(trial.intermediate_values)  # a resumed run's epochs after its checkpoint are in it
         self.stopped_by: str | None = None
         self._plotted = time.monotonic()  # the curve itself is live in the dashboard's own plot of the trial
         name = model.cfg.optimizer.name
@@ -153,8 +155,9 @@ class Babysitter:
     def _record(self, metrics: dict[str, float]) -> None:
         m, epoch = self.model, int(metrics["epoch"])
         m.epoch, m.history = epoch, [*m.history, metrics]
-        if epoch not in self.storage.get_trial(self.trial_id).intermediate_values:  # else: a resumed epoch, the same
+        if epoch not in self._reported:  # else: an epoch trained again after a resume, to the same value
             self.storage.set_trial_intermediate_value(self.trial_id, epoch, metrics["val_accuracy"])
+            self._reported.add(epoch)
         for key in ("train_loss", "val_loss", "lr", "epoch_time_s"):
             self.storage.set_trial_user_attr(self.trial_id, key, metrics[key])
         self.storage.set_trial_user_attr(self.trial_id, "epochs_run", epoch)
