@@ -14,6 +14,7 @@ from tuner.steering import (
     STOP_KEY,
     Request,
     apply_request,
+    clear_requests,
     current_settings,
     pending_requests,
     register_widgets,
@@ -35,13 +36,34 @@ def test_pending_requests_read_the_dashboards_strings_and_the_terminals_values_a
         "train_loss": 0.3,
     }
     requests = pending_requests(attrs)
-    assert requests == [
+    assert requests == [  # "keep training" asks nothing: every submission of the form writes it
         Request("set:optimizer.lr", "0.01", "dashboard"),
         Request("set:optimizer.weight_decay", 1e-4, "terminal"),
-        Request(STOP_KEY, 0, "dashboard"),  # last: the values before it are recorded first
     ]
-    assert not requests[-1].stops
+    stop = pending_requests({**attrs, STOP_KEY: 1})
+    assert stop[-1] == Request(STOP_KEY, 1, "dashboard")  # last: the values before it are recorded first
     assert Request(STOP_KEY, 1, "dashboard").stops and Request(STOP_KEY, True, "terminal").stops
+
+
+def test_a_key_written_again_after_the_job_read_it_is_not_emptied_but_read_at_the_next_boundary(
+    tmp_path: Path,
+) -> None:
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'steer.db'}")
+    study = optuna.create_study(storage=storage)
+    number = study.ask().number
+    trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name), number)
+    for key, value in {"set:optimizer.lr": "0.01", "set:optimizer.momentum": "0.5", STOP_KEY: 0}.items():
+        storage.set_trial_user_attr(trial_id, key, value)
+    read = pending_requests(storage.get_trial(trial_id).user_attrs)
+    storage.set_trial_user_attr(trial_id, "set:optimizer.lr", "0.02")  # the person submits while the job applies
+    storage.set_trial_user_attr(trial_id, STOP_KEY, 1)
+    clear_requests(storage, trial_id, read)
+    attrs = storage.get_trial(trial_id).user_attrs
+    assert attrs["set:optimizer.momentum"] == ""  # applied: emptied
+    assert pending_requests(attrs) == [
+        Request("set:optimizer.lr", "0.02", "dashboard"),
+        Request(STOP_KEY, 1, "dashboard"),
+    ]
 
 
 def test_a_new_learning_rate_applies_now_and_the_decay_goes_on_from_it() -> None:

@@ -28,7 +28,15 @@ from tuner.data import Splits
 from tuner.faults import interrupts_allowed, interrupts_deferred
 from tuner.plots import save_babysit_plot
 from tuner.schema import TrialConfig
-from tuner.steering import EVENTS_ATTR, STOP_KEY, apply_request, current_settings, pending_requests, replay
+from tuner.steering import (
+    EVENTS_ATTR,
+    STOP_KEY,
+    apply_request,
+    clear_requests,
+    current_settings,
+    pending_requests,
+    replay,
+)
 from tuner.trainer import TrainingDiverged, evaluate, train_epoch
 
 __all__ = ["HISTORY_ATTR", "STATUS_ATTR", "Babysitter", "Model", "checkpoint_path", "checkpoints"]
@@ -215,18 +223,9 @@ class Babysitter:
         new = []
         for request in requests:
             if request.key == STOP_KEY:
-                if request.stops:
-                    self.stopped_by = request.source
-                    new.append(
-                        {
-                            "epoch": m.epoch,
-                            "key": "stop",
-                            "source": request.source,
-                            "old": False,
-                            "new": True,
-                            "applied": True,
-                        }
-                    )
+                self.stopped_by = request.source
+                stop = {"epoch": m.epoch, "key": "stop", "source": request.source, "old": False, "new": True}
+                new.append({**stop, "applied": True})
                 continue
             new.append(apply_request(request, m.optimizer, m.scheduler, m.cfg.optimizer.name, epoch=m.epoch))
         for event in new:
@@ -248,12 +247,10 @@ class Babysitter:
                     event["source"],
                     event["reason"],
                 )
-        if new:
-            self.events += new
-            self.storage.set_trial_user_attr(self.trial_id, EVENTS_ATTR, self.events)
-            self._plot()
-        for request in requests:  # after the events: a run killed in between records a request twice, never loses it
-            self.storage.set_trial_user_attr(self.trial_id, request.key, "")
+        self.events += new
+        self.storage.set_trial_user_attr(self.trial_id, EVENTS_ATTR, self.events)
+        clear_requests(self.storage, self.trial_id, requests)  # after the events: a kill between repeats, never loses
+        self._plot()
 
     def _plot(self) -> None:
         save_babysit_plot(self.study)

@@ -4,7 +4,8 @@ optuna-dashboard's user-attribute form (``register_user_attr_form_widgets``) wri
 ``set:optimizer.lr`` and the other text fields as typed ("" when left empty), ``set:stop`` as the chosen value.
 ``python -m tuner.steer`` writes the same keys as ``{"value": ..., "source": "terminal"}``. At each epoch boundary
 the job reads them, checks each value with the schema's own rules, applies it to the optimizer or records why not
-in ``babysit_events``, and empties the key so that the same value sent again is a new request.
+in ``babysit_events``, and empties the key so that the same value sent again is a new request. The stop choice at
+"keep training" asks nothing: it is neither a request nor emptied.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
 import torch
+from optuna.storages import BaseStorage
 from torch.optim.lr_scheduler import LRScheduler
 
 from tuner.schema import ConfigError, OptimizerConfig, check_section
@@ -27,6 +29,7 @@ __all__ = [
     "STOP_KEY",
     "Request",
     "apply_request",
+    "clear_requests",
     "current_settings",
     "pending_requests",
     "register_widgets",
@@ -94,6 +97,7 @@ class Request:
     key: str  # the user attribute: set:optimizer.lr, set:stop
     value: Any  # as written: a dashboard's text is a string
     source: str  # dashboard or terminal
+    raw: Any = field(default=None, compare=False, repr=False)  # the user attribute as read: emptied only if unchanged
 
     @property
     def name(self) -> str:  # optimizer.lr, stop
@@ -105,7 +109,7 @@ class Request:
 
 
 def pending_requests(user_attrs: Mapping[str, Any]) -> list[Request]:
-    """The ``set:`` keys that hold a value, in a fixed order (stop last: the other values are recorded first)."""
+    """The ``set:`` keys that ask something, in a fixed order (stop last: the other values are recorded first)."""
     out = []
     for key, raw in sorted(user_attrs.items(), key=lambda kv: (kv[0] == STOP_KEY, kv[0])):
         if not key.startswith(SET_PREFIX):
@@ -115,8 +119,23 @@ def pending_requests(user_attrs: Mapping[str, Any]) -> list[Request]:
             value, source = raw.get("value"), "terminal"
         if value is None or value == "":
             continue
-        out.append(Request(key, value, source))
+        request = Request(key, value, source, raw)
+        if key == STOP_KEY and not request.stops:
+            continue  # every dashboard submission writes the choice; "keep training" is no request
+        out.append(request)
     return out
+
+
+def clear_requests(storage: BaseStorage, trial_id: int, requests: list[Request]) -> None:
+    """Empty the keys of ``requests`` that still hold what was read; one written again since waits for the next read.
+
+    Optuna has no compare-and-set on a user attribute: a value written between the read here and the write after it
+    is still emptied unread, a window of one storage round trip instead of the whole boundary.
+    """
+    now = storage.get_trial(trial_id).user_attrs
+    for request in requests:
+        if now.get(request.key) == request.raw:
+            storage.set_trial_user_attr(trial_id, request.key, "")
 
 
 def current_settings(optimizer: torch.optim.Optimizer, name: str) -> dict[str, float]:
