@@ -6,6 +6,7 @@ Each worker runs what ``python -m tuner`` runs around its objective: ``tuner.sto
 SQLite, journal file or PostgreSQL, with heartbeats and RetryHeartbeatStaleTrialCallback), the start-up
 recovery of dead workers' trials, and tuner's loop (tuner.loop) with the shared trial budget. The objective
 is synthetic (5 reported steps of ~4 ms each) so the figures measure the storage and the coordination, not training.
+The workers start their trials together, once all are ready, so the one to be killed runs trials whatever its start-up.
 After the workers end, one more worker starts, as a user would rerun the command, to recover what the
 killed worker left. Printed per storage: trials/s, trials lost, left RUNNING, lock errors, extra trials
 beyond n_trials. PostgreSQL is skipped without --postgres (or TUNER_TEST_POSTGRES_URL). ``--compare``
@@ -41,7 +42,7 @@ LOCK_ERRORS = re.compile(r"database is locked|could not obtain lock|deadlock det
 LOCK_STALLS = re.compile(r"Forcibly releasing the lock file")
 
 
-def worker(url: str, study_name: str, n_trials: int, plain: bool) -> None:
+def worker(url: str, study_name: str, n_trials: int, plain: bool, barrier: Path | None) -> None:
     from tuner.budget import Budget, budget_used
     from tuner.loop import fail_stale_trials, run_trials
     from tuner.storage import make_storage, study_lock
@@ -55,6 +56,10 @@ def worker(url: str, study_name: str, n_trials: int, plain: bool) -> None:
     fail_stale_trials(study, storage)  # what tuner.tune does at worker start
     if budget_used(study.get_trials(deepcopy=False)) >= n_trials:
         return
+    if barrier is not None:  # every worker starts its trials together: the victim is sure to run some
+        (barrier / str(os.getpid())).touch()
+        while not (barrier / "go").exists():
+            time.sleep(0.01)
 
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr("pid", os.getpid())  # the watcher sees whose trial runs
@@ -80,9 +85,10 @@ def worker(url: str, study_name: str, n_trials: int, plain: bool) -> None:
     )
 
 
-def spawn(url: str, name: str, n_trials: int, log: Path, plain: bool) -> subprocess.Popen[bytes]:
+def spawn(url: str, name: str, n_trials: int, log: Path, plain: bool, barrier: Path | None) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
-        args = [sys.executable, __file__, "--worker", url, name, str(n_trials), "plain" if plain else "gate"]
+        mode = "plain" if plain else "gate"
+        args = [sys.executable, __file__, "--worker", url, name, str(n_trials), mode, str(barrier or "")]
         return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
 
 
@@ -99,7 +105,12 @@ def run_storage(label: str, url: str, n_trials: int, n_workers: int, tmp: Path, 
     logs = [tmp / f"{label}-{'plain' if plain else 'tuner'}-{i}.log" for i in range(n_workers + 1)]
     reader = make_storage(url, heartbeat_interval=None)  # this process only watches
     study = optuna.create_study(study_name=name, storage=reader)
-    procs = [spawn(url, name, n_trials, logs[i], plain) for i in range(n_workers)]
+    barrier = tmp / f"{name}-barrier"
+    barrier.mkdir()
+    procs = [spawn(url, name, n_trials, logs[i], plain, barrier) for i in range(n_workers)]
+    while len(list(barrier.iterdir())) < n_workers and all(p.poll() is None for p in procs):
+        time.sleep(0.05)
+    (barrier / "go").touch()
     victim = procs[0]
     killed_at = None
     while any(p.poll() is None for p in procs):
@@ -116,7 +127,7 @@ def run_storage(label: str, url: str, n_trials: int, n_workers: int, tmp: Path, 
         time.sleep(0.1)
     # The rerun: a worker started after the grace period fails the dead trial and runs its retry.
     time.sleep(GRACE_S + 0.5)
-    rerun = spawn(url, name, n_trials, logs[-1], plain)
+    rerun = spawn(url, name, n_trials, logs[-1], plain, None)
     rerun.wait()
     trials = study.get_trials(deepcopy=False)
     finished = [t for t in trials if t.state.is_finished()]
@@ -153,11 +164,11 @@ def main() -> None:
     parser.add_argument(
         "--compare", action="store_true", help="also run plain Optuna workers (MaxTrialsCallback, no budget gate)"
     )
-    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        url, name, n, mode = args.worker
-        worker(url, name, int(n), plain=mode == "plain")
+        url, name, n, mode, barrier = args.worker
+        worker(url, name, int(n), plain=mode == "plain", barrier=Path(barrier) if barrier else None)
         return
     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
