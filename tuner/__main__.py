@@ -13,8 +13,9 @@ def _stop_during_start_up(signum: int, frame: object) -> None:
     raise SystemExit(143 if name == "SIGTERM" else 130)
 
 
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 if __name__ == "__main__":
-    for _sig in (signal.SIGINT, signal.SIGTERM):
+    for _sig in _SIGNALS:
         signal.signal(_sig, _stop_during_start_up)
 
 import copy  # noqa: E402  (after the start-up handlers above)
@@ -186,8 +187,24 @@ def command(work: Callable[[dict[str, Any]], _Result]) -> Callable[[], _Result]:
     return masked
 
 
+def _import_tune() -> Any:
+    """``tuner.tune``, imported once the config is composed (it imports torch). torch's import runs Python code
+    from C++ (pybind11), where a KeyboardInterrupt aborts the interpreter (exit -6): a signal waits for its end."""
+    held: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: held.append(signum)) for sig in _SIGNALS}
+    try:
+        import tuner.tune
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if held:
+        raise KeyboardInterrupt(signal.Signals(held[0]).name)
+    return tuner.tune
+
+
 def _tune(raw: dict[str, Any]) -> float | None:
-    from tuner.tune import prepare, tune  # torch is imported only once the config is composed
+    module = _import_tune()
+    prepare, tune = module.prepare, module.tune
 
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
