@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -235,12 +237,37 @@ def _exited(pid: int) -> bool:
     return state in ("Z", "X")  # a zombie has exited; nobody may reap an orphan here
 
 
+def _env_loader() -> Any:  # data._target_ of the test below: what the worker's environment holds
+    raise RuntimeError(f"TUNER_TEST_WORKER_ENV={os.environ.get('TUNER_TEST_WORKER_ENV')}")
+
+
 @pytest.mark.slow
-def test_workers_a_worker_exits_soon_after_the_tuner_process_is_killed() -> None:
+@pytest.mark.parametrize("fork", [True, False], ids=["forked", "fresh"])
+def test_workers_a_worker_has_this_processs_environment_and_a_process_group_of_its_own(
+    fork: bool, splits: Splits, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ProcessTrainer(1).start()  # the forkserver runs, started before the variable is set (as in a long test run)
+    value = f"set-after-{time.monotonic_ns()}"
+    monkeypatch.setenv("TUNER_TEST_WORKER_ENV", value)  # a worker reads HOME and the like as this process has them
+    trainer = ProcessTrainer(1, fork=fork)
+    try:
+        cfg = _cfg()
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, target=f"{__name__}._env_loader"))
+        with pytest.raises(Exception, match=f"TUNER_TEST_WORKER_ENV={value}"):
+            _fit(trainer, cfg, splits)
+        assert trainer.pid is not None
+        assert os.getpgid(trainer.pid) == trainer.pid  # a terminal's Ctrl-C reaches the tuner process only
+    finally:
+        trainer.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fork", [True, False], ids=["forked", "fresh"])
+def test_workers_a_worker_exits_soon_after_the_tuner_process_is_killed(fork: bool) -> None:
     script = (
         "import time\n"
         "from tuner.workers import ProcessTrainer\n"
-        "trainer = ProcessTrainer(1)\n"
+        f"trainer = ProcessTrainer(1, fork={fork})\n"
         "trainer.start()\n"
         "print(trainer.pid, flush=True)\n"
         "time.sleep(600)\n"

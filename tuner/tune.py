@@ -33,7 +33,7 @@ from tuner.storage import check_storage_url, make_storage, study_lock
 from tuner.study import finished_trials, open_study
 from tuner.summary import Progress, Summary, count_states, format_summary
 from tuner.trainer import evaluate, resolve_device
-from tuner.workers import ProcessTrainer, resolve_workers
+from tuner.workers import ProcessTrainer, resolve_workers, warm_up
 
 __all__ = ["prepare", "quiet_libraries", "score_best", "tune"]
 
@@ -136,6 +136,8 @@ def _tune(run: RunConfig, params: list[Param], *, processes: int) -> Summary:
         torch.set_num_threads(trainer_cfg.threads)
     device = resolve_device(trainer_cfg.device)
     workers = resolve_workers(trainer_cfg.workers, trainer_cfg.threads, device, processes=processes)
+    if workers > 1 and device.type == "cpu":
+        warm_up()  # the workers' forkserver imports beside what follows
     model_path = Path(run.study.output_dir) / "best_model.pt"
     objective = Objective(run, params, best_model_path=model_path)
     # Load the data before the storage is touched: a missing data set must not leave a study behind.
@@ -177,7 +179,8 @@ def _tune(run: RunConfig, params: list[Param], *, processes: int) -> Summary:
         studies, objectives = [study], [objective]
         if workers > 1:
             studies += [open_study(run, storage) for _ in range(1, workers)]
-            objectives = [objective.for_worker(ProcessTrainer(trainer_cfg.threads)) for _ in range(workers)]
+            fork = device.type == "cpu"  # tuner.workers._launch: CUDA workers start fresh interpreters
+            objectives = [objective.for_worker(ProcessTrainer(trainer_cfg.threads, fork=fork)) for _ in range(workers)]
         progress = Progress(remaining)
         streak = FailureStreak(run.study.max_failure_streak)
         deadline = None if run.study.timeout is None else time.monotonic() + run.study.timeout

@@ -8,8 +8,9 @@ from __future__ import annotations
 import multiprocessing.connection
 import os
 import pickle
+import select
+import socket
 import threading
-import time
 from typing import Any
 
 import torch
@@ -19,10 +20,7 @@ from tuner.faults import error_reason
 from tuner.packhost import PackHost
 from tuner.trainer import EpochMetrics, fit
 
-__all__ = ["Pipe", "worker_main"]
-
-# Seconds between a worker's checks that the tuner process that started it is still there.
-_ORPHAN_CHECK_S = 1.0
+__all__ = ["Pipe", "forked_main", "worker_main"]
 
 
 class _Stopped(Exception):
@@ -122,14 +120,29 @@ def _serve_pack(host: PackHost, message: tuple[Any, ...]) -> tuple[str, Any]:
 
 
 def worker_main(argv: list[str]) -> None:
-    """The worker process's entry point (see ``_launch``): ``<socket fd> <torch threads or "">``."""
+    """A fresh interpreter's entry point (see ``tuner.workers._launch``): ``<socket fd> <torch threads or "">``."""
     fd, threads = argv
-    threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
+    _exit_when_orphaned(int(fd))
     _serve(Pipe(int(fd)), int(threads) if threads else None)
 
 
-def _exit_when_orphaned(parent: int) -> None:
-    """A killed tuner process closes the pipe, but a worker notices only at its next epoch: check each second."""
-    while os.getppid() == parent:
-        time.sleep(_ORPHAN_CHECK_S)
-    os._exit(1)
+def forked_main(sock: socket.socket, threads: int | None, env: dict[str, str]) -> None:
+    """A worker forked from the forkserver (see ``tuner.workers._launch``), in the tuner process's environment."""
+    os.setpgid(0, 0)  # as a fresh worker's process_group=0: Ctrl-C reaches the tuner process only
+    os.environ.clear()
+    os.environ.update(env)  # the forkserver's is the tuner process's when the forkserver started
+    _exit_when_orphaned(sock.fileno())
+    _serve(Pipe(sock.detach()), threads)
+
+
+def _exit_when_orphaned(fd: int) -> None:
+    """A killed tuner process closes its end of the socket, but a training worker would notice only at its next
+    epoch: a thread waits for that hang-up (not for data, which the worker reads) and exits at once."""
+    poller = select.poll()
+    poller.register(fd, getattr(select, "POLLRDHUP", 0) | select.POLLHUP)
+
+    def wait() -> None:
+        poller.poll()
+        os._exit(1)
+
+    threading.Thread(target=wait, daemon=True).start()
