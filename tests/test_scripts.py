@@ -73,6 +73,15 @@ def test_scripts_bench_workers_prints_one_row_per_shape(tmp_path: Path) -> None:
     assert result.stdout.splitlines()[-1].startswith("speed-up over one after the other")
 
 
+def test_scripts_bench_startup_times_both_ways_of_starting_workers(tmp_path: Path) -> None:
+    result = _script("bench_startup.py", "--rounds", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = {line[:22].strip(): line[22:].split() for line in result.stdout.splitlines()[1:]}
+    assert sorted(rows) == ["forkserver", "fresh / forkserver", "fresh interpreters"]
+    assert float(rows["forkserver"][0]) > 0 and float(rows["fresh interpreters"][0]) > 0
+    assert rows["fresh / forkserver"][0].endswith("x")
+
+
 def test_scripts_stress_kills_a_worker_mid_trial_and_loses_nothing(tmp_path: Path) -> None:
     result = _script("stress.py", "--trials", "45", "--workers", "3", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
