@@ -22,7 +22,7 @@ from tuner.config import ConfigError, TrialConfig, parse_trial
 from tuner.data import Splits, load_splits
 from tuner.faults import Interrupted
 from tuner.trainer import EpochMetrics, LocalTrainer, TrainingDiverged, TrainJob
-from tuner.workers import MAX_AUTO_WORKERS, ProcessTrainer, WorkerDied, resolve_workers
+from tuner.workers import MAX_AUTO_WORKERS, WORKER_IMPORTS, ProcessTrainer, WorkerDied, resolve_workers
 
 
 def _cfg(*overrides: str) -> TrialConfig:
@@ -286,10 +286,11 @@ def test_workers_a_worker_exits_soon_after_the_tuner_process_is_killed(fork: boo
 
 @pytest.mark.slow
 def test_workers_a_worker_process_loads_neither_optuna_nor_hydra() -> None:
-    # What the worker's interpreter imports (tuner.workers._launch): torch and tuner's training modules, none of
-    # the study's stack or the config's, which would add a second or more to every worker's start.
+    # What a worker imports (the forkserver's preload, or a fresh interpreter's tuner.worker): torch and tuner's
+    # training modules, none of the study's stack or the config's, which would add a second or more to every start.
     heavy = ("optuna", "sqlalchemy", "hydra", "omegaconf")
-    script = f"import sys, tuner.worker; print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    imports = "; ".join(f"import {name}" for name in WORKER_IMPORTS)
+    script = f"import sys; {imports}; print(sorted(m for m in {heavy!r} if m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"

@@ -32,7 +32,7 @@ from tuner.packhost import PackJoin
 from tuner.trainer import EpochMetrics, Setup, TrainJob
 from tuner.worker import Pipe, forked_main
 
-__all__ = ["ProcessTrainer", "WorkerDied", "resolve_workers", "warm_up"]
+__all__ = ["WORKER_IMPORTS", "ProcessTrainer", "WorkerDied", "resolve_workers", "warm_up"]
 
 # ``trainer.workers=auto`` on CPU: one worker per core this process may use, at most this many (each
 # holds its own copy of the data set: about 190 MB for Fashion-MNIST's 60k images).
@@ -42,8 +42,9 @@ _EXIT_TIMEOUT_S = 5.0
 # CPU workers fork from multiprocessing's forkserver, which imports what a worker needs once per tuner process:
 # torch, torch._dynamo (every torch.optim optimizer imports it), scikit-learn's splitter and tuner.worker. A fresh
 # interpreter spends ~3.5 s of CPU on them per worker. Listed in the forkserver's import order.
+WORKER_IMPORTS = ("torch", "torch._dynamo", "sklearn.model_selection", "tuner.worker")
 _FORKSERVER = multiprocessing.get_context("forkserver")
-_FORKSERVER.set_forkserver_preload(["torch", "torch._dynamo", "sklearn.model_selection", "tuner.worker"])
+_FORKSERVER.set_forkserver_preload(list(WORKER_IMPORTS))
 
 
 class WorkerDied(RuntimeError):
