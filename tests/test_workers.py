@@ -246,7 +246,9 @@ def _env_loader() -> Any:  # data._target_ of the test below: what the worker's 
 def test_workers_a_worker_has_this_processs_environment_and_a_process_group_of_its_own(
     fork: bool, splits: Splits, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    ProcessTrainer(1).start()  # the forkserver runs, started before the variable is set (as in a long test run)
+    earlier = ProcessTrainer(1)
+    earlier.start()  # the forkserver runs, started before the variable is set (as in a long test run)
+    earlier.close()
     value = f"set-after-{time.monotonic_ns()}"
     monkeypatch.setenv("TUNER_TEST_WORKER_ENV", value)  # a worker reads HOME and the like as this process has them
     trainer = ProcessTrainer(1, fork=fork)
