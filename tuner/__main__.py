@@ -24,6 +24,7 @@ import logging  # noqa: E402
 import os  # noqa: E402
 from collections.abc import Callable, Iterable, Mapping  # noqa: E402
 from pathlib import Path  # noqa: E402
+from types import ModuleType  # noqa: E402
 from typing import Any, TypeVar  # noqa: E402
 
 import hydra  # noqa: E402
@@ -187,7 +188,7 @@ def command(work: Callable[[dict[str, Any]], _Result]) -> Callable[[], _Result]:
     return masked
 
 
-def _import_tune() -> Any:
+def _import_tune() -> ModuleType:
     """``tuner.tune``, imported once the config is composed (it imports torch). torch's import runs Python code
     from C++ (pybind11), where a KeyboardInterrupt aborts the interpreter (exit -6): a signal waits for its end."""
     held: list[int] = []

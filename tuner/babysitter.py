@@ -224,8 +224,7 @@ class Babysitter:
         for request in requests:
             if request.key == STOP_KEY:
                 self.stopped_by = request.source
-                stop = {"epoch": m.epoch, "key": "stop", "source": request.source, "old": False, "new": True}
-                new.append({**stop, "applied": True})
+                new.append(dict(epoch=m.epoch, key="stop", source=request.source, old=False, new=True, applied=True))
                 continue
             new.append(apply_request(request, m.optimizer, m.scheduler, m.cfg.optimizer.name, epoch=m.epoch))
         for event in new:

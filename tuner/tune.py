@@ -136,8 +136,9 @@ def _tune(run: RunConfig, params: list[Param], *, processes: int) -> Summary:
         torch.set_num_threads(trainer_cfg.threads)
     device = resolve_device(trainer_cfg.device)
     workers = resolve_workers(trainer_cfg.workers, trainer_cfg.threads, device, processes=processes)
-    if workers > 1 and device.type == "cpu":
-        warm_up()  # the workers' forkserver imports beside what follows
+    fork = device.type == "cpu"  # CPU workers fork from the forkserver, CUDA ones start fresh (tuner.workers._launch)
+    if workers > 1 and fork:
+        warm_up()  # the forkserver imports beside what follows
     model_path = Path(run.study.output_dir) / "best_model.pt"
     objective = Objective(run, params, best_model_path=model_path)
     # Load the data before the storage is touched: a missing data set must not leave a study behind.
@@ -179,7 +180,6 @@ def _tune(run: RunConfig, params: list[Param], *, processes: int) -> Summary:
         studies, objectives = [study], [objective]
         if workers > 1:
             studies += [open_study(run, storage) for _ in range(1, workers)]
-            fork = device.type == "cpu"  # tuner.workers._launch: CUDA workers start fresh interpreters
             objectives = [objective.for_worker(ProcessTrainer(trainer_cfg.threads, fork=fork)) for _ in range(workers)]
         progress = Progress(remaining)
         streak = FailureStreak(run.study.max_failure_streak)
