@@ -52,6 +52,8 @@ def test_main_runs_a_study_and_prints_a_readable_summary(tmp_path: Path) -> None
         assert line in out
     assert out.count("trial 0 ") == 1  # one line per trial, not duplicated by Optuna's own logger
     assert "alembic" not in out.lower() and "Traceback" not in out
+    # The database file alone holds the study once the command is over: no write-ahead log is left beside it.
+    assert not list(tmp_path.glob("study.db-*"))
     study = optuna.load_study(study_name="digits-mlp", storage=f"sqlite:///{tmp_path / 'study.db'}")
     assert len(study.trials) == 3
     assert (tmp_path / "out" / "best_model.pt").exists()

@@ -9,6 +9,7 @@ import sqlite3
 import threading
 import time
 import warnings
+import weakref
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -125,6 +126,7 @@ def _check_optuna_schema(url: str, path: Path) -> None:
         ) from None
 
 
+_OPENED: weakref.WeakSet[RDBStorage] = weakref.WeakSet()  # the database storages make_storage opened here
 _PROCESS_LOCK = threading.Lock()  # a storage of this process only (in memory): its threads exclude each other
 
 
@@ -205,12 +207,23 @@ def make_storage(
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
             if parsed.get_backend_name() == "postgresql":
                 _check_optuna_server(rdb_url, url)
-            return RDBStorage(rdb_url.render_as_string(hide_password=False), engine_kwargs=engine_kwargs, **heartbeat)
+            storage = RDBStorage(
+                rdb_url.render_as_string(hide_password=False), engine_kwargs=engine_kwargs, **heartbeat
+            )
+            _OPENED.add(storage)
+            return storage
     except ConfigError:
         raise
     except Exception as err:  # driver and schema errors come in many types; all mean "cannot use it"
         message = mask_password(str(err), url).splitlines()[0]
         raise ConfigError(f"study.storage={safe_url(url)!r} cannot be opened: {message}") from None
+
+
+def close_storages() -> None:
+    """Close the connections of every database storage this process opened: SQLite folds its write-ahead log back
+    into the database file when its last connection closes."""
+    for storage in list(_OPENED):
+        storage.engine.dispose()
 
 
 def _check_optuna_server(rdb_url: URL, url: str) -> None:

@@ -5,6 +5,8 @@ time, until the tuner process sends ``None`` or goes away. It imports torch and 
 
 from __future__ import annotations
 
+import atexit
+import gc
 import multiprocessing.connection
 import os
 import pickle
@@ -21,6 +23,10 @@ from tuner.packhost import PackHost
 from tuner.trainer import EpochMetrics, fit
 
 __all__ = ["Pipe", "forked_main", "worker_main"]
+
+# The forkserver (which imports this module) and a fresh worker end by Python's shutdown, which would search torch's
+# millions of objects for reference cycles; they hold nothing that needs it. A forked worker ends by os._exit.
+atexit.register(gc.freeze)
 
 
 class _Stopped(Exception):
