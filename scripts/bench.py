@@ -56,9 +56,9 @@ from tuner.__main__ import config_dir
 from tuner.budget import Budget
 from tuner.config import OptimizerConfig, RunConfig, TrialConfig
 from tuner.data import Splits
-from tuner.loop import run_workers
 from tuner.model import build_model
 from tuner.objective import Objective, trial_seed
+from tuner.parallel import run_workers
 from tuner.plugins import make_pruner, make_sampler
 from tuner.space import Param, suggest
 from tuner.storage import make_storage, study_lock

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -67,3 +69,13 @@ def test_loop_an_interrupt_fails_the_trial_and_goes_on_up(tmp_path: Path) -> Non
         _run(f"sqlite:///{tmp_path / 'study.db'}", objective, 3)
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'study.db'}")
     assert [t.state for t in study.get_trials()] == [TrialState.FAIL]  # told, and no second trial asked
+
+
+@pytest.mark.slow
+def test_loop_a_storage_only_worker_loads_no_torch() -> None:
+    # The loop asks, beats and tells on a storage: a process that runs trials elsewhere (scripts/stress.py's
+    # workers, a user's own objective) does not pay torch's second of import for it.
+    script = "import sys; import tuner.loop; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"

@@ -19,12 +19,13 @@ from tuner.checkpoint import load_model
 from tuner.config import ConfigError, RunConfig, parse_run, parse_trial, set_path
 from tuner.definition import data_content, definition
 from tuner.faults import FailureStreak, FailureStreakError, check_interrupt, interruptible, interrupts_allowed
-from tuner.loop import fail_stale_trials, run_workers
+from tuner.loop import fail_stale_trials
 from tuner.model import build_model
 from tuner.notes import write_end_note, write_start_note
 from tuner.objective import Objective
 from tuner.pack import stackable
 from tuner.packauto import auto_pack
+from tuner.parallel import run_workers
 from tuner.plots import save_dashboard_plots
 from tuner.plugins import make_pruner, make_sampler, pruner_startup
 from tuner.secrets import safe_url
