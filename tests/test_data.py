@@ -219,6 +219,35 @@ def test_mnist1d_is_generated_offline_with_its_own_test_split(monkeypatch: pytes
     assert np.array_equal(splits.y_test.numpy(), make_dataset(args)["y_test"])
 
 
+def test_mnist1d_is_generated_once_per_seed_and_version_then_read_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.metadata
+
+    import mnist1d.data
+
+    from tuner.datasets import mnist1d as load_mnist1d
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # the cache is ~/.cache/tuner/mnist1d
+    first = load_mnist1d(num_samples=500, seed=3)
+    assert list((tmp_path / ".cache" / "tuner" / "mnist1d").rglob("output.pkl"))
+
+    def generated(*args: object) -> None:
+        raise AssertionError("generated again")
+
+    monkeypatch.setattr(mnist1d.data, "make_dataset", generated)
+    again = load_mnist1d(num_samples=500, seed=3)  # read back: the generator is not called
+    assert again["classes"] == first["classes"]
+    for key in ("x_train", "y_train", "x_test", "y_test"):
+        assert again[key].dtype == first[key].dtype and np.array_equal(again[key], first[key])
+    with pytest.raises(AssertionError, match="generated again"):
+        load_mnist1d(num_samples=500, seed=4)  # another seed is another set
+    real_version = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "9.9" if name == "mnist1d" else real_version(name))
+    with pytest.raises(AssertionError, match="generated again"):
+        load_mnist1d(num_samples=500, seed=3)  # another generator may make other signals
+
+
 # --- IDX files: Fashion-MNIST and MNIST ------------------------------------------------------------------
 
 

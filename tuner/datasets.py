@@ -26,6 +26,7 @@ IDX_FILES = (
     "t10k-images-idx3-ubyte",
     "t10k-labels-idx1-ubyte",
 )
+MNIST1D_CACHE = "~/.cache/tuner/mnist1d"  # generated MNIST-1D sets (tuner.datasets.mnist1d)
 # Where downloads come from; a module-level dict so a mirror (or a test server) can replace it.
 MIRRORS: dict[str, str] = {
     "fashion_mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
@@ -229,9 +230,25 @@ def digits() -> dict[str, Any]:
 
 
 def mnist1d(num_samples: int = 5000, seed: int = 0) -> dict[str, Any]:
-    """MNIST-1D signals generated offline (``seed``: data.seed), with the generator's own 80/20 test split."""
+    """MNIST-1D signals generated offline (``seed``: data.seed), with the generator's own 80/20 test split. Each
+    (num_samples, seed, mnist1d version) is generated once and kept in ~/.cache/tuner/mnist1d: generating takes
+    seconds, and the tuner process and every worker process load the set."""
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 10:
         raise ConfigError(f"data.num_samples must be an integer >= 10, but got {num_samples!r}.")
+    from importlib.metadata import version
+
+    from joblib import Memory  # scikit-learn's disk cache: it writes atomically, so processes can share it
+
+    generator = version("mnist1d")
+    try:
+        cached = Memory(Path(MNIST1D_CACHE).expanduser(), verbose=0).cache(_mnist1d_signals)
+    except OSError:  # no cache folder to be had: generate each time
+        return _mnist1d_signals(num_samples, seed, generator)
+    return cached(num_samples, seed, generator)
+
+
+def _mnist1d_signals(num_samples: int, seed: int, generator: str) -> dict[str, Any]:
+    """``generator`` (mnist1d's version) is part of the cache key only."""
     # Never call mnist1d's get_dataset: it downloads a pickle. make_dataset generates the same kind of data.
     from mnist1d.data import get_dataset_args, make_dataset
 
