@@ -248,6 +248,16 @@ def test_mnist1d_is_generated_once_per_seed_and_version_then_read_back(
         load_mnist1d(num_samples=500, seed=3)  # another generator may make other signals
 
 
+def test_mnist1d_without_a_cache_folder_is_generated_each_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tuner.datasets import mnist1d
+
+    home = tmp_path / "home"
+    home.write_text("a file, so no ~/.cache folder can be made under it")
+    monkeypatch.setenv("HOME", str(home))
+    for _ in range(2):
+        assert mnist1d(num_samples=100, seed=1)["x_train"].shape == (80, 1, 40)
+
+
 # --- IDX files: Fashion-MNIST and MNIST ------------------------------------------------------------------
 
 

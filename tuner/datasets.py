@@ -242,7 +242,7 @@ def mnist1d(num_samples: int = 5000, seed: int = 0) -> dict[str, Any]:
     generator = version("mnist1d")
     try:
         cached = Memory(Path(MNIST1D_CACHE).expanduser(), verbose=0).cache(_mnist1d_signals)
-    except OSError:  # no cache folder to be had: generate each time
+    except (OSError, RuntimeError):  # no cache folder to be had (RuntimeError: no home folder): generate each time
         return _mnist1d_signals(num_samples, seed, generator)
     return cached(num_samples, seed, generator)
 
