@@ -84,3 +84,33 @@ def test_pack_members_with_mixed_optimizers_train_as_each_would_alone(model: str
         assert agree >= 0.995
         for name, value in alone.state_dict().items():  # weights, running averages, BatchNorm's batch count
             assert torch.allclose(packed.state_dict()[name].float(), value.float(), rtol=1e-3, atol=1e-4), name
+
+
+def test_pack_of_one_trains_exactly_as_alone_and_keeps_its_member_on_course_as_others_join_and_leave(
+    splits: Splits,
+) -> None:
+    cfgs = [_cfg(*MODELS["mlp"], *opt, "trainer.epochs=6") for opt in OPTIMIZERS[:3]]
+    pack = Pack(splits.input_shape, splits.num_classes, torch.device("cpu"))
+    members = [Member(i, cfg, 5 + i) for i, cfg in enumerate(cfgs)]
+    histories: list[list[EpochMetrics]] = [[] for _ in members]
+
+    def epochs(n: int) -> None:
+        for _ in range(n):
+            results = pack.train_epoch(splits.x_train, splits.y_train, splits.x_val, splits.y_val, batch_size=128)
+            for member, result in zip(pack.members, results, strict=True):
+                assert isinstance(result, EpochMetrics)
+                histories[member.key].append(result)
+
+    pack.change(join=members[:1])
+    epochs(2)
+    alone, model = _alone(cfgs[0], 5, splits)
+    strip = [(m.epoch, m.train_loss, m.val_loss, m.val_accuracy, m.lr) for m in alone[:2]]
+    assert [(m.epoch, m.train_loss, m.val_loss, m.val_accuracy, m.lr) for m in histories[0]] == strip  # bit for bit
+    pack.change(join=members[1:])  # stacked from here: the first member's weights and optimizer state go along
+    epochs(2)
+    pack.change(leave=members[1:])  # alone again
+    epochs(2)
+    _same(alone, histories[0])
+    _same(_alone(cfgs[1], 6, splits)[0][:2], histories[1])
+    for name, value in model.state_dict().items():
+        assert torch.allclose(pack.state_dict(members[0])[name].float(), value.float(), rtol=1e-3, atol=1e-4), name

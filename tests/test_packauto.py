@@ -1,7 +1,10 @@
-"""``trainer.pack=auto``: the probe measures each pack size on the device; the rule and the study's record."""
+"""``trainer.pack=auto``: the probe measures each pack size on the device; the rule, per shape, and the study's
+record."""
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +16,8 @@ import tuner.packauto
 from tests.conftest import compose_raw
 from tuner.config import ConfigError, parse_trial
 from tuner.data import load_splits
-from tuner.packauto import CANDIDATES, choose, probe
+from tuner.packauto import CANDIDATES, PROBE_SHARE, AutoPack, choose, probe
+from tuner.trainer import TrainJob
 from tuner.tune import prepare, tune
 
 
@@ -31,28 +35,78 @@ def test_probe_measures_one_alone_and_growing_packs_on_this_device() -> None:
     assert all(rate > 0 for rate in rates.values())
 
 
-def test_pack_auto_records_its_choice_on_the_study_and_a_rerun_packs_as_the_study_began(
+def _fake_probe(probed: list[int], *, seconds: float = 0.0) -> Any:
+    """A device where packs of 4 pay for batches of 32 and none pay for 256 (decided by the rule), each probe
+    taking ``seconds``; ``probed`` gets each probed batch size."""
+
+    def fake(cfg: Any, *args: Any) -> dict[int, float]:
+        time.sleep(seconds)
+        probed.append(cfg.data.batch_size)
+        if cfg.data.batch_size == 32:
+            return {1: 100.0, 2: 180.0, 4: 300.0, 8: 310.0}
+        return {1: 100.0, 2: 110.0}
+
+    return fake
+
+
+def test_pack_auto_sizes_each_shape_from_its_probe_records_it_and_a_rerun_packs_as_the_study_began(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     url = f"sqlite:///{tmp_path / 'auto.db'}"
     common = ["data=digits", f"study.storage={url}", f"study.output_dir={tmp_path}", "trainer.workers=1"]
     common += ["trainer.pack=auto", "trainer.epochs=2", "space=lr", "pruner=none"]  # no warm-up: packs at once
+    common += ["+space.data.batch_size={type: categorical, choices: [32, 256]}"]
     probed: list[int] = []
-
-    def fake_probe(*args: Any) -> dict[int, float]:  # a device where packs of 4 pay: decided by the rule
-        probed.append(1)
-        return {1: 100.0, 2: 180.0, 4: 300.0, 8: 310.0}
-
-    monkeypatch.setattr(tuner.packauto, "probe", fake_probe)
-    tune(*prepare(compose_raw(*common, "study.n_trials=4")))
+    monkeypatch.setattr(tuner.packauto, "probe", _fake_probe(probed))
+    tune(*prepare(compose_raw(*common, "study.n_trials=16")))
     study = optuna.load_study(study_name="digits-mlp", storage=url)
-    record = study.user_attrs["pack_auto"]
-    assert record["chosen"] == 4 and record["member_steps_per_s"] == {"1": 100.0, "2": 180.0, "4": 300.0, "8": 310.0}
-    assert record["shape"]["device"] == "cpu" and record["shape"]["batch_size"] == 128
-    assert max(t.user_attrs["pack_size"] for t in study.trials) > 1  # trained in packs
-    tune(*prepare(compose_raw(*common, "study.n_trials=6")))
-    assert probed == [1]  # the stored choice, not a new probe
-    assert len(optuna.load_study(study_name="digits-mlp", storage=url).trials) == 6
+    assert sorted(probed) == [32, 256]  # each shape once
+    records = {json.loads(k)["batch_size"]: v for k, v in study.user_attrs["pack_auto"].items()}
+    assert records[32] == {"member_steps_per_s": {"1": 100.0, "2": 180.0, "4": 300.0, "8": 310.0}, "chosen": 4}
+    assert records[256]["chosen"] == 1
+    sizes = {b: [t.user_attrs["pack_size"] for t in study.trials if t.params["data.batch_size"] == b] for b in records}
+    assert max(sizes[32]) > 1 and set(sizes[256]) == {1}, sizes  # trained in packs where they pay, alone elsewhere
+    # A pack of one takes one trial: each of them drew its own learning rate and batch size, as without packs.
+    alone = [t for t in study.trials if t.params["data.batch_size"] == 256]
+    assert alone and all(t.user_attrs["pack_id"] == t.number for t in alone)
+    tune(*prepare(compose_raw(*common, "study.n_trials=24")))
+    assert sorted(probed) == [32, 256]  # the stored choices, not new probes
+    assert len(optuna.load_study(study_name="digits-mlp", storage=url).trials) == 24
+
+
+def test_pack_auto_probes_new_shapes_only_while_probing_took_a_small_share_of_the_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"sqlite:///{tmp_path / 'share.db'}"
+    overrides = ["data=digits", f"study.storage={url}", f"study.output_dir={tmp_path}", "trainer.workers=1"]
+    overrides += ["trainer.pack=auto", "trainer.epochs=1", "space=lr", "pruner=none", "study.n_trials=12"]
+    overrides += ["+space.model.hidden_units={type: int, low: 16, high: 256, log: true}"]  # a new shape each trial
+    probed: list[int] = []
+    monkeypatch.setattr(tuner.packauto, "probe", _fake_probe(probed, seconds=0.5))
+    start = time.monotonic()
+    tune(*prepare(compose_raw(*overrides)))
+    wall = time.monotonic() - start
+    # Each probe (0.5 s) waits until probing is back under PROBE_SHARE of the slot's time: the first one is free.
+    assert 1 <= len(probed) <= 1 + PROBE_SHARE * wall / 0.5, (len(probed), wall)
+    study = optuna.load_study(study_name="digits-mlp", storage=url)
+    assert len(study.trials) == 12 and all(t.user_attrs["pack_size"] == 1 for t in study.trials)  # as probed
+
+
+def test_pack_auto_takes_the_nearest_probed_shape_of_the_same_model_and_batch_size() -> None:
+    study = optuna.create_study()
+    auto = AutoPack(study)
+    job = _job("model.hidden_units=64", "data.batch_size=32")
+    auto.record(job, {1: 100.0, 2: 180.0, 4: 300.0})
+    auto.record(_job("model.hidden_units=512", "data.batch_size=32"), {1: 100.0, 2: 101.0})
+    assert auto.known(job) == 4
+    assert auto.nearest(_job("model.hidden_units=90", "data.batch_size=32")) == 4  # closer to 64 than to 512
+    assert auto.nearest(_job("model.hidden_units=400", "data.batch_size=32")) == 1
+    assert auto.nearest(_job("model.hidden_units=64", "data.batch_size=64")) == 1  # no shape of that batch size
+    assert len(study.user_attrs["pack_auto"]) == 2
+
+
+def _job(*overrides: str) -> TrainJob:
+    return TrainJob(parse_trial(compose_raw("data=digits", *overrides)), 0, "cpu")
 
 
 @pytest.mark.parametrize("value", ["0", "sometimes", "1.5"])

@@ -43,7 +43,12 @@ def _objective_reported(trial: optuna.Trial) -> float:
 
 
 def _run(
-    storage: optuna.storages.BaseStorage, pruner: optuna.pruners.BasePruner, name: str, objective=_objective
+    storage: optuna.storages.BaseStorage,
+    pruner: optuna.pruners.BasePruner,
+    name: str,
+    objective=_objective,
+    *,
+    told: bool = False,
 ) -> optuna.Study:
     study = optuna.create_study(
         storage=storage,
@@ -52,7 +57,8 @@ def _run(
         sampler=optuna.samplers.RandomSampler(seed=3),
         pruner=pruner,
     )
-    study.optimize(objective, n_trials=24)
+    told_ = [pruner.told] if told and isinstance(pruner, CachedCompletedTrials) else []
+    study.optimize(objective, n_trials=24, callbacks=told_)  # tuner's workers tell the pruner the same way
     return study
 
 
@@ -62,13 +68,15 @@ def test_pruning_cached_median_prunes_exactly_as_optunas_median(tmp_path: Path) 
     plain = _run(storage, optuna.pruners.MedianPruner(**options), "plain")
     cached = _run(storage, make_pruner(PluginConfig(MEDIAN, options)), "cached")
     reported = _run(storage, make_pruner(PluginConfig(MEDIAN, options)), "reported", _objective_reported)
+    told = _run(storage, make_pruner(PluginConfig(MEDIAN, options)), "told", _objective_reported, told=True)
     states = [(t.state, len(t.intermediate_values)) for t in plain.trials]
     assert [(t.state, len(t.intermediate_values)) for t in cached.trials] == states
     assert [(t.state, len(t.intermediate_values)) for t in reported.trials] == states
+    assert [(t.state, len(t.intermediate_values)) for t in told.trials] == states
     assert sum(s == optuna.trial.TrialState.PRUNED for s, _ in states) >= 5  # the comparison had pruning to match
 
 
-def test_pruning_cached_median_reads_storage_once_per_trial_not_per_epoch(tmp_path: Path) -> None:
+def test_pruning_cached_median_reads_once_per_trial_not_per_epoch_and_less_when_told(tmp_path: Path) -> None:
     storage = make_storage(f"sqlite:///{tmp_path / 'q.db'}", heartbeat_interval=None)
     engine = storage.engine  # type: ignore[attr-defined]
     selects = {"n": 0}
@@ -82,12 +90,15 @@ def test_pruning_cached_median_reads_storage_once_per_trial_not_per_epoch(tmp_pa
         # Never prunes (every epoch is a warm-up step), so all epochs run on both; no startup trials to wait for.
         ("plain", optuna.pruners.MedianPruner(n_startup_trials=0, n_warmup_steps=EPOCHS)),
         ("cached", make_pruner(PluginConfig(MEDIAN, {"n_startup_trials": 0, "n_warmup_steps": EPOCHS}))),
+        ("told", make_pruner(PluginConfig(MEDIAN, {"n_startup_trials": 0, "n_warmup_steps": EPOCHS}))),
     ):
         selects["n"] = 0
-        _run(storage, pruner, name)
+        _run(storage, pruner, name, told=name == "told")
         per_pruner[name] = selects["n"]
-    # 24 trials x 8 epochs: the plain pruner reads the study at every epoch, the cached one once per trial.
+    # 24 trials x 8 epochs: the plain pruner reads the study at every epoch, the cached one once per trial, the
+    # one told of each completed trial once in all (the rest are Optuna's own reads: ask, tell).
     assert per_pruner["cached"] < 0.6 * per_pruner["plain"], per_pruner
+    assert per_pruner["told"] < per_pruner["cached"] - 20, per_pruner
 
 
 def _two_workers(

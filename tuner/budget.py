@@ -39,10 +39,26 @@ class Budget:
 
     def ask(self, study: optuna.Study) -> optuna.Trial:
         """``study.ask()``, or ``BudgetReached`` when the study's trials fill the budget."""
+        with self.asking(study) as ask:
+            return ask()
+
+    @contextlib.contextmanager
+    def asking(self, study: optuna.Study) -> Iterator[Callable[[], optuna.Trial]]:
+        """Hold the lock and count once for several asks (a pack's): each ``ask()`` is ``study.ask()``, or
+        ``BudgetReached`` once the count left no room; the count reads every running trial, so once per ask would
+        cost a pack's slot K reads. A WAITING trial that ``study.ask()`` takes may be a retry, which uses no more of
+        the budget: counting it anyway only leaves its place to the next count."""
         with self.lock():
-            if self.n_trials is not None and budget_used(study.get_trials(deepcopy=False)) >= self.n_trials:
-                raise BudgetReached(f"study.n_trials={self.n_trials} is reached by this study's workers")
-            return study.ask()
+            used = 0 if self.n_trials is None else budget_used(study.get_trials(deepcopy=False))
+
+            def ask() -> optuna.Trial:
+                nonlocal used
+                if self.n_trials is not None and used >= self.n_trials:
+                    raise BudgetReached(f"study.n_trials={self.n_trials} is reached by this study's workers")
+                used += 1
+                return study.ask()
+
+            yield ask
 
 
 @contextlib.contextmanager

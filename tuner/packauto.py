@@ -1,19 +1,22 @@
-"""``trainer.pack=auto``: how many trials a device trains at once, from a short throughput probe.
+"""``trainer.pack=auto`` (the default): how many trials of each shape a device trains at once, from a short probe.
 
-The probe trains the composed config's shape on this device for a few dozen steps: alone as tuner.trainer does
+The probe trains a sampled shape on the device of its packs for a few dozen steps: alone as tuner.trainer does
 (``K=1``), then stacked as a pack of 2, 4, 8 and 16 (tuner.pack), until the rate stops growing or memory runs out;
-each rate is member-steps per second, the best of three timings. A pack pays only where it trains each member
+each rate is member-steps per second, the best of two timings. A pack pays only where it trains each member
 ``GAIN`` times faster than one alone: on this project's 2-core CPU, the whole default study was no faster at 1.84x
 per member (docs/benchmarks.md, "Packs": the storage work and fewer pruned trials eat the rest).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import math
+import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import optuna
 import torch
 
 from tuner.data import Splits
@@ -21,14 +24,18 @@ from tuner.model import build_model
 from tuner.optim import build_optimizer
 from tuner.pack import Member, Pack
 from tuner.schema import TrialConfig
-from tuner.trainer import TrainingDiverged, train_epoch
+from tuner.trainer import TrainingDiverged, TrainJob, train_epoch
 
-__all__ = ["AUTO_ATTR", "CANDIDATES", "GAIN", "auto_pack", "choose", "probe"]
+if TYPE_CHECKING:
+    import optuna
+
+__all__ = ["AUTO_ATTR", "CANDIDATES", "GAIN", "PROBE_SHARE", "AutoPack", "choose", "probe", "shape_key"]
 
 AUTO_ATTR = "pack_auto"  # on the study: the probe's rates and the size it chose
 CANDIDATES = (2, 4, 8, 16)
 GAIN = 2.0
-_STEPS, _REPEATS, _MIN_TIME = 10, 3, 0.05
+PROBE_SHARE = 0.05  # of a slot's time, at most, spent probing new shapes: the probe must not slow the study
+_STEPS, _REPEATS, _MIN_TIME = 10, 2, 0.02
 _SLOW = 0.5  # seconds: a pack size whose timing takes longer is the last one tried (the probe's cost)
 
 log = logging.getLogger("tuner")
@@ -55,6 +62,8 @@ def _pack_epoch(
 def probe(cfg: TrialConfig, splits: Splits, device: torch.device) -> dict[int, float]:
     """Member-steps per second by pack size on ``device``, for ``cfg``'s model and batch size: each the best of
     ``_REPEATS`` timings taken in turns across the sizes, so that a passing load slows them alike."""
+    # A sampled learning rate may diverge, and the step costs the same at any: the probe trains at a small one.
+    cfg = dataclasses.replace(cfg, optimizer=dataclasses.replace(cfg.optimizer, lr=1e-4))
     batch = cfg.data.batch_size
     n = min(len(splits.x_train), batch * _STEPS)
     x, y = splits.x_train[:n], splits.y_train[:n]
@@ -97,27 +106,61 @@ def choose(rates: dict[int, float]) -> int:
     return min(k for k, rate in rates.items() if rate >= 0.9 * rates[best])
 
 
-def auto_pack(study: optuna.Study, cfg: TrialConfig, splits: Splits, device: torch.device) -> int:
-    """The pack size for this study on ``device``: the one a run on this study chose before (a resumed study packs
-    as it began), else the probe's choice, stored on the study as ``pack_auto``."""
-    shape = {"device": device.type, "model": {"_target_": cfg.model.target, **cfg.model.options},
-             "batch_size": cfg.data.batch_size}  # fmt: skip
-    stored = study.user_attrs.get(AUTO_ATTR)
-    if isinstance(stored, dict) and stored.get("shape") == shape and isinstance(stored.get("chosen"), int):
-        log.info("trainer.pack=auto: %d, as the study chose on %s before", stored["chosen"], device.type)
-        return int(stored["chosen"])
-    rates = probe(cfg, splits, device)
-    chosen = choose(rates)
-    study.set_user_attr(
-        AUTO_ATTR,
-        {"shape": shape, "member_steps_per_s": {str(k): round(r, 1) for k, r in rates.items()}, "chosen": chosen},
-    )
-    shown = ", ".join(f"K={k} {r / rates[1]:.2f}x" for k, r in rates.items())
-    log.info(
-        "trainer.pack=auto: %d on %s (member steps per second against one alone: %s; a pack needs %.1fx)",
-        chosen,
-        device.type,
-        shown,
-        GAIN,
-    )
-    return chosen
+def shape_key(job: TrainJob) -> str:
+    """What a pack's members share, as the study's record names it."""
+    cfg = job.cfg
+    shape = {"device": torch.device(job.device).type, "model": {"_target_": cfg.model.target, **cfg.model.options},
+             "batch_size": cfg.data.batch_size, "bf16": cfg.trainer.bf16}  # fmt: skip
+    return json.dumps(shape, sort_keys=True)
+
+
+def _distance(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """How far apart two shapes are: the log ratio of each size (width, depth), if nothing else differs."""
+    model_a, model_b = a.pop("model"), b.pop("model")
+    if a != b or model_a.keys() != model_b.keys():
+        return math.inf
+    total = 0.0
+    for key, value in model_a.items():
+        other = model_b[key]
+        if isinstance(value, int | float) and isinstance(other, int | float) and value > 0 and other > 0:
+            total += abs(math.log(value / other))
+        elif value != other:
+            return math.inf
+    return total
+
+
+class AutoPack:
+    """``trainer.pack=auto`` for one study in this process: each shape's pack size, from a probe of that shape on
+    the device (``probe``, run where its packs train), stored on the study as ``pack_auto`` so that a resumed
+    study packs as it began. A slot probes while its probes took at most ``PROBE_SHARE`` of its time; past that a
+    shape takes the choice of the nearest shape probed (the same model, batch size and device), else 1."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        self.study = study
+        stored = study.user_attrs.get(AUTO_ATTR)
+        self.records: dict[str, dict[str, Any]] = dict(stored) if isinstance(stored, dict) else {}
+        self._lock = threading.Lock()  # the slots' threads share the records
+
+    def known(self, job: TrainJob) -> int | None:
+        record = self.records.get(shape_key(job))
+        return int(record["chosen"]) if isinstance(record, dict) and isinstance(record.get("chosen"), int) else None
+
+    def nearest(self, job: TrainJob) -> int:
+        shape = json.loads(shape_key(job))
+        distances = {key: _distance(dict(shape), json.loads(key)) for key in list(self.records)}
+        close = [key for key, d in distances.items() if math.isfinite(d)]
+        if not close:
+            return 1
+        return int(self.records[min(close, key=lambda k: (distances[k], self.records[k]["chosen"]))]["chosen"])
+
+    def record(self, job: TrainJob, rates: dict[int, float]) -> int:
+        chosen = choose(rates)
+        with self._lock:
+            self.records[shape_key(job)] = {
+                "member_steps_per_s": {str(k): round(r, 1) for k, r in rates.items()},
+                "chosen": chosen,
+            }
+            self.study.set_user_attr(AUTO_ATTR, dict(self.records))
+        shown = ", ".join(f"K={k} {r / rates[1]:.2f}x" for k, r in rates.items()) if rates.get(1) else "diverged"
+        log.info("trainer.pack=auto: %d for %s (against one alone: %s)", chosen, shape_key(job), shown)
+        return chosen

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from tuner import packauto
 from tuner.pack import Member, Pack
 from tuner.trainer import EpochMetrics, Setup, TrainJob
 
@@ -93,6 +94,11 @@ class PackHost:
                 del self.packs[pack_id]
         for key in keys:
             del self.where[key]
+
+    def probe(self, job: TrainJob) -> dict[int, float]:
+        """Member-steps per second of ``job``'s shape by pack size, on this slot's device (tuner.packauto)."""
+        device = torch.device(job.device)
+        return packauto.probe(job.cfg, self.splits(job.cfg.data, device), device)
 
     def state(self, key: int) -> dict[str, torch.Tensor]:
         """A member's weights, on the CPU, for ``nn.Module.load_state_dict``."""

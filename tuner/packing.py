@@ -9,6 +9,7 @@ A member that leaves (pruned, failed, done) frees its place for a new trial of t
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from tuner._compat import trial_id
 from tuner.budget import Budget, BudgetReached
 from tuner.faults import beating, check_interrupt, error_reason, interrupts_allowed
 from tuner.objective import Objective
+from tuner.packauto import PROBE_SHARE, AutoPack
 from tuner.packhost import PackJoin
 from tuner.space import REVERSE_PREFIX
 from tuner.trainer import EpochMetrics, TrainJob
@@ -39,6 +41,7 @@ SHAPE_PREFIXES = ("model.", "data.")
 # A pack takes new trials, its freed places refilled, until it has taken this many times its size; then the next
 # trial draws a new shape. More keeps packs full and fast; fewer tries more shapes (docs/benchmarks.md, "Packs").
 SHAPE_TRIALS = 2
+WARM_CHECK_S = 0.5  # until the pruner's startup trials are complete, how often other workers' are counted
 
 
 @dataclass
@@ -51,11 +54,13 @@ class _Member:
 
 @dataclass
 class _OpenPack:
-    """The pack that new trials join until it has taken ``SHAPE_TRIALS`` times the slot's size of them."""
+    """The pack that new trials join until it has taken ``limit`` of them (``SHAPE_TRIALS`` times its size)."""
 
     id: int  # its first member's trial number: unique in the study
     fixed: dict[str, Any]
     shape: tuple[Any, ...]
+    size: int  # members at once
+    limit: int
     taken: int = 0
 
 
@@ -70,10 +75,17 @@ class _Slot:
     epoch more, unreported; a new trial joins one epoch later)."""
 
     def __init__(
-        self, study: optuna.Study, objective: Objective, size: int, warmup: int, told: list[Callable[..., None]]
+        self,
+        study: optuna.Study,
+        objective: Objective,
+        size: int | AutoPack,
+        warmup: int,
+        told: list[Callable[..., None]],
     ) -> None:
         self.study, self.objective, self.size, self.told = study, objective, size, told
+        self.started, self.probing = time.monotonic(), 0.0  # seconds this slot's worker spent in probes
         self.warmup, self.warm = warmup, warmup == 0
+        self.warm_check = 0.0  # when to count the study's complete trials again (at once after one here)
         self.live: dict[int, _Member] = {}  # asked and not yet told
         self.hosted: set[int] = set()  # in the slot's packs and still training
         self.open: _OpenPack | None = None
@@ -86,32 +98,64 @@ class _Slot:
         """Ask trials until the slot is full or the budget is used; ``BudgetReached`` once it is. Until the
         study has ``warmup`` complete trials (the pruner's startup), one at a time, as without packs: trials
         that start together finish together, and none of them could be pruned."""
-        if not self.warm:
+        if not self.warm and time.monotonic() >= self.warm_check:  # reading every trial each epoch costs
+            self.warm_check = time.monotonic() + WARM_CHECK_S
             self.warm = len(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) >= self.warmup
-        while len(self.live) < (self.size if self.warm else 1):
-            open_ = self.open if self.open is not None and self.open.taken < self.size * SHAPE_TRIALS else None
-            trial, job = self._ask(budget, open_.fixed if open_ else {})
-            if job is None:
-                continue
-            if interval is not None and hasattr(storage, "record_heartbeat"):
-                storage.record_heartbeat(trial_id(trial))
-            if open_ is None or _shape(job) != open_.shape:
-                fixed = {
-                    k: v for k, v in trial.params.items() if k.removeprefix(REVERSE_PREFIX).startswith(SHAPE_PREFIXES)
-                }
-                open_ = self.open = _OpenPack(trial.number, fixed, _shape(job))
-            open_.taken += 1
-            self.live[trial.number] = _Member(trial, job, open_.id)
-            self.joins.append(PackJoin(open_.id, trial.number, job))
+        if len(self.live) >= self._room():
+            return
+        with budget.asking(self.study) as ask:
+            while len(self.live) < self._room():
+                open_ = self.open if self.open is not None and self.open.taken < self.open.limit else None
+                trial, job = self._ask(ask, open_.fixed if open_ else {})
+                if job is None:
+                    continue
+                if interval is not None and hasattr(storage, "record_heartbeat"):
+                    storage.record_heartbeat(trial_id(trial))
+                if open_ is None or _shape(job) != open_.shape:
+                    size = self._size(job)
+                    fixed = {
+                        k: v
+                        for k, v in trial.params.items()
+                        if k.removeprefix(REVERSE_PREFIX).startswith(SHAPE_PREFIXES)
+                    }
+                    # A pack of one takes one trial: the next draws its own shape, as without packs.
+                    limit = size * SHAPE_TRIALS if size > 1 else 1
+                    open_ = self.open = _OpenPack(trial.number, fixed, _shape(job), size, limit)
+                open_.taken += 1
+                self.live[trial.number] = _Member(trial, job, open_.id)
+                self.joins.append(PackJoin(open_.id, trial.number, job))
 
-    def _ask(self, budget: Budget, fixed: dict[str, Any]) -> tuple[optuna.Trial, TrainJob | None]:
+    def _room(self) -> int:
+        """Members the slot trains at once now: the open pack's size (the last one's until the next is drawn)."""
+        if not self.warm:
+            return 1
+        if isinstance(self.size, int):
+            return self.size
+        return self.open.size if self.open is not None else 1
+
+    def _size(self, job: TrainJob) -> int:
+        """The size of a pack of ``job``'s shape: ``trainer.pack``, or auto's choice (tuner.packauto)."""
+        auto = self.size
+        if isinstance(auto, int):
+            return auto
+        known = auto.known(job)
+        if known is not None:
+            return known
+        if self.probing > PROBE_SHARE * (time.monotonic() - self.started):
+            return auto.nearest(job)
+        start = time.monotonic()
+        rates = self.objective.trainer.pack_probe(job, self.objective.cache)
+        self.probing += time.monotonic() - start
+        return auto.record(job, rates)
+
+    def _ask(self, ask: Callable[[], optuna.Trial], fixed: dict[str, Any]) -> tuple[optuna.Trial, TrainJob | None]:
         """Ask a trial and sample its config, ``fixed`` taken as given (relative samplers too sample at the ask);
         a config that fails its checks fails the trial (``None``)."""
         sampler = self.study.sampler
         if fixed:
             self.study.sampler = optuna.samplers.PartialFixedSampler(fixed, sampler)
         try:
-            trial = budget.ask(self.study)
+            trial = ask()
             try:
                 return trial, self.objective.begin(trial)
             except Exception as err:
@@ -223,6 +267,7 @@ class _Slot:
             trial.set_user_attr("fail_reason", _fail_reason(err))
         self.objective.end(trial, history)
         value = history[-1].val_accuracy if state == TrialState.COMPLETE else None
+        self.warm_check = 0.0 if value is not None else self.warm_check
         told = self.study.tell(trial, value, state=None if value is not None else state, skip_if_finished=True)
         for callback in self.told:
             callback(self.study, told)
@@ -238,7 +283,7 @@ def run_packs(
     study: optuna.Study,
     objective: Objective,
     *,
-    size: int,
+    size: int | AutoPack,
     warmup: int = 0,
     storage: BaseStorage,
     budget: Budget,
@@ -247,8 +292,9 @@ def run_packs(
     before_ask: Callable[[], None],
     should_stop: Callable[[], bool],
 ) -> None:
-    """One slot's trials in packs of up to ``size`` (one at a time until ``warmup`` trials are complete), until the
-    budget is used or ``should_stop()`` (the time is up, a failure streak); members still training then finish."""
+    """One slot's trials in packs of ``size`` (auto: each shape's own; one at a time until ``warmup`` trials are
+    complete), until the budget is used or ``should_stop()`` (the time is up, a failure streak); members still
+    training then finish."""
     slot = _Slot(study, objective, size, warmup, told)
     asking = True
     # list(): one step under the GIL, so the heartbeat thread never sees the dict change while it reads it.

@@ -20,6 +20,7 @@ from tuner.budget import Budget
 from tuner.faults import Interrupted, check_interrupt, interrupts_allowed
 from tuner.loop import Told, run_trials, stale_check
 from tuner.objective import Objective
+from tuner.packauto import AutoPack
 from tuner.packing import run_packs
 from tuner.workers import ProcessTrainer
 
@@ -63,18 +64,19 @@ def run_workers(
     deadline: float | None = None,
     max_retry: int | None = None,
     should_stop: Callable[[], bool] = lambda: False,
-    pack: int = 1,
+    pack: int | AutoPack = 1,
     pack_warmup: int = 0,
 ) -> None:
     """One worker per ``(study, objective)`` pair (a study handle each, with its own sampler seed): alone in
     this thread, else a thread each. On Ctrl-C or SIGTERM every worker process is ended, each interrupted
     trial is queued again and the interrupt goes on up; a worker that fails stops the others after their trial.
-    ``pack`` > 1: each worker trains up to that many trials at once, after ``pack_warmup`` complete (tuner.packing).
+    ``pack`` > 1 (or auto's choice per shape): each worker trains that many trials at once, after ``pack_warmup``
+    complete (tuner.packing).
     """
     stop = threading.Event()
 
     def work(study: optuna.Study, objective: Objective) -> None:
-        if pack > 1:
+        if pack != 1:
             run_packs(
                 study,
                 objective,

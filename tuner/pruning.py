@@ -1,10 +1,11 @@
 """Median and percentile pruning without re-reading the study from storage at every epoch.
 
 Optuna's ``PercentilePruner`` (and ``MedianPruner``) reads the completed trials at every ``should_prune``,
-which on SQLite loads the running trials through the ORM each epoch. ``CachedCompletedTrials`` reads them at
-each trial's first call, after ``refresh_s`` and while fewer than ``n_startup_trials`` have completed: in one
-worker its decisions are exactly Optuna's; with several, or a pack's members taking turns, one may miss trials
-completed in the last ``refresh_s``.
+which on SQLite loads the running trials through the ORM each epoch. ``CachedCompletedTrials`` is told each trial
+this process completes (``told``, a callback after ``study.tell``) and reads the study only after ``refresh_s`` and
+while fewer than ``n_startup_trials`` have completed: its decisions are Optuna's for the trials this process
+completes, and may miss those that other processes completed in the last ``refresh_s``. Never told, it reads at
+each trial's first call.
 """
 
 from __future__ import annotations
@@ -53,6 +54,14 @@ class CachedCompletedTrials(BasePruner):
         self._study: str | None = None
         self._seen: set[int] = set()  # the trials that asked since the cache was read (a pack's members take turns)
         self._read_at = 0.0
+        self._told = False  # told of this process's completions: no read is needed to see them
+
+    def told(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        """A trial of this process ended (the signature of Optuna's ``optimize`` callbacks and tuner's told)."""
+        self._told = True
+        new = all(t.number != trial.number for t in self._completed)
+        if trial.state == TrialState.COMPLETE and study.study_name == self._study and new:
+            self._completed = [*self._completed, trial]  # a new list: a view already handed out stays as it was
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
         now = time.monotonic()
@@ -60,7 +69,7 @@ class CachedCompletedTrials(BasePruner):
         # started before the other workers completed them would never be pruned.
         starting = len(self._completed) < startup_trials(self.pruner)
         stale = now - self._read_at > self.refresh_s or study.study_name != self._study
-        if trial.number not in self._seen or starting or stale:
+        if (trial.number not in self._seen and not self._told) or starting or stale:
             self._completed = study.get_trials(deepcopy=False, states=_COMPLETE)
             self._study, self._read_at = study.study_name, now
             self._seen = {trial.number} | (set() if stale else self._seen)

@@ -117,6 +117,8 @@ def _serve_pack(host: PackHost, message: tuple[Any, ...]) -> tuple[str, Any]:
     try:
         if message[0] == "state":
             return "state", host.state(message[1])
+        if message[0] == "probe":
+            return "probed", host.probe(message[1])
         results = host.epoch(*message[1:])
     except Exception as err:
         return "error", _portable(err)
