@@ -24,6 +24,7 @@ from tests.conftest import SECRETS, Secret, compose_raw, leaks_in_files, postgre
 from tuner.budget import budget_used
 from tuner.config import ConfigError, parse_run
 from tuner.faults import FailureStreakError
+from tuner.pack import Pack
 from tuner.storage import make_storage
 from tuner.trainer import train
 from tuner.tune import prepare, tune
@@ -35,6 +36,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalW
 RERUN_SHORTER = "study.accept_changes=true"
 SMALL = ["data=digits", "trainer.epochs=1", "study.name=faults", "pruner=none", "trainer.threads=1"]
 SMALL.append("trainer.workers=1")
+SMALL.append("trainer.pack=1")  # the faults of one trial at a time, injected at tuner.trainer.train (packs: below)
 # Short heartbeats so that a dead worker is noticed within seconds, not minutes.
 FAST_HEARTBEAT = ["study.heartbeat_interval=1", "study.grace_period=2"]
 
@@ -114,6 +116,30 @@ def test_faults_out_of_memory_fails_that_trial_frees_its_memory_and_the_study_go
     assert reason == "OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB"
     assert freed_before_next_trial == [True, True]
     assert summary.best_number in (1, 2)
+
+
+def test_faults_out_of_memory_in_a_pack_fails_its_members_frees_the_pack_and_the_study_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    packs: list[weakref.ref[Pack]] = []
+    freed_before_next_epoch: list[bool] = []
+    real = Pack.train_epoch
+
+    def train_or_run_out_of_memory(self: Pack, *args: Any, **kwargs: Any) -> Any:
+        if packs:
+            freed_before_next_epoch.append(packs[0]() is None)
+            return real(self, *args, **kwargs)
+        packs.append(weakref.ref(self))
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(Pack, "train_epoch", train_or_run_out_of_memory)
+    summary, study = _tune(tmp_path, "study.n_trials=4", "trainer.pack=2")
+    states = [t.state for t in study.trials]
+    assert states == [TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    for trial in study.trials[:2]:
+        assert trial.user_attrs["fail_reason"] == "OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB"
+    assert freed_before_next_epoch == [True]  # the failed pack was dropped, not trained again
+    assert summary.best_number in (2, 3)
 
 
 def _param_bytes(model: torch.nn.Module) -> int:

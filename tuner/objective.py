@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import gc
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -18,10 +17,18 @@ from tuner.data import Splits, SplitsCache
 from tuner.faults import Interrupted, error_reason, interrupts_allowed, interrupts_deferred
 from tuner.pruning import CachedCompletedTrials
 from tuner.space import Param, suggest
-from tuner.trainer import EpochMetrics, LocalTrainer, Setup, TrainingDiverged, TrainJob, resolve_device
+from tuner.trainer import (
+    EpochMetrics,
+    LocalTrainer,
+    Setup,
+    TrainingDiverged,
+    TrainJob,
+    release_memory,
+    resolve_device,
+)
 from tuner.workers import ProcessTrainer
 
-__all__ = ["Objective", "release_memory", "trial_seed"]
+__all__ = ["Objective", "trial_seed"]
 
 METRIC = "val_accuracy"
 Trainer = LocalTrainer | ProcessTrainer
@@ -30,13 +37,6 @@ Trainer = LocalTrainer | ProcessTrainer
 def trial_seed(study_seed: int, number: int) -> int:
     """A distinct, reproducible seed per trial, recorded on the trial."""
     return (study_seed * 1_000_003 + number) % 2**31
-
-
-def release_memory() -> None:
-    """Free what a failed trial left behind; on CUDA, return the cached blocks to the device."""
-    gc.collect()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
 
 
 class _SavedBest:

@@ -35,8 +35,8 @@ AUTO_ATTR = "pack_auto"  # on the study: the probe's rates and the size it chose
 CANDIDATES = (2, 4, 8, 16)
 GAIN = 2.0
 PROBE_SHARE = 0.05  # of a slot's time, at most, spent probing new shapes: the probe must not slow the study
-_STEPS, _REPEATS, _MIN_TIME = 10, 2, 0.02
-_SLOW = 0.5  # seconds: a pack size whose timing takes longer is the last one tried (the probe's cost)
+_STEPS, _REPEATS, _MIN_TIME = 4, 2, 0.02
+_SLOW = 0.4  # seconds of probing after which no larger pack is tried (the probe's cost)
 
 log = logging.getLogger("tuner")
 
@@ -78,6 +78,7 @@ def probe(cfg: TrialConfig, splits: Splits, device: torch.device) -> dict[int, f
         )
     }
     best: dict[int, float] = {}
+    start = time.perf_counter()
     try:
         for k in (1, *CANDIDATES):  # the first round: warm each size up, stop past the peak or the time allowed
             if k > 1:
@@ -88,7 +89,8 @@ def probe(cfg: TrialConfig, splits: Splits, device: torch.device) -> dict[int, f
             runs[k]()  # allocates and warms the kernels: not timed
             best[k] = _timed(runs[k])
             rates = {j: j * steps / t for j, t in best.items()}
-            if rates[k] < 0.8 * max(rates.values()) or best[k] > _SLOW:
+            # Past the peak (after K=2, whose single timing is too noisy to stop on), or the time allowed.
+            if (k > 2 and rates[k] < rates[k // 2]) or time.perf_counter() - start > _SLOW:
                 break
         for _ in range(_REPEATS - 1):
             for k in best:

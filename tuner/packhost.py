@@ -11,7 +11,7 @@ import torch
 
 from tuner import packauto
 from tuner.pack import Member, Pack
-from tuner.trainer import EpochMetrics, Setup, TrainJob
+from tuner.trainer import EpochMetrics, Setup, TrainJob, release_memory
 
 if TYPE_CHECKING:
     from tuner.data import Splits
@@ -64,18 +64,25 @@ class PackHost:
                 self.where[member.key] = pack_id
                 setups[member.key] = Setup(param_count=pack.param_count, device=str(device))
         ended: list[int] = []
+        failed = False
         for pack in self.packs.values():
             cfg = pack.members[0].cfg
             splits = self.splits(cfg.data, pack.device)
-            results = pack.train_epoch(
-                splits.x_train,
-                splits.y_train,
-                splits.x_val,
-                splits.y_val,
-                batch_size=cfg.data.batch_size,
-                eval_batch_size=cfg.trainer.eval_batch_size,
-                bf16=cfg.trainer.bf16,
-            )
+            try:
+                results: list[Result] = list(
+                    pack.train_epoch(
+                        splits.x_train,
+                        splits.y_train,
+                        splits.x_val,
+                        splits.y_val,
+                        batch_size=cfg.data.batch_size,
+                        eval_batch_size=cfg.trainer.eval_batch_size,
+                        bf16=cfg.trainer.bf16,
+                    )
+                )
+            except Exception as err:  # out of memory, say: this pack's members fail and leave, no other pack's
+                # Without its traceback, whose frames hold the pack's tensors, so that they are freed.
+                results, failed = [err.with_traceback(None)] * len(pack.members), True
             for member, result in zip(pack.members, results, strict=True):
                 out[member.key] = (setups.get(member.key), result)
                 if isinstance(result, BaseException):
@@ -84,6 +91,8 @@ class PackHost:
                     self.done[member.key] = self.state(member.key)
                     ended.append(member.key)
         self._leave(ended)
+        if failed:
+            release_memory()
         return out
 
     def _leave(self, keys: Sequence[int]) -> None:

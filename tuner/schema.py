@@ -136,9 +136,9 @@ class TrainerConfig:
         ),
     )
     # Trials each worker trains at once as one stacked model (tuner.pack); 1: one at a time; auto (None once
-    # checked): from a throughput probe on the device (tuner.packauto).
+    # checked): per sampled shape, from a throughput probe on the device (tuner.packauto).
     pack: Any = setting(  # noqa: RUF009 (Any: a string or a number; the rule checks it)
-        1,
+        "auto",
         _rule(
             "auto or an integer >= 1",
             lambda v: v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),

@@ -7,6 +7,7 @@ collation would cost a small model a large share of each step (docs/benchmarks.m
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -73,6 +74,13 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"trainer.device={name!r} but MPS is not available here; use trainer.device=auto or cpu.")
     return device
+
+
+def release_memory() -> None:
+    """Free what a failed trial left behind; on CUDA, return the cached blocks to the device."""
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager[object]:
