@@ -16,6 +16,7 @@ from tests.conftest import compose_raw
 from tuner.config import parse_trial, set_path
 from tuner.data import load_splits
 from tuner.space import values_from_params
+from tuner.summary import format_summary
 from tuner.trainer import EpochMetrics, TrainJob, fit
 from tuner.tune import prepare, tune
 
@@ -59,6 +60,7 @@ def test_packing_a_study_in_packs_runs_exactly_n_trials_and_members_share_their_
         assert len({t.params["optimizer.lr"] for t in members}) == len(members)  # each its own draw
         assert all(1 <= t.user_attrs["pack_size"] <= 4 for t in members)
     assert summary.pack_sizes and len(summary.pack_sizes) == 14
+    assert f"{sum(n > 1 for n in summary.pack_sizes)} of 14 trials trained in packs" in format_summary(summary)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     assert complete and all(sorted(t.intermediate_values) == [1, 2, 3] for t in complete)
     assert summary.best_number is not None and (tmp_path / "out" / "best_model.pt").exists()

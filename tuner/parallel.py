@@ -22,6 +22,7 @@ from tuner.loop import Told, run_trials, stale_check
 from tuner.objective import Objective
 from tuner.packauto import AutoPack
 from tuner.packing import run_packs
+from tuner.pruning import CachedCompletedTrials
 from tuner.workers import ProcessTrainer
 
 __all__ = ["run_workers"]
@@ -74,6 +75,8 @@ def run_workers(
     complete (tuner.packing).
     """
     stop = threading.Event()
+    # Each worker's pruner learns of the trials every worker completes without reading the study (tuner.pruning).
+    told = [*(told or []), *(s.pruner.told for s in studies if isinstance(s.pruner, CachedCompletedTrials))]
 
     def work(study: optuna.Study, objective: Objective) -> None:
         if pack != 1:
@@ -85,7 +88,7 @@ def run_workers(
                 storage=storage,
                 budget=budget,
                 heartbeat_interval=heartbeat_interval,
-                told=told or [],
+                told=told,
                 before_ask=stale_check(study, storage),
                 should_stop=lambda: (
                     stop.is_set() or should_stop() or (deadline is not None and time.monotonic() >= deadline)
@@ -98,7 +101,7 @@ def run_workers(
             storage=storage,
             budget=budget,
             heartbeat_interval=heartbeat_interval,
-            told=told or [],
+            told=told,
             deadline=deadline,
             should_stop=lambda: stop.is_set() or should_stop(),
         )

@@ -92,9 +92,10 @@ def format_summary(s: Summary) -> str:
     states = ", ".join(f"{n} {state.lower()}" for state, n in s.states.items() if n)
     rows: list[tuple[str, str]] = [("study", s.study_name), ("trials", f"{sum(s.states.values())} ({states})")]
     rows.append(("wall time", time.strftime("%H:%M:%S", time.gmtime(s.wall_seconds)) + " this run"))
+    packed = [n for n in s.pack_sizes if n > 1]  # a pack of one is a trial trained alone
     if s.pack_sizes:
-        mean = sum(s.pack_sizes) / len(s.pack_sizes)
-        rows.append(("packs", f"{len(s.pack_sizes)} trials trained in packs, {mean:.1f} members on average"))
+        mean = f", {sum(packed) / len(packed):.1f} members on average" if packed else ""
+        rows.append(("packs", f"{len(packed)} of {len(s.pack_sizes)} trials trained in packs{mean}"))
     if s.best_number is None:
         rows.append(("best trial", "none completed"))
     else:

@@ -129,10 +129,10 @@ def plan_sweep(hydra_context: HydraContext, config: DictConfig, arguments: list[
     if space:
         raw["space"] = space  # sweeps on the command line replace the space config group
     run, params = prepare(raw)
-    if run.trial.trainer.pack != 1:  # each job trains one trial: nothing to pack it with
+    if run.trial.trainer.pack not in (1, None):  # each job trains one trial: nothing to pack it with (auto: 1)
         raise ConfigError(
             f"trainer.pack={raw['trainer']['pack']} packs the trials of python -m tuner; a sweeper job trains one "
-            "trial: leave trainer.pack at 1 with hydra/sweeper=tuner."
+            "trial: leave trainer.pack at auto or 1 with hydra/sweeper=tuner."
         )
     return SweepPlan(run, params, raw, fixed)
 

@@ -28,7 +28,6 @@ from tuner.packauto import AutoPack
 from tuner.parallel import run_workers
 from tuner.plots import save_dashboard_plots
 from tuner.plugins import make_pruner, make_sampler, pruner_startup
-from tuner.pruning import CachedCompletedTrials
 from tuner.secrets import safe_url
 from tuner.space import Param, parse_space, values_from_params
 from tuner.storage import check_storage_url, make_storage, study_lock
@@ -184,8 +183,6 @@ def _tune(run: RunConfig, params: list[Param], *, processes: int) -> Summary:
             studies += [open_study(run, storage) for _ in range(1, workers)]
             objectives = [objective.for_worker(ProcessTrainer(trainer_cfg.threads, fork=fork)) for _ in range(workers)]
         progress = Progress(remaining)
-        # Each worker's pruner learns of the trials every worker completes without reading the study (tuner.pruning).
-        pruners = [s.pruner.told for s in studies if isinstance(s.pruner, CachedCompletedTrials)]
         streak = FailureStreak(run.study.max_failure_streak)
         deadline = None if run.study.timeout is None else time.monotonic() + run.study.timeout
         check_interrupt()  # one that came during start-up: before any trial is asked
@@ -197,7 +194,7 @@ def _tune(run: RunConfig, params: list[Param], *, processes: int) -> Summary:
                     storage=storage,
                     budget=Budget(run.study.n_trials, lambda: study_lock(run.study.storage, run.study.name)),
                     heartbeat_interval=run.study.heartbeat_interval,
-                    told=[progress, streak, *pruners],
+                    told=[progress, streak],
                     deadline=deadline,
                     max_retry=run.study.max_retry,
                     should_stop=lambda: streak.message is not None,
