@@ -19,10 +19,11 @@ if [ -d "$fashion" ]; then
 else
   data=(data=mnist1d model=cnn)
 fi
-$PY -m tuner trainer.device=cuda trainer.bf16=true study.n_trials=${TRIALS:-30} "${data[@]}" \
+$PY -m tuner trainer.device=cuda trainer.bf16=true trainer.pack=1 study.n_trials=${TRIALS:-30} "${data[@]}" \
   study.storage="sqlite:///$tmp/gpu.db" study.output_dir="$tmp/out" hydra.run.dir="$tmp/hydra"
-echo "gpu_check: ${data[*]} study on CUDA, $(( $(date +%s) - start )) s wall"
-# Packs chosen by the probe on this GPU (trainer.pack=auto prints the rates and its choice), then one babysat model.
+echo "gpu_check: ${data[*]} study on CUDA with trainer.pack=1, $(( $(date +%s) - start )) s wall"
+# Packs chosen by the probe on this GPU (trainer.pack=auto, the default, logs each shape's rates and choice), then
+# one babysat model.
 start=$(date +%s)
 $PY -m tuner trainer.device=cuda trainer.pack=auto study.n_trials=${TRIALS:-30} "${data[@]}" study.name=gpu-auto \
   study.storage="sqlite:///$tmp/gpu.db" study.output_dir="$tmp/auto" hydra.run.dir="$tmp/hydra-auto"

@@ -26,6 +26,13 @@ def test_choose_trains_one_at_a_time_unless_a_pack_trains_each_member_twice_as_f
     assert choose({1: 100.0, 2: 150.0, 4: 190.0, 8: 210.0}) == 4  # the smallest within 10% of the best
     assert choose({1: 100.0, 2: 250.0, 4: 260.0}) == 2
     assert choose({1: 0.0}) == 1  # the composed config diverged in the probe: no rate to compare with
+    assert choose({1: 100.0, 2: 150.0, 4: 300.0}, most=2) == 1  # a small study: packs of 4 would share too much
+    assert choose({1: 100.0, 2: 250.0, 4: 400.0}, most=2) == 2
+
+
+def test_pack_auto_packs_a_study_of_n_trials_at_most_n_over_12_at_once_so_that_it_tries_6_shapes() -> None:
+    assert [AutoPack(optuna.create_study(), n).most for n in (10, 24, 50, 200)] == [1, 2, 4, 16]
+    assert AutoPack(optuna.create_study(), None).most is None  # no budget: as the probe finds
 
 
 def test_probe_measures_one_alone_and_growing_packs_on_this_device() -> None:
@@ -54,11 +61,11 @@ def test_pack_auto_sizes_each_shape_from_its_probe_records_it_and_a_rerun_packs_
 ) -> None:
     url = f"sqlite:///{tmp_path / 'auto.db'}"
     common = ["data=digits", f"study.storage={url}", f"study.output_dir={tmp_path}", "trainer.workers=1"]
-    common += ["trainer.pack=auto", "trainer.epochs=2", "space=lr", "pruner=none"]  # no warm-up: packs at once
+    common += ["trainer.pack=auto", "trainer.epochs=1", "space=lr", "pruner=none"]  # no warm-up: packs at once
     common += ["+space.data.batch_size={type: categorical, choices: [32, 256]}"]
     probed: list[int] = []
     monkeypatch.setattr(tuner.packauto, "probe", _fake_probe(probed))
-    tune(*prepare(compose_raw(*common, "study.n_trials=16")))
+    tune(*prepare(compose_raw(*common, "study.n_trials=48")))  # 48 trials try 6 shapes of packs of 4 at least
     study = optuna.load_study(study_name="digits-mlp", storage=url)
     assert sorted(probed) == [32, 256]  # each shape once
     records = {json.loads(k)["batch_size"]: v for k, v in study.user_attrs["pack_auto"].items()}
@@ -69,9 +76,9 @@ def test_pack_auto_sizes_each_shape_from_its_probe_records_it_and_a_rerun_packs_
     # A pack of one takes one trial: each of them drew its own learning rate and batch size, as without packs.
     alone = [t for t in study.trials if t.params["data.batch_size"] == 256]
     assert alone and all(t.user_attrs["pack_id"] == t.number for t in alone)
-    tune(*prepare(compose_raw(*common, "study.n_trials=24")))
+    tune(*prepare(compose_raw(*common, "study.n_trials=56")))
     assert sorted(probed) == [32, 256]  # the stored choices, not new probes
-    assert len(optuna.load_study(study_name="digits-mlp", storage=url).trials) == 24
+    assert len(optuna.load_study(study_name="digits-mlp", storage=url).trials) == 56
 
 
 def test_pack_auto_probes_new_shapes_only_while_probing_took_a_small_share_of_the_time(
@@ -79,7 +86,7 @@ def test_pack_auto_probes_new_shapes_only_while_probing_took_a_small_share_of_th
 ) -> None:
     url = f"sqlite:///{tmp_path / 'share.db'}"
     overrides = ["data=digits", f"study.storage={url}", f"study.output_dir={tmp_path}", "trainer.workers=1"]
-    overrides += ["trainer.pack=auto", "trainer.epochs=1", "space=lr", "pruner=none", "study.n_trials=12"]
+    overrides += ["trainer.pack=auto", "trainer.epochs=1", "space=lr", "pruner=none", "study.n_trials=24"]
     overrides += ["+space.model.hidden_units={type: int, low: 16, high: 256, log: true}"]  # a new shape each trial
     probed: list[int] = []
     monkeypatch.setattr(tuner.packauto, "probe", _fake_probe(probed, seconds=0.5))
@@ -89,12 +96,12 @@ def test_pack_auto_probes_new_shapes_only_while_probing_took_a_small_share_of_th
     # Each probe (0.5 s) waits until probing is back under PROBE_SHARE of the slot's time: the first one is free.
     assert 1 <= len(probed) <= 1 + PROBE_SHARE * wall / 0.5, (len(probed), wall)
     study = optuna.load_study(study_name="digits-mlp", storage=url)
-    assert len(study.trials) == 12 and all(t.user_attrs["pack_size"] == 1 for t in study.trials)  # as probed
+    assert len(study.trials) == 24 and all(t.user_attrs["pack_size"] == 1 for t in study.trials)  # as probed
 
 
 def test_pack_auto_takes_the_nearest_probed_shape_of_the_same_model_and_batch_size() -> None:
     study = optuna.create_study()
-    auto = AutoPack(study)
+    auto = AutoPack(study, n_trials=100)
     job = _job("model.hidden_units=64", "data.batch_size=32")
     auto.record(job, {1: 100.0, 2: 180.0, 4: 300.0})
     auto.record(_job("model.hidden_units=512", "data.batch_size=32"), {1: 100.0, 2: 101.0})

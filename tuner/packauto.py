@@ -24,16 +24,30 @@ from tuner.model import build_model
 from tuner.optim import build_optimizer
 from tuner.pack import Member, Pack
 from tuner.schema import TrialConfig
-from tuner.trainer import TrainingDiverged, TrainJob, train_epoch
+from tuner.trainer import TrainingDiverged, TrainJob, release_memory, train_epoch
 
 if TYPE_CHECKING:
     import optuna
 
-__all__ = ["AUTO_ATTR", "CANDIDATES", "GAIN", "PROBE_SHARE", "AutoPack", "choose", "probe", "shape_key"]
+__all__ = [
+    "AUTO_ATTR",
+    "CANDIDATES",
+    "GAIN",
+    "MIN_SHAPES",
+    "PROBE_SHARE",
+    "SHAPE_TRIALS",
+    "AutoPack",
+    "choose",
+    "probe",
+    "shape_key",
+]
 
 AUTO_ATTR = "pack_auto"  # on the study: the probe's rates and the size it chose
 CANDIDATES = (2, 4, 8, 16)
+_ACCELERATOR = (*CANDIDATES, 32, 64)  # a GPU's step is launch-bound far longer
 GAIN = 2.0
+MIN_SHAPES = 6  # a study of n trials packs at most n / (SHAPE_TRIALS x this) trials at once: it tries that many shapes
+SHAPE_TRIALS = 2  # a pack takes this many times its size of trials (its freed places refilled), then a new shape
 PROBE_SHARE = 0.05  # of a slot's time, at most, spent probing new shapes: the probe must not slow the study
 _STEPS, _REPEATS, _MIN_TIME = 4, 2, 0.02
 _SLOW = 0.4  # seconds of probing after which no larger pack is tried (the probe's cost)
@@ -59,9 +73,9 @@ def _pack_epoch(
     return lambda: pack.train_epoch(x, y, *few, batch_size=cfg.data.batch_size, bf16=cfg.trainer.bf16)
 
 
-def probe(cfg: TrialConfig, splits: Splits, device: torch.device) -> dict[int, float]:
-    """Member-steps per second by pack size on ``device``, for ``cfg``'s model and batch size: each the best of
-    ``_REPEATS`` timings taken in turns across the sizes, so that a passing load slows them alike."""
+def probe(cfg: TrialConfig, splits: Splits, device: torch.device, most: int | None = None) -> dict[int, float]:
+    """Member-steps per second by pack size (up to ``most``) on ``device``, for ``cfg``'s model and batch size: each
+    the best of ``_REPEATS`` timings taken in turns across the sizes, so that a passing load slows them alike."""
     # A sampled learning rate may diverge, and the step costs the same at any: the probe trains at a small one.
     cfg = dataclasses.replace(cfg, optimizer=dataclasses.replace(cfg.optimizer, lr=1e-4))
     batch = cfg.data.batch_size
@@ -79,14 +93,16 @@ def probe(cfg: TrialConfig, splits: Splits, device: torch.device) -> dict[int, f
     }
     best: dict[int, float] = {}
     start = time.perf_counter()
+    sizes = [k for k in (CANDIDATES if device.type == "cpu" else _ACCELERATOR) if most is None or k <= most]
     try:
-        for k in (1, *CANDIDATES):  # the first round: warm each size up, stop past the peak or the time allowed
-            if k > 1:
-                try:
-                    runs[k] = _pack_epoch(k, cfg, splits, device, x, y)
-                except torch.OutOfMemoryError:
-                    break  # bounded by the device's memory
-            runs[k]()  # allocates and warms the kernels: not timed
+        for k in (1, *sizes):  # the first round: warm each size up, stop past the peak or the time allowed
+            try:
+                runs[k] = runs.get(k) or _pack_epoch(k, cfg, splits, device, x, y)
+                runs[k]()  # allocates and warms the kernels: not timed
+            except torch.OutOfMemoryError:
+                runs.pop(k)
+                release_memory()
+                break  # bounded by the device's memory
             best[k] = _timed(runs[k])
             rates = {j: j * steps / t for j, t in best.items()}
             # Past the peak (after K=2, whose single timing is too noisy to stop on), or the time allowed.
@@ -100,8 +116,10 @@ def probe(cfg: TrialConfig, splits: Splits, device: torch.device) -> dict[int, f
     return {k: k * steps / t for k, t in best.items()}
 
 
-def choose(rates: dict[int, float]) -> int:
-    """1 unless some pack trains each member ``GAIN`` times faster; then the smallest within 10% of the best."""
+def choose(rates: dict[int, float], most: int | None = None) -> int:
+    """1 unless some pack of at most ``most`` trains each member ``GAIN`` times faster; then the smallest within 10%
+    of the best."""
+    rates = {k: r for k, r in rates.items() if most is None or k <= most}
     best = max(rates, key=lambda k: rates[k])
     if rates[1] <= 0 or rates[best] < GAIN * rates[1]:
         return 1
@@ -135,28 +153,37 @@ class AutoPack:
     """``trainer.pack=auto`` for one study in this process: each shape's pack size, from a probe of that shape on
     the device (``probe``, run where its packs train), stored on the study as ``pack_auto`` so that a resumed
     study packs as it began. A slot probes while its probes took at most ``PROBE_SHARE`` of its time; past that a
-    shape takes the choice of the nearest shape probed (the same model, batch size and device), else 1."""
+    shape takes the choice of the nearest shape probed (the same model, batch size and device), else 1. Packs of a
+    study of ``n_trials`` hold at most ``most`` members, so that it still tries ``MIN_SHAPES`` shapes."""
 
-    def __init__(self, study: optuna.Study) -> None:
+    def __init__(self, study: optuna.Study, n_trials: int | None = None) -> None:
         self.study = study
+        # Packs share their shape: K <= n / (SHAPE_TRIALS x MIN_SHAPES), so that the study still tries that many.
+        self.most = None if n_trials is None else max(1, n_trials // (SHAPE_TRIALS * MIN_SHAPES))
         stored = study.user_attrs.get(AUTO_ATTR)
         self.records: dict[str, dict[str, Any]] = dict(stored) if isinstance(stored, dict) else {}
         self._lock = threading.Lock()  # the slots' threads share the records
 
     def known(self, job: TrainJob) -> int | None:
-        record = self.records.get(shape_key(job))
-        return int(record["chosen"]) if isinstance(record, dict) and isinstance(record.get("chosen"), int) else None
+        return self._chosen(shape_key(job))
+
+    def _chosen(self, key: str) -> int | None:
+        """The size for a recorded shape, from its rates (a resumed study may have another ``study.n_trials``)."""
+        record = self.records.get(key)
+        if not isinstance(record, dict) or not isinstance(record.get("member_steps_per_s"), dict):
+            return None
+        return choose({int(k): float(r) for k, r in record["member_steps_per_s"].items()}, self.most)
 
     def nearest(self, job: TrainJob) -> int:
         shape = json.loads(shape_key(job))
         distances = {key: _distance(dict(shape), json.loads(key)) for key in list(self.records)}
-        close = [key for key, d in distances.items() if math.isfinite(d)]
+        close = [key for key, d in distances.items() if math.isfinite(d) and self._chosen(key) is not None]
         if not close:
             return 1
-        return int(self.records[min(close, key=lambda k: (distances[k], self.records[k]["chosen"]))]["chosen"])
+        return self._chosen(min(close, key=lambda k: (distances[k], str(self.records[k].get("chosen"))))) or 1
 
     def record(self, job: TrainJob, rates: dict[int, float]) -> int:
-        chosen = choose(rates)
+        chosen = choose(rates, self.most)
         with self._lock:
             self.records[shape_key(job)] = {
                 "member_steps_per_s": {str(k): round(r, 1) for k, r in rates.items()},

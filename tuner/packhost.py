@@ -104,10 +104,10 @@ class PackHost:
         for key in keys:
             del self.where[key]
 
-    def probe(self, job: TrainJob) -> dict[int, float]:
+    def probe(self, job: TrainJob, most: int | None) -> dict[int, float]:
         """Member-steps per second of ``job``'s shape by pack size, on this slot's device (tuner.packauto)."""
         device = torch.device(job.device)
-        return packauto.probe(job.cfg, self.splits(job.cfg.data, device), device)
+        return packauto.probe(job.cfg, self.splits(job.cfg.data, device), device, most)
 
     def state(self, key: int) -> dict[str, torch.Tensor]:
         """A member's weights, on the CPU, for ``nn.Module.load_state_dict``."""

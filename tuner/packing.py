@@ -24,7 +24,7 @@ from tuner._compat import trial_id
 from tuner.budget import Budget, BudgetReached
 from tuner.faults import beating, check_interrupt, error_reason, interrupts_allowed
 from tuner.objective import Objective
-from tuner.packauto import PROBE_SHARE, AutoPack
+from tuner.packauto import PROBE_SHARE, SHAPE_TRIALS, AutoPack
 from tuner.packhost import PackJoin
 from tuner.space import REVERSE_PREFIX
 from tuner.trainer import EpochMetrics, TrainJob
@@ -38,9 +38,6 @@ log = logging.getLogger("tuner")
 
 # The parameters that decide a pack's stacked shape: members of one pack share their values.
 SHAPE_PREFIXES = ("model.", "data.")
-# A pack takes new trials, its freed places refilled, until it has taken this many times its size; then the next
-# trial draws a new shape. More keeps packs full and fast; fewer tries more shapes (docs/benchmarks.md, "Packs").
-SHAPE_TRIALS = 2
 WARM_CHECK_S = 0.5  # until the pruner's startup trials are complete, how often other workers' are counted
 
 
@@ -138,13 +135,13 @@ class _Slot:
         auto = self.size
         if isinstance(auto, int):
             return auto
-        known = auto.known(job)
+        known = 1 if auto.most == 1 else auto.known(job)  # a study too small to pack has nothing to probe
         if known is not None:
             return known
         if self.probing > PROBE_SHARE * (time.monotonic() - self.started):
             return auto.nearest(job)
         start = time.monotonic()
-        rates = self.objective.trainer.pack_probe(job, self.objective.cache)
+        rates = self.objective.trainer.pack_probe(job, auto.most, self.objective.cache)
         self.probing += time.monotonic() - start
         return auto.record(job, rates)
 

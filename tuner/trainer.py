@@ -275,12 +275,12 @@ class LocalTrainer:
         assert self._host is not None
         return self._host.state(key)
 
-    def pack_probe(self, job: TrainJob, cache: SplitsCache) -> dict[int, float]:
+    def pack_probe(self, job: TrainJob, most: int | None, cache: SplitsCache) -> dict[int, float]:
         from tuner.packhost import PackHost
 
         if self._host is None:
             self._host = PackHost(cache.get)
-        return self._host.probe(job)
+        return self._host.probe(job, most)
 
     def close(self) -> None:
         self._host, self._sent = None, []

@@ -159,7 +159,7 @@ def _tune(run: RunConfig, params: list[Param], *, processes: int) -> Summary:
     )
     study = open_study(run, storage, defined=defined)
     if pack is None:
-        pack = AutoPack(study)
+        pack = AutoPack(study, run.study.n_trials)
     url = safe_url(run.study.storage)
     write_start_note(study, run, params)  # the dashboard's study note; its Results are written at the end
     _recover_stale_trials(study, storage)

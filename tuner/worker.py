@@ -118,7 +118,7 @@ def _serve_pack(host: PackHost, message: tuple[Any, ...]) -> tuple[str, Any]:
         if message[0] == "state":
             return "state", host.state(message[1])
         if message[0] == "probe":
-            return "probed", host.probe(message[1])
+            return "probed", host.probe(*message[1:])
         results = host.epoch(*message[1:])
     except Exception as err:
         return "error", _portable(err)

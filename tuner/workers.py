@@ -226,9 +226,9 @@ class ProcessTrainer:
         self._send(self.start(), ("state", key))
         return self._pack_answer("state")
 
-    def pack_probe(self, job: TrainJob, cache: SplitsCache) -> dict[int, float]:
+    def pack_probe(self, job: TrainJob, most: int | None, cache: SplitsCache) -> dict[int, float]:
         """``job``'s shape timed by pack size in the worker (tuner.packauto.probe), after the epoch in flight."""
-        self._send(self.start(), ("probe", job))
+        self._send(self.start(), ("probe", job, most))
         return self._pack_answer("probed")
 
     def _pack_answer(self, answer: str) -> Any:
