@@ -8,6 +8,7 @@ torch.func's vmap was checked: its BatchNorm needs patched modules and its optim
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -80,10 +81,16 @@ class Pack:
         self._plan: list[tuple[nn.Module, dict[str, torch.Tensor]]] = []
         # A pack of one trains its member's own module as tuner.trainer does: stacking one costs up to 20% a step.
         self.solo: nn.Module | None = None
+        self._last: tuple[tuple[int, Any], nn.Module] | None = None  # the last model built, and for which seed
 
     def build(self, member: Member) -> nn.Module:
+        key = (member.seed, member.cfg.model)
+        if self._last is not None and self._last[0] == key:  # members of one seed (the probe's): built once
+            return copy.deepcopy(self._last[1])
         torch.manual_seed(member.seed)  # the member's initial weights, as tuner.trainer.fit draws them
-        return build_model(member.cfg.model, self.input_shape, self.num_classes).to(self.device)
+        model = build_model(member.cfg.model, self.input_shape, self.num_classes).to(self.device)
+        self._last = (key, copy.deepcopy(model))
+        return model
 
     def change(self, *, leave: Sequence[Member] = (), join: Sequence[Member] = ()) -> None:
         """Drop ``leave`` and add ``join`` (fresh members): the others keep their weights and optimizer states."""

@@ -110,9 +110,9 @@ class _Slot:
                     storage.record_heartbeat(trial_id(trial))
                 if open_ is None or _shape(job) != open_.shape:
                     size = self._size(job)
-                    fixed = {
+                    fixed = {  # trial.params reads the trial back: only for a pack that more trials join
                         k: v
-                        for k, v in trial.params.items()
+                        for k, v in (trial.params if size > 1 else {}).items()
                         if k.removeprefix(REVERSE_PREFIX).startswith(SHAPE_PREFIXES)
                     }
                     # A pack of one takes one trial: the next draws its own shape, as without packs.
