@@ -166,6 +166,7 @@ def test_model_a_users_own_model_is_tuned_saved_reported_and_reloaded(tmp_path: 
         assert done.returncode == 0, done.stdout + done.stderr
     study = optuna.load_study(study_name="digits-tinynet", storage=f"sqlite:///{tmp_path / 'tuner.db'}")
     assert len(study.trials) == 4 and all(8 <= t.params["model.width"] <= 64 for t in study.trials)
+    assert not any("pack_size" in t.user_attrs for t in study.trials)  # not stackable: one at a time, as pack=1
     assert (tmp_path / "tuner_runs" / "digits-tinynet" / "report" / "index.html").is_file()
 
     sys.path.insert(0, str(tmp_path))

@@ -247,7 +247,7 @@ class Pack:
     ) -> list[EpochMetrics | TrainingDiverged]:
         """One more epoch for every member: its metrics, or why it diverged (it leaves at the caller's change)."""
         if self.solo is not None:
-            return [self._solo_epoch(x_train, y_train, x_val, y_val, batch_size, eval_batch_size, bf16)]
+            return [self._solo_epoch((x_train, y_train, x_val, y_val), batch_size, eval_batch_size, bf16)]
         start = time.perf_counter()
         k = len(self.members)
         total = torch.zeros(k, device=self.device)
@@ -280,36 +280,30 @@ class Pack:
 
     def _solo_epoch(
         self,
-        x_train: torch.Tensor,
-        y_train: torch.Tensor,
-        x_val: torch.Tensor,
-        y_val: torch.Tensor,
+        data: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
         batch_size: int,
         eval_batch_size: int,
         bf16: bool,
     ) -> EpochMetrics | TrainingDiverged:
         """The one member's epoch, as tuner.trainer.train runs it."""
         assert self.solo is not None
-        member, start = self.members[0], time.perf_counter()
+        member, n = self.members[0], len(data[0])
         member.epoch += 1
-        member.steps += sum(1 for s in range(0, len(x_train), batch_size) if len(x_train) - s >= 2)
+        member.steps += sum(1 for s in range(0, n, batch_size) if n - s >= 2)
         try:
-            train_loss = trainer.train_epoch(
+            return trainer.epoch_metrics(
                 self.solo,
                 member.optimizer,
-                x_train,
-                y_train,
+                member.scheduler,
+                data,
                 epoch=member.epoch,
                 batch_size=batch_size,
                 generator=member.generator,
+                eval_batch_size=eval_batch_size,
                 bf16=bf16,
             )
         except TrainingDiverged as err:
             return err
-        lr = member.optimizer.param_groups[0]["lr"]
-        member.scheduler.step()
-        val_loss, accuracy = trainer.evaluate(self.solo, x_val, y_val, batch_size=eval_batch_size, bf16=bf16)
-        return EpochMetrics(member.epoch, train_loss, val_loss, accuracy, time.perf_counter() - start, lr)
 
     @torch.inference_mode()
     def evaluate(

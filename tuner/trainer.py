@@ -178,18 +178,45 @@ def train(
     generator = torch.Generator().manual_seed(seed)
     history: list[EpochMetrics] = []
     for epoch in range(1, epochs + 1):
-        start = time.perf_counter()
-        train_loss = train_epoch(
-            model, optimizer, x_train, y_train, epoch=epoch, batch_size=batch_size, generator=generator, bf16=bf16
+        metrics = epoch_metrics(
+            model,
+            optimizer,
+            scheduler,
+            (x_train, y_train, x_val, y_val),
+            epoch=epoch,
+            batch_size=batch_size,
+            generator=generator,
+            eval_batch_size=eval_batch_size,
+            bf16=bf16,
         )
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        val_loss, val_accuracy = evaluate(model, x_val, y_val, batch_size=eval_batch_size, bf16=bf16)
-        metrics = EpochMetrics(epoch, train_loss, val_loss, val_accuracy, time.perf_counter() - start, lr)
         history.append(metrics)
         if on_epoch is not None:
             on_epoch(metrics)
     return history
+
+
+def epoch_metrics(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LRScheduler,
+    data: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    *,
+    epoch: int,
+    batch_size: int,
+    generator: torch.Generator,
+    eval_batch_size: int,
+    bf16: bool,
+) -> EpochMetrics:
+    """One epoch of ``train`` (``data``: train and validation inputs and labels) and its metrics."""
+    x_train, y_train, x_val, y_val = data
+    start = time.perf_counter()
+    train_loss = train_epoch(
+        model, optimizer, x_train, y_train, epoch=epoch, batch_size=batch_size, generator=generator, bf16=bf16
+    )
+    lr = optimizer.param_groups[0]["lr"]
+    scheduler.step()
+    val_loss, val_accuracy = evaluate(model, x_val, y_val, batch_size=eval_batch_size, bf16=bf16)
+    return EpochMetrics(epoch, train_loss, val_loss, val_accuracy, time.perf_counter() - start, lr)
 
 
 @dataclass(frozen=True)
