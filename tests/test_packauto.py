@@ -99,6 +99,24 @@ def test_pack_auto_probes_new_shapes_only_while_probing_took_a_small_share_of_th
     assert len(study.trials) == 24 and all(t.user_attrs["pack_size"] == 1 for t in study.trials)  # as probed
 
 
+def test_pack_auto_trains_one_at_a_time_when_the_probe_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = f"sqlite:///{tmp_path / 'failed.db'}"
+    overrides = ["data=digits", f"study.storage={url}", f"study.output_dir={tmp_path}", "trainer.workers=1"]
+    overrides += ["trainer.pack=auto", "trainer.epochs=1", "space=lr", "pruner=none", "study.n_trials=24"]
+
+    def broken(*args: Any) -> dict[int, float]:
+        raise RuntimeError("the probe's worker died")
+
+    monkeypatch.setattr(tuner.packauto, "probe", broken)
+    tune(*prepare(compose_raw(*overrides)))
+    study = optuna.load_study(study_name="digits-mlp", storage=url)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 24
+    assert all(t.user_attrs["pack_size"] == 1 for t in study.trials)
+    assert "no probe of trial 0's shape (the probe's worker died)" in caplog.text
+
+
 def test_pack_auto_takes_the_nearest_probed_shape_of_the_same_model_and_batch_size() -> None:
     study = optuna.create_study()
     auto = AutoPack(study, n_trials=100)
@@ -110,6 +128,8 @@ def test_pack_auto_takes_the_nearest_probed_shape_of_the_same_model_and_batch_si
     assert auto.nearest(_job("model.hidden_units=400", "data.batch_size=32")) == 1
     assert auto.nearest(_job("model.hidden_units=64", "data.batch_size=64")) == 1  # no shape of that batch size
     assert len(study.user_attrs["pack_auto"]) == 2
+    study.set_user_attr("pack_auto", {"shape": {"batch_size": 32}, "chosen": 8})  # an older tuner's one record
+    assert AutoPack(study, n_trials=100).nearest(job) == 1
 
 
 def _job(*overrides: str) -> TrainJob:

@@ -161,7 +161,11 @@ class AutoPack:
         # Packs share their shape: K <= n / (SHAPE_TRIALS x MIN_SHAPES), so that the study still tries that many.
         self.most = None if n_trials is None else max(1, n_trials // (SHAPE_TRIALS * MIN_SHAPES))
         stored = study.user_attrs.get(AUTO_ATTR)
-        self.records: dict[str, dict[str, Any]] = dict(stored) if isinstance(stored, dict) else {}
+        self.records: dict[str, dict[str, Any]] = {  # by shape (an older tuner kept one record for the study)
+            k: v
+            for k, v in (stored if isinstance(stored, dict) else {}).items()
+            if k.startswith("{") and isinstance(v, dict)
+        }
         self._lock = threading.Lock()  # the slots' threads share the records
 
     def known(self, job: TrainJob) -> int | None:
@@ -180,7 +184,7 @@ class AutoPack:
         close = [key for key, d in distances.items() if math.isfinite(d) and self._chosen(key) is not None]
         if not close:
             return 1
-        return self._chosen(min(close, key=lambda k: (distances[k], str(self.records[k].get("chosen"))))) or 1
+        return self._chosen(min(close, key=lambda k: (distances[k], self._chosen(k) or 1))) or 1
 
     def record(self, job: TrainJob, rates: dict[int, float]) -> int:
         chosen = choose(rates, self.most)

@@ -109,7 +109,15 @@ class _Slot:
                 if interval is not None and hasattr(storage, "record_heartbeat"):
                     storage.record_heartbeat(trial_id(trial))
                 if open_ is None or _shape(job) != open_.shape:
-                    size = self._size(job)
+                    try:
+                        size = self._size(job)
+                    except Exception as err:  # its worker died: receive() fails what it held; this one trains alone
+                        log.warning("trainer.pack=auto: no probe of trial %d's shape (%s)", trial.number, err)
+                        size = 1
+                    except BaseException as err:  # Ctrl-C or SIGTERM: this trial ends with the slot's others
+                        self.live[trial.number] = _Member(trial, job, trial.number)
+                        self.fail_all(err)
+                        raise
                     fixed = {  # trial.params reads the trial back: only for a pack that more trials join
                         k: v
                         for k, v in (trial.params if size > 1 else {}).items()
