@@ -81,24 +81,21 @@ class Pack:
         self._plan: list[tuple[nn.Module, dict[str, torch.Tensor]]] = []
         # A pack of one trains its member's own module as tuner.trainer does: stacking one costs up to 20% a step.
         self.solo: nn.Module | None = None
-        self._last: tuple[tuple[int, Any], nn.Module] | None = None  # the last model built, and for which seed
 
     def build(self, member: Member) -> nn.Module:
-        key = (member.seed, member.cfg.model)
-        if self._last is not None and self._last[0] == key:  # members of one seed (the probe's): built once
-            return copy.deepcopy(self._last[1])
         torch.manual_seed(member.seed)  # the member's initial weights, as tuner.trainer.fit draws them
-        model = build_model(member.cfg.model, self.input_shape, self.num_classes).to(self.device)
-        self._last = (key, copy.deepcopy(model))
-        return model
+        return build_model(member.cfg.model, self.input_shape, self.num_classes).to(self.device)
 
     def change(self, *, leave: Sequence[Member] = (), join: Sequence[Member] = ()) -> None:
         """Drop ``leave`` and add ``join`` (fresh members): the others keep their weights and optimizer states."""
         kept = [m for m in self.members if all(m is not gone for gone in leave)]
         states = [self.state_dict(m) for m in kept]
         optimizers = [(m.optimizer.state_dict(), m.scheduler.state_dict()) for m in kept]
+        last: tuple[tuple[int, Any], nn.Module] | None = None
         for member in join:
-            model = self.build(member)
+            key = (member.seed, member.cfg.model)  # members of one seed (the probe's) are built once
+            model = copy.deepcopy(last[1]) if last is not None and last[0] == key else self.build(member)
+            last = key, model
             if not self.layers:
                 if not stackable(model):
                     raise ValueError(f"model._target_={member.cfg.model.target!r} cannot be stacked in a pack")
