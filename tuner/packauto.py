@@ -136,8 +136,9 @@ def shape_key(job: TrainJob) -> str:
 
 def _distance(a: dict[str, Any], b: dict[str, Any]) -> float:
     """How far apart two shapes are: the log ratio of each size (width, depth), if nothing else differs."""
-    model_a, model_b = a.pop("model"), b.pop("model")
-    if a != b or model_a.keys() != model_b.keys():
+    model_a, model_b = a["model"], b["model"]
+    same = a.keys() == b.keys() and all(a[k] == b[k] for k in a if k != "model")
+    if not same or model_a.keys() != model_b.keys():
         return math.inf
     total = 0.0
     for key, value in model_a.items():
@@ -180,7 +181,7 @@ class AutoPack:
 
     def nearest(self, job: TrainJob) -> int:
         shape = json.loads(shape_key(job))
-        distances = {key: _distance(dict(shape), json.loads(key)) for key in list(self.records)}
+        distances = {key: _distance(shape, json.loads(key)) for key in list(self.records)}
         close = [key for key, d in distances.items() if math.isfinite(d) and self._chosen(key) is not None]
         if not close:
             return 1

@@ -286,12 +286,16 @@ class LocalTrainer:
     ) -> nn.Module | None:
         return fit(job, splits, on_setup=on_setup, on_epoch=on_epoch)
 
-    def pack_send(self, joins: Sequence[PackJoin], leaves: Sequence[int], cache: SplitsCache) -> None:
-        """One epoch of the packs trained in this process, on the tuner process's data, run at ``pack_recv``."""
+    def _packs(self, cache: SplitsCache) -> PackHost:
         from tuner.packhost import PackHost
 
         if self._host is None:
             self._host = PackHost(cache.get)
+        return self._host
+
+    def pack_send(self, joins: Sequence[PackJoin], leaves: Sequence[int], cache: SplitsCache) -> None:
+        """One epoch of the packs trained in this process, on the tuner process's data, run at ``pack_recv``."""
+        self._packs(cache)
         self._sent.append((list(joins), list(leaves)))
 
     def pack_recv(self) -> dict[int, tuple[Setup | None, EpochMetrics | BaseException]]:
@@ -303,11 +307,7 @@ class LocalTrainer:
         return self._host.state(key)
 
     def pack_probe(self, job: TrainJob, most: int | None, cache: SplitsCache) -> dict[int, float]:
-        from tuner.packhost import PackHost
-
-        if self._host is None:
-            self._host = PackHost(cache.get)
-        return self._host.probe(job, most)
+        return self._packs(cache).probe(job, most)
 
     def close(self) -> None:
         self._host, self._sent = None, []
